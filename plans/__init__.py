@@ -1,0 +1,1 @@
+"""Plans presets (JSON), installed as ``nnunetv2_voxshield.presets``."""
