@@ -17,9 +17,10 @@ PTH_LINE = 'import nnunetv2_voxshield.nnunet_ext as _voxshield_ext; _voxshield_e
 class build_py_with_pth(build_py):
     def run(self):
         super().run()
-        target = os.path.join(self.build_lib, PTH_NAME)
-        self.mkpath(self.build_lib)
-        with open(target, 'w') as f:
+        # an editable wheel ignores build_lib; setuptools points install_lib at the wheel being assembled
+        folder = self.get_finalized_command('install').install_lib if self.editable_mode else self.build_lib
+        self.mkpath(folder)
+        with open(os.path.join(folder, PTH_NAME), 'w') as f:
             f.write(PTH_LINE)
 
     def get_outputs(self, include_bytecode=1):
