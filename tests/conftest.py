@@ -1,0 +1,59 @@
+"""Shared fixtures: temporary nnU-Net folders, real Hippocampus cases copied from ../shared, CPU settings."""
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+HIPPOCAMPUS = Path(os.environ.get('VOXSHIELD_HIPPOCAMPUS',
+                                  REPO.parent / 'shared' / 'data' / 'Dataset004_Hippocampus'))
+requires_hippocampus = pytest.mark.skipif(not (HIPPOCAMPUS / 'dataset.json').is_file(),
+                                          reason=f'real data not found at {HIPPOCAMPUS}')
+
+# CPU-friendly nnU-Net settings for every test (and the subprocesses they start)
+os.environ.setdefault('nnUNet_n_proc_DA', '0')
+os.environ.setdefault('nnUNet_def_n_proc', '1')
+os.environ.setdefault('nnUNet_compile', 'false')
+os.environ.setdefault('OMP_NUM_THREADS', '2')
+
+
+@pytest.fixture
+def nnunet_dirs(tmp_path, monkeypatch):
+    """Fresh nnUNet_raw / nnUNet_preprocessed / nnUNet_results under tmp_path, exported to the environment."""
+    dirs = {}
+    for name in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'):
+        d = tmp_path / name
+        d.mkdir()
+        monkeypatch.setenv(name, str(d))
+        dirs[name] = d
+    return dirs
+
+
+def copy_hippocampus_cases(dst_dataset_dir: Path, n_cases: int, dataset_name: str = None) -> list:
+    """Copy the first ``n_cases`` labelled cases (sorted) of the real data into ``dst_dataset_dir``.
+
+    Keeps a mix of float32 and uint8 images when the first cases do not contain both. Returns case ids.
+    """
+    import json
+    import SimpleITK as sitk
+
+    src = HIPPOCAMPUS
+    cases = sorted(p.name[:-len('.nii.gz')] for p in (src / 'labelsTr').glob('*.nii.gz'))
+    chosen = cases[:n_cases]
+    dtypes = {c: sitk.ReadImage(str(src / 'imagesTr' / f'{c}_0000.nii.gz')).GetPixelIDTypeAsString() for c in chosen}
+    if len(set(dtypes.values())) < 2 and n_cases >= 2:
+        for c in cases[n_cases:]:
+            t = sitk.ReadImage(str(src / 'imagesTr' / f'{c}_0000.nii.gz')).GetPixelIDTypeAsString()
+            if t not in dtypes.values():
+                chosen[-1] = c
+                break
+    (dst_dataset_dir / 'imagesTr').mkdir(parents=True)
+    (dst_dataset_dir / 'labelsTr').mkdir(parents=True)
+    for c in chosen:
+        shutil.copy(src / 'imagesTr' / f'{c}_0000.nii.gz', dst_dataset_dir / 'imagesTr')
+        shutil.copy(src / 'labelsTr' / f'{c}.nii.gz', dst_dataset_dir / 'labelsTr')
+    ds = json.loads((src / 'dataset.json').read_text())
+    ds['numTraining'] = len(chosen)
+    (dst_dataset_dir / 'dataset.json').write_text(json.dumps(ds, indent=2))
+    return chosen
