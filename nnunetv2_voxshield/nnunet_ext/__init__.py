@@ -20,3 +20,8 @@ def register() -> None:
     entries = [p for p in os.environ.get(ENV_VAR, '').split(os.pathsep) if p]
     if folder not in entries:
         os.environ[ENV_VAR] = os.pathsep.join(entries + [folder])
+
+
+def trainer_path_entry():
+    """``voxshield_trainer_path``: print the folder for a manual ``export nnUNet_extTrainer=...``."""
+    print(trainer_folder())
