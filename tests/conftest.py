@@ -57,3 +57,14 @@ def copy_hippocampus_cases(dst_dataset_dir: Path, n_cases: int, dataset_name: st
     ds['numTraining'] = len(chosen)
     (dst_dataset_dir / 'dataset.json').write_text(json.dumps(ds, indent=2))
     return chosen
+
+
+TEST_TRAINERS = REPO / 'tests' / 'nnunet_test_trainers'
+
+
+@pytest.fixture
+def test_trainers_env(monkeypatch):
+    """Put tests/nnunet_test_trainers (nnUNetTrainer_tiny, ...) in front of nnUNet_extTrainer."""
+    entries = [str(TEST_TRAINERS)] + [p for p in os.environ.get('nnUNet_extTrainer', '').split(os.pathsep) if p]
+    monkeypatch.setenv('nnUNet_extTrainer', os.pathsep.join(entries))
+    return str(TEST_TRAINERS)

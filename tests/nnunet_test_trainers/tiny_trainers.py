@@ -1,0 +1,15 @@
+"""Stock nnU-Net trainers shortened for tests (found through nnUNet_extTrainer; see tests/conftest.py)."""
+import torch
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+
+class nnUNetTrainer_tiny(nnUNetTrainer):
+    """Stock nnUNetTrainer, 1 epoch of 2 training and 1 validation iterations."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 1
+        self.num_iterations_per_epoch = 2
+        self.num_val_iterations_per_epoch = 1
