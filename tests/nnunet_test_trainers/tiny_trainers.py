@@ -13,3 +13,17 @@ class nnUNetTrainer_tiny(nnUNetTrainer):
         self.num_epochs = 1
         self.num_iterations_per_epoch = 2
         self.num_val_iterations_per_epoch = 1
+
+
+from nnunetv2_voxshield.trainers import nnUNetTrainerVoxShield  # noqa: E402
+
+
+class nnUNetTrainerVoxShield_tiny(nnUNetTrainerVoxShield):
+    """nnUNetTrainerVoxShield, 1 epoch of 4 training (2 surrogate + 2 generator) and 1 validation iterations."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 1
+        self.num_iterations_per_epoch = 4
+        self.num_val_iterations_per_epoch = 1

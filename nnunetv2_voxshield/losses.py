@@ -1,0 +1,33 @@
+"""VoxShield's generator losses as pure functions of tensors (arXiv 2605.17345, Sec. 3)."""
+import torch
+
+
+def inter_slice_spectral_loss(delta: torch.Tensor, slice_axis: int = 0) -> torch.Tensor:
+    """Eq. 4, L_ISC = -mean_z || |FFT2(delta_{z+1})| - |FFT2(delta_z)| ||_2.
+
+    ``delta`` is (b, c, *spatial) with three spatial axes; ``slice_axis`` indexes the spatial axes (0 = the first
+    spatial axis of nnU-Net's array order). The 2D FFT runs over the two in-plane axes with orthonormal scaling
+    (Parseval: amplitudes are in the units of delta). The L2 norm is taken per slice pair, batch element and
+    channel; the mean runs over all of them. Returns 0 for 2D inputs or a single slice (no slice pairs).
+    """
+    if delta.ndim != 5 or delta.shape[2 + slice_axis] < 2:
+        return delta.sum() * 0.0
+    slices_first = delta.movedim(2 + slice_axis, 2)
+    amplitude = torch.fft.fft2(slices_first, dim=(-2, -1), norm='ortho').abs()
+    flicker = amplitude[:, :, 1:] - amplitude[:, :, :-1]
+    return -torch.linalg.vector_norm(flicker, ord=2, dim=(-2, -1)).mean()
+
+
+def spectral_divergence_loss(logits_perturbed: torch.Tensor, logits_clean: torch.Tensor) -> torch.Tensor:
+    """Eq. 5, L_SPD = -|| F_s(x + delta) - F_s(x) ||_1, as the mean absolute logit difference per voxel.
+
+    The mean (instead of the sum) keeps the weight lambda_SPD independent of the patch size.
+    ``logits_clean`` carries no gradient (computed under no_grad with the surrogate frozen).
+    """
+    return -(logits_perturbed - logits_clean.detach()).abs().mean()
+
+
+def generator_objective(seg_loss: torch.Tensor, isc_loss: torch.Tensor, spd_loss: torch.Tensor,
+                        lambda_isc: float, lambda_spd: float) -> torch.Tensor:
+    """Eq. 6: L_G = L_seg + lambda_SPD * L_SPD + lambda_ISC * L_ISC (minimised by the generator)."""
+    return seg_loss + lambda_spd * spd_loss + lambda_isc * isc_loss
