@@ -13,7 +13,7 @@ def case_budget(data: np.ndarray, seg: np.ndarray, plans_manager, configuration_
                 eps_abs: Optional[float] = None, percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> dict:
     """Budget of one raw case (data (c, *spatial), seg (1, *spatial)) in raw and in normalised units, per channel."""
     budget = raw_budget(data, eps, eps_abs, percentiles)
-    cropped, cropped_seg, _ = crop_to_nonzero(data.astype(np.float32), np.copy(seg))
+    cropped, cropped_seg, _ = crop_to_nonzero(data.astype(np.float32), seg.astype(np.int16))
     intensity_props = plans_manager.foreground_intensity_properties_per_channel
     scales = [normalisation_scale(cropped[c], cropped_seg[0], configuration_manager.normalization_schemes[c],
                                   configuration_manager.use_mask_for_norm[c], intensity_props.get(str(c)))
