@@ -1,0 +1,113 @@
+"""Protect one raw case: preprocess as nnU-Net, compute delta, map it back to raw units, clamp, round, write.
+
+Budgets are per channel in raw units (``budget.raw_budget``). The returned report is for the protector only.
+"""
+import os
+from typing import List
+
+import numpy as np
+import SimpleITK as sitk
+
+from nnunetv2_voxshield.budget import raw_budget
+from nnunetv2_voxshield.dataset_io import (InputError, check_finite, copy_atomic, read_image, sha256_of,
+                                           write_image_atomic)
+from nnunetv2_voxshield.geometry import normalisation_scales, preprocess_case, to_raw_geometry
+from nnunetv2_voxshield.metrics import psnr, ssim
+from nnunetv2_voxshield.perturbation import roi_mask_np
+
+
+def cast_within_budget(clean: np.ndarray, target: np.ndarray, budget: float) -> np.ndarray:
+    """Cast ``target`` (float64) to ``clean``'s dtype with rounding, keeping |result - clean| <= budget."""
+    clean64 = clean.astype(np.float64)
+    if np.issubdtype(clean.dtype, np.integer):
+        out = np.rint(target)
+        over = np.abs(out - clean64) > budget
+        out[over] = clean64[over] + np.trunc(target[over] - clean64[over])  # round towards the clean value
+        out = out.astype(clean.dtype)
+    else:
+        out = target.astype(clean.dtype)
+        over = np.abs(out.astype(np.float64) - clean64) > budget
+        out[over] = np.nextafter(out[over], clean[over])  # float rounding crossed the budget: one ulp back
+    over = np.abs(out.astype(np.float64) - clean64) > budget
+    out[over] = clean[over]  # last resort, keeps the guarantee whatever the dtype
+    return out
+
+
+def _finite(value: float):
+    return float(value) if np.isfinite(value) else None
+
+
+def channel_report(path: str, clean: np.ndarray, protected: np.ndarray, budget: float, roi: np.ndarray) -> dict:
+    diff = np.abs(protected.astype(np.float64) - clean.astype(np.float64))
+    max_delta = float(diff.max()) if diff.size else 0.0
+    return {'file': os.path.basename(path), 'dtype': str(clean.dtype), 'budget': float(budget),
+            'max_abs_delta': max_delta, 'budget_use': max_delta / budget if budget > 0 else 0.0,
+            'fraction_changed': float(np.mean(diff > 0)), 'psnr': _finite(psnr(clean, protected)),
+            'psnr_roi': _finite(psnr(clean, protected, roi)), 'ssim': _finite(ssim(clean, protected))}
+
+
+def _nnunet_arrays(files: dict, clean: List[np.ndarray], plans_manager):
+    """Data, seg and properties read with the plans' reader (as nnU-Net preprocesses), in SimpleITK's array order."""
+    reader = plans_manager.image_reader_writer_class()
+    data, properties = reader.read_images(files['images'])
+    seg, _ = reader.read_seg(files['label'])
+    if data.size != clean[0].size * len(clean) or not np.array_equal(
+            data.reshape(len(clean), *clean[0].shape), np.stack(clean).astype(np.float32)):
+        raise InputError(f'{files["images"][0]}: the plans\' reader {type(reader).__name__} orders voxels '
+                         f'differently from SimpleITK; export supports SimpleITK-ordered readers only')
+    return data, seg, properties
+
+
+def protect_case(case: str, files: dict, output_folder: str, ctx: dict) -> dict:
+    """Write the protected images and the unchanged label of ``case`` into ``output_folder``; return its report.
+
+    ``ctx``: source (a ``perturbation.DeltaSource``), plans_manager, configuration_manager, dataset_json, eps,
+    eps_abs, percentiles.
+    """
+    images = [read_image(f) for f in files['images']]
+    clean = [sitk.GetArrayFromImage(im) for im in images]
+    for array, path in zip(clean, files['images']):
+        check_finite(array, path)
+    seg_raw = sitk.GetArrayFromImage(read_image(files['label']))
+    budget = raw_budget(np.stack(clean), ctx['eps'], ctx['eps_abs'], ctx['percentiles'])
+    out_images = [os.path.join(output_folder, 'imagesTr', os.path.basename(f)) for f in files['images']]
+    out_label = os.path.join(output_folder, 'labelsTr', os.path.basename(files['label']))
+    roi = seg_raw > 0
+
+    if not np.any(roi):  # all background: passed through unchanged
+        protected = clean
+        for src, dst in zip(files['images'], out_images):
+            copy_atomic(src, dst)
+        status = 'unchanged_empty_roi'
+    else:
+        source, pm, cm = ctx['source'], ctx['plans_manager'], ctx['configuration_manager']
+        data, seg, properties = _nnunet_arrays(files, clean, pm)
+        scales = normalisation_scales(data, seg, pm, cm)
+        data_pre, seg_pre, properties = preprocess_case(data, seg, properties, pm, cm, ctx['dataset_json'])
+        eps_norm = (budget * scales).astype(np.float32)
+        delta_pre = source.compute_delta(data_pre, seg_pre, eps_norm, case)
+        delta_pre = delta_pre / scales.reshape(-1, *([1] * (delta_pre.ndim - 1)))
+        delta = to_raw_geometry(delta_pre, properties, pm, cm).astype(np.float64).reshape(len(clean), *roi.shape)
+        forward = [0, *[i + 1 for i in pm.transpose_forward]]
+        backward = [0, *[i + 1 for i in pm.transpose_backward]]
+        mask = roi_mask_np(seg.transpose(forward), source.roi, len(cm.patch_size)).transpose(backward)
+        weight = np.maximum(mask.reshape(roi.shape), source.eps_bg)
+        protected = []
+        for c, (image, path) in enumerate(zip(clean, files['images'])):
+            allowed = budget[c] * weight
+            target = image.astype(np.float64) + np.clip(delta[c], -allowed, allowed)
+            target = np.clip(target, float(image.min()), float(image.max()))
+            protected.append(cast_within_budget(image, target, budget[c]))
+        for array, image, dst in zip(protected, images, out_images):
+            out = sitk.GetImageFromArray(array)
+            out.CopyInformation(image)
+            write_image_atomic(out, dst)
+        status = 'protected'
+    copy_atomic(files['label'], out_label)
+
+    channels = [channel_report(p, c, q, b, roi) for p, c, q, b in zip(files['images'], clean, protected, budget)]
+    if max(ch['budget_use'] for ch in channels) > 1:
+        raise RuntimeError(f'{case}: budget exceeded after rounding (bug)')
+    written = out_images + [out_label]
+    return {'case': case, 'status': status, 'channels': channels,
+            'files': {os.path.relpath(f, output_folder): sha256_of(f) for f in written}}

@@ -1,0 +1,263 @@
+"""voxshield_export: publish an nnU-Net raw dataset whose training images carry a bounded perturbation.
+
+The output dataset is built in a hidden folder next to it (``.DatasetXXX_Name.partial``) and renamed when
+complete. Per-case reports (and the settings used) go to the protector's side in nnUNet_results; a rerun with the
+same settings skips the cases whose report and output files check out, so an interrupted export resumes and ends
+byte-identical to an uninterrupted one. Nothing of the protector (weights, delta, seed) enters the output.
+"""
+import argparse
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from nnunetv2_voxshield.budget import DEFAULT_EPS, DEFAULT_PERCENTILES, parse_eps
+from nnunetv2_voxshield.case_protection import protect_case
+from nnunetv2_voxshield.dataset_io import (InputError, check_case_headers, copy_atomic, dataset_id_and_name,
+                                           env_folder, find_dataset_folder, list_training_cases, load_dataset_json,
+                                           num_channels, sha256_of, write_json_atomic)
+from nnunetv2_voxshield.perturbation import EXPORT_TIME_METHODS, load_voxshield_state, make_source
+
+PARTIAL_SUFFIX = '.partial'
+_WORKER_CTX = None
+
+
+def _load_plans(plans_file: str, configuration: str):
+    if not os.path.isfile(plans_file):
+        raise InputError(f'{plans_file}: plans not found (run nnUNetv2_plan_and_preprocess, or train first)')
+    with open(plans_file) as f:
+        plans_manager = PlansManager(json.load(f))
+    if configuration not in plans_manager.available_configurations:
+        raise InputError(f'{plans_file}: no configuration {configuration!r} '
+                         f'(available: {", ".join(plans_manager.available_configurations)})')
+    return plans_manager, plans_manager.get_configuration(configuration)
+
+
+def _make_ctx(spec: dict) -> dict:
+    """Everything a worker needs to protect cases, rebuilt from a picklable spec."""
+    torch.set_num_threads(1)  # identical results whatever -np is
+    plans_manager, configuration_manager = _load_plans(spec['plans_file'], spec['configuration'])
+    state = load_voxshield_state(spec['checkpoint']) if spec['checkpoint'] else None
+    source = make_source(spec['method'], state, configuration_manager, torch.device(spec['device']), spec['seed'])
+    return dict(spec, source=source, plans_manager=plans_manager, configuration_manager=configuration_manager)
+
+
+def _init_worker(spec: dict) -> None:
+    global _WORKER_CTX
+    _WORKER_CTX = _make_ctx(spec)
+
+
+def _work(item):
+    case, files, folder = item
+    return protect_case(case, files, folder, _WORKER_CTX)
+
+
+def _case_done(case: str, cases_folder: str, partial: str) -> bool:
+    """A case is finished when its report exists and every file it lists is in place with the recorded hash."""
+    report_file = os.path.join(cases_folder, f'{case}.json')
+    try:
+        with open(report_file) as f:
+            report = json.load(f)
+        return all(sha256_of(os.path.join(partial, rel)) == digest for rel, digest in report['files'].items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _check_output(source_folder: str, output_folder: str, overwrite: bool) -> None:
+    if os.path.realpath(source_folder) == os.path.realpath(output_folder):
+        raise InputError(f'{output_folder}: output dataset equals the input')
+    out_id, _ = dataset_id_and_name(output_folder)
+    if out_id == dataset_id_and_name(source_folder)[0]:
+        raise InputError(f'{output_folder}: output dataset id {out_id} equals the input\'s')
+    parent = os.path.dirname(os.path.abspath(output_folder))
+    others = [d for d in os.listdir(parent) if d.startswith('Dataset%03d_' % out_id)
+              and d != os.path.basename(output_folder)] if os.path.isdir(parent) else []
+    if others:
+        raise InputError(f'{os.path.join(parent, others[0])}: dataset id {out_id} is already used')
+    if os.path.exists(output_folder) and not overwrite:
+        raise InputError(f'{output_folder}: output dataset already exists (use --overwrite to replace it)')
+
+
+def _summary(reports: list) -> dict:
+    channels = [ch for r in reports for ch in r['channels']]
+    values = lambda key: [ch[key] for ch in channels if ch[key] is not None]  # noqa: E731
+    return {'cases': len(reports),
+            'unchanged_empty_roi': [r['case'] for r in reports if r['status'] == 'unchanged_empty_roi'],
+            'max_budget_use': max(values('budget_use'), default=0.0),
+            'mean_fraction_changed': float(np.mean(values('fraction_changed'))) if channels else 0.0,
+            'psnr_mean': float(np.mean(values('psnr'))) if values('psnr') else None,
+            'psnr_min': min(values('psnr'), default=None),
+            'ssim_mean': float(np.mean(values('ssim'))) if values('ssim') else None,
+            'ssim_min': min(values('ssim'), default=None)}
+
+
+def export_dataset(source_folder: str, output_folder: str, plans_file: str, configuration: str,
+                   report_folder: str, checkpoint: Optional[str] = None, method: Optional[str] = None,
+                   eps: Optional[float] = None, eps_abs: Optional[float] = None, seed: int = 0,
+                   num_processes: int = 1, overwrite: bool = False, device: str = 'cpu',
+                   progress: bool = True) -> dict:
+    """Protect every training case of ``source_folder`` into ``output_folder``; returns the summary report."""
+    dataset_json = load_dataset_json(source_folder)
+    cases = list_training_cases(source_folder, dataset_json)
+    for files in cases.values():
+        check_case_headers(files)
+    _check_output(source_folder, output_folder, overwrite)
+
+    state = load_voxshield_state(checkpoint) if checkpoint is not None and method not in EXPORT_TIME_METHODS \
+        else None
+    method = method or (state['method'] if state is not None else None)
+    if method is None:
+        raise InputError('no perturbation source: give a VoxShield checkpoint or --method random')
+    if state is None and method not in EXPORT_TIME_METHODS:
+        raise InputError(f'method {method!r} needs a trained checkpoint')
+    if state is not None and state['generator_kwargs']['in_channels'] != num_channels(dataset_json):
+        raise InputError(f'{checkpoint}: generator has {state["generator_kwargs"]["in_channels"]} input channels, '
+                         f'{os.path.join(source_folder, "dataset.json")} declares {num_channels(dataset_json)}')
+    _load_plans(plans_file, configuration)
+    defaults = {k: state[k] for k in ('eps', 'eps_abs', 'percentiles') if state and state.get(k) is not None}
+    if eps is None and eps_abs is None:
+        eps, eps_abs = defaults.get('eps', DEFAULT_EPS), defaults.get('eps_abs')
+    percentiles = [float(p) for p in defaults.get('percentiles', DEFAULT_PERCENTILES)]
+
+    spec = {'plans_file': os.path.abspath(plans_file), 'configuration': configuration, 'method': method,
+            'checkpoint': os.path.abspath(checkpoint) if state is not None else None, 'device': device,
+            'seed': int(seed), 'dataset_json': dataset_json, 'eps': None if eps_abs is not None else float(eps),
+            'eps_abs': None if eps_abs is None else float(eps_abs), 'percentiles': percentiles}
+    settings = dict(spec, source=os.path.abspath(source_folder), output=os.path.abspath(output_folder),
+                    plans_sha256=sha256_of(plans_file), device=None,
+                    checkpoint_sha256=sha256_of(checkpoint) if state is not None else None)
+    settings.pop('dataset_json')
+
+    output_folder = os.path.abspath(output_folder)
+    partial = os.path.join(os.path.dirname(output_folder), '.' + os.path.basename(output_folder) + PARTIAL_SUFFIX)
+    cases_folder = os.path.join(report_folder, 'cases')
+    settings_file = os.path.join(report_folder, 'settings.json')
+    try:
+        with open(settings_file) as f:
+            resumable = json.load(f) == settings
+    except (OSError, ValueError):
+        resumable = False
+    if not resumable:
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(cases_folder, ignore_errors=True)
+    for folder in (os.path.join(partial, 'imagesTr'), os.path.join(partial, 'labelsTr'), cases_folder):
+        os.makedirs(folder, exist_ok=True)
+    write_json_atomic(settings, settings_file)
+
+    todo = [(case, files, partial) for case, files in cases.items() if not _case_done(case, cases_folder, partial)]
+    bar = tqdm(total=len(cases), initial=len(cases) - len(todo), desc='Protecting cases', disable=not progress)
+    if todo:
+        if num_processes > 1:
+            with multiprocessing.get_context('spawn').Pool(min(num_processes, len(todo)), _init_worker,
+                                                           (spec,)) as pool:
+                for report in pool.imap_unordered(_work, todo):
+                    write_json_atomic(report, os.path.join(cases_folder, f'{report["case"]}.json'))
+                    bar.update()
+        else:
+            threads = torch.get_num_threads()
+            try:
+                ctx = _make_ctx(spec)
+                for case, files, folder in todo:
+                    report = protect_case(case, files, folder, ctx)
+                    write_json_atomic(report, os.path.join(cases_folder, f'{case}.json'))
+                    bar.update()
+            finally:
+                torch.set_num_threads(threads)
+    bar.close()
+
+    images_ts = os.path.join(source_folder, 'imagesTs')
+    if os.path.isdir(images_ts):
+        os.makedirs(os.path.join(partial, 'imagesTs'), exist_ok=True)
+        for f in sorted(os.listdir(images_ts)):
+            if os.path.isfile(os.path.join(images_ts, f)) and not f.startswith('.'):
+                copy_atomic(os.path.join(images_ts, f), os.path.join(partial, 'imagesTs', f))
+    published = dict(dataset_json)
+    published['voxshield'] = {
+        'note': 'training images carry a small bounded perturbation (unlearnable examples); labels are unchanged',
+        'method': method, 'eps': spec['eps'], 'eps_abs': spec['eps_abs'], 'percentiles': percentiles}
+    write_json_atomic(published, os.path.join(partial, 'dataset.json'))
+
+    reports = []
+    for case in cases:
+        with open(os.path.join(cases_folder, f'{case}.json')) as f:
+            reports.append(json.load(f))
+    report = {'summary': _summary(reports), 'settings': settings, 'cases': reports}
+    write_json_atomic(report, os.path.join(report_folder, 'report.json'))
+
+    if os.path.exists(output_folder):  # --overwrite: swap in the complete new dataset, then drop the old one
+        old = os.path.join(os.path.dirname(output_folder), '.' + os.path.basename(output_folder) + '.old')
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(output_folder, old)
+        os.replace(partial, output_folder)
+        shutil.rmtree(old)
+    else:
+        os.replace(partial, output_folder)
+    return report['summary']
+
+
+def export_entry(argv=None):
+    parser = argparse.ArgumentParser(description='Publish an nnU-Net raw dataset as unlearnable examples: every '
+                                                 'training image gets a bounded perturbation, labels are copied.')
+    parser.add_argument('-d', required=True, help='source dataset (id or DatasetXXX_Name in nnUNet_raw)')
+    parser.add_argument('-o', required=True, type=int, help='id of the protected dataset to write in nnUNet_raw')
+    parser.add_argument('--name', default=None, help='name of the protected dataset (default: <SrcName>Protected)')
+    parser.add_argument('-tr', default='nnUNetTrainerVoxShield', help='trainer of the protector model')
+    parser.add_argument('-p', default='nnUNetPlans', help='plans identifier')
+    parser.add_argument('-c', default='3d_fullres', help='configuration')
+    parser.add_argument('-f', default='0', help='fold of the protector model')
+    parser.add_argument('--chk', default='checkpoint_final.pth', help='checkpoint file name in the fold folder')
+    parser.add_argument('--method', default=None, choices=list(EXPORT_TIME_METHODS),
+                        help='perturbation computed at export time instead of the checkpoint\'s generator')
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument('--eps', default=None, help='budget as a fraction of each case\'s p0.5-p99.5 range per '
+                                                    'channel, e.g. 4/255 (default: the checkpoint\'s, else 4/255)')
+    budget.add_argument('--eps-abs', default=None, help='absolute budget in raw units (e.g. HU)')
+    parser.add_argument('--seed', type=int, default=0, help='seed of export-time random methods')
+    parser.add_argument('-np', type=int, default=1, help='worker processes')
+    parser.add_argument('--overwrite', action='store_true', help='replace an existing output dataset')
+    parser.add_argument('-device', default='cpu', choices=['cpu', 'cuda', 'mps'])
+    args = parser.parse_args(argv)
+    try:
+        eps = parse_eps(args.eps) if args.eps is not None else None
+        eps_abs = parse_eps(args.eps_abs) if args.eps_abs is not None else None
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        raw = env_folder('nnUNet_raw')
+        source = find_dataset_folder(raw, args.d)
+        source_name = os.path.basename(source)
+        name = args.name or f'{dataset_id_and_name(source)[1]}Protected'
+        output = os.path.join(raw, name if name.startswith('Dataset') else f'Dataset{args.o:03d}_{name}')
+        if args.method in EXPORT_TIME_METHODS:
+            plans_file = os.path.join(env_folder('nnUNet_preprocessed'), source_name, args.p + '.json')
+            checkpoint = None
+            report_folder = os.path.join(env_folder('nnUNet_results'), source_name,
+                                         f'voxshield_{args.method}__{args.p}__{args.c}')
+        else:
+            model = os.path.join(env_folder('nnUNet_results'), source_name, f'{args.tr}__{args.p}__{args.c}')
+            plans_file = os.path.join(model, 'plans.json')
+            report_folder = os.path.join(model, f'fold_{args.f}')
+            checkpoint = os.path.join(report_folder, args.chk)
+        summary = export_dataset(source, output, plans_file, args.c,
+                                 os.path.join(report_folder, f'export_{os.path.basename(output)}'), checkpoint,
+                                 args.method, eps, eps_abs, args.seed, args.np, args.overwrite, args.device)
+    except InputError as e:
+        print(f'voxshield_export: error: {e}', file=sys.stderr)
+        sys.exit(1)
+    print(f'Wrote {output}: {summary["cases"]} cases, max budget use {summary["max_budget_use"]:.3f}, '
+          f'PSNR mean {summary["psnr_mean"]}, SSIM mean {summary["ssim_mean"]}')
+    if summary['unchanged_empty_roi']:
+        print(f'{len(summary["unchanged_empty_roi"])} case(s) with an all-background label passed through '
+              f'unchanged: {", ".join(summary["unchanged_empty_roi"])}')
+
+
+if __name__ == '__main__':
+    export_entry()

@@ -1,0 +1,146 @@
+"""Perturbation sources for export: ``compute_delta(data_norm, seg_pre, eps_norm, case) -> delta_norm``.
+
+All sources work on one preprocessed case (nnU-Net's normalised units, (c, *spatial)) and return a delta of the
+same shape with |delta| <= eps_norm per channel, zero outside the label ROI (Eq. 3). ``generator``: the VoxShield
+family's noise generator from a trainer checkpoint (sliding window with nnU-Net's Gaussian blending); ``random``:
+uniform noise in the ROI at the full budget, computed at export time, seeded per case. Baselines register here.
+"""
+import zlib
+from typing import Dict, Optional, Protocol, Sequence
+
+import numpy as np
+import torch
+from acvl_utils.cropping_and_padding.padding import pad_nd_image
+from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
+
+from nnunetv2_voxshield.budget import bound_perturbation, roi_mask
+from nnunetv2_voxshield.dataset_io import InputError
+from nnunetv2_voxshield.generator import NoiseGenerator
+
+DEFAULT_ROI = {'dilation': 0, 'soft_edge': 0.0}
+EXPORT_TIME_METHODS = ('random',)  # computed at export time, need no checkpoint (issue 5 adds lsp, tap)
+
+
+class DeltaSource(Protocol):
+    method: str
+    roi: dict
+    eps_bg: float
+
+    def compute_delta(self, data_norm: np.ndarray, seg_pre: np.ndarray, eps_norm: np.ndarray,
+                      case: str) -> np.ndarray: ...
+
+
+def roi_mask_np(seg: np.ndarray, roi: dict, dims: int) -> np.ndarray:
+    """``budget.roi_mask`` for a numpy seg (1, *spatial) in nnU-Net's axis order; 2D configs mask slice by slice."""
+    t = torch.from_numpy(np.ascontiguousarray(seg)).float()
+    if dims == 2 and t.ndim == 4:
+        return roi_mask(t.transpose(0, 1), **roi).transpose(0, 1).numpy()  # slices along axis 0 as the batch
+    return roi_mask(t[None], **roi)[0].numpy()
+
+
+def _bounded(raw: np.ndarray, seg_pre: np.ndarray, eps_norm: np.ndarray, roi: dict, dims: int) -> np.ndarray:
+    """Eq. 3 with the trainer's scaling: clamp(raw * eps * M, -eps, eps)."""
+    eps = torch.as_tensor(np.asarray(eps_norm, dtype=np.float32)).view(-1, *([1] * (raw.ndim - 1)))
+    mask = torch.from_numpy(roi_mask_np(seg_pre, roi, dims))
+    return bound_perturbation(torch.from_numpy(raw) * eps, mask, eps).numpy()
+
+
+@torch.inference_mode()
+def sliding_window(network: torch.nn.Module, data: np.ndarray, patch_size: Sequence[int], device: torch.device,
+                   tile_step_size: float = 0.5) -> np.ndarray:
+    """network over the whole volume (c, *spatial) with nnU-Net's tiling and Gaussian blending (float32)."""
+    x = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+    x, revert = pad_nd_image(x, patch_size, 'constant', {'value': 0}, True, None)
+    size = x.shape[1:]
+    slicers = []
+    if len(patch_size) < len(size):  # 2D network over the slices of axis 0
+        steps = compute_steps_for_sliding_window(size[1:], patch_size, tile_step_size)
+        for d in range(size[0]):
+            for sx in steps[0]:
+                for sy in steps[1]:
+                    slicers.append((slice(None), d, slice(sx, sx + patch_size[0]), slice(sy, sy + patch_size[1])))
+    else:
+        steps = compute_steps_for_sliding_window(size, patch_size, tile_step_size)
+        for sx in steps[0]:
+            for sy in steps[1]:
+                for sz in steps[2]:
+                    slicers.append((slice(None), *[slice(s, s + p) for s, p in zip((sx, sy, sz), patch_size)]))
+    gaussian = compute_gaussian(tuple(int(p) for p in patch_size), sigma_scale=1. / 8, value_scaling_factor=10,
+                                dtype=torch.float32, device=torch.device('cpu'))
+    out = torch.zeros(x.shape, dtype=torch.float32)
+    weight = torch.zeros(size, dtype=torch.float32)
+    for sl in slicers:
+        pred = network(x[sl][None].to(device))[0].float().cpu()
+        out[sl] += pred * gaussian
+        weight[sl[1:]] += gaussian
+    out /= weight
+    return out[(slice(None), *revert[1:])].numpy()
+
+
+class GeneratorSource:
+    """G of a VoxShield-family checkpoint: delta = clamp(G(x) * eps * M, -eps, eps)."""
+
+    def __init__(self, state: dict, patch_size: Sequence[int], device: torch.device):
+        self.method = state.get('method', 'voxshield')
+        self.roi = dict(DEFAULT_ROI, **(state.get('roi') or {}))
+        self.eps_bg = float(state.get('eps_bg', 0.0))
+        self.generator = NoiseGenerator(**state['generator_kwargs'])
+        self.generator.load_state_dict(state['generator_weights'])
+        self.generator.to(device).eval()
+        self.dims = self.generator.dims
+        self.patch_size = [int(p) for p in patch_size]
+        self.device = device
+
+    def compute_delta(self, data_norm, seg_pre, eps_norm, case):
+        g = sliding_window(self.generator, data_norm, self.patch_size, self.device)
+        return _bounded(g, seg_pre, eps_norm, self.roi, self.dims)
+
+
+class RandomSource:
+    """Uniform noise U(-eps, eps) inside the ROI, seeded by (seed, case) so results do not depend on -np."""
+    method = 'random'
+
+    def __init__(self, seed: int = 0, dims: int = 3):
+        self.seed, self.dims = int(seed), dims
+        self.roi, self.eps_bg = dict(DEFAULT_ROI), 0.0
+
+    def compute_delta(self, data_norm, seg_pre, eps_norm, case):
+        rng = np.random.default_rng([self.seed, zlib.crc32(case.encode())])
+        noise = rng.uniform(-1.0, 1.0, size=data_norm.shape).astype(np.float32)
+        return _bounded(noise, seg_pre, eps_norm, self.roi, self.dims)
+
+
+def load_voxshield_state(checkpoint_file: str) -> dict:
+    """checkpoint['voxshield'] of a VoxShield-family trainer checkpoint; InputError for anything else."""
+    try:
+        checkpoint = torch.load(checkpoint_file, map_location='cpu', weights_only=False)
+    except FileNotFoundError:
+        raise InputError(f'{checkpoint_file}: checkpoint not found') from None
+    except Exception as e:  # torch raises many types for corrupt files
+        raise InputError(f'{checkpoint_file}: cannot be loaded as a checkpoint ({type(e).__name__})') from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get('voxshield'), dict):
+        trainer = checkpoint.get('trainer_name', 'unknown trainer') if isinstance(checkpoint, dict) else 'no dict'
+        raise InputError(f'{checkpoint_file}: not a VoxShield trainer checkpoint ({trainer}, no "voxshield" entry)')
+    state = checkpoint['voxshield']
+    for key in ('generator_kwargs', 'generator_weights'):
+        if key not in state:
+            raise InputError(f'{checkpoint_file}: VoxShield entry has no {key!r}')
+    return state
+
+
+def make_source(method: str, state: Optional[dict], configuration_manager, device: torch.device,
+                seed: int = 0) -> DeltaSource:
+    """The perturbation source for ``method`` (a checkpoint's own method uses its generator)."""
+    dims = len(configuration_manager.patch_size)
+    if method == 'random':
+        return RandomSource(seed, dims)
+    if state is None:
+        raise InputError(f'method {method!r} needs a trained checkpoint')
+    return GeneratorSource(state, configuration_manager.patch_size, device)
+
+
+def export_settings_of(state: Optional[dict]) -> Dict:
+    """Budget settings recorded in a checkpoint (eps, eps_abs, percentiles), for export's defaults."""
+    if state is None:
+        return {}
+    return {k: state[k] for k in ('eps', 'eps_abs', 'percentiles') if state.get(k) is not None}

@@ -1,0 +1,203 @@
+"""voxshield_verify: check a protected dataset against its clean source, trusting nothing of the export.
+
+For every clean training case: present in the protected dataset, label byte-identical, same shape, spacing,
+origin, direction and dtype per channel, finite voxels, and max |protected - clean| <= budget, the budget being
+recomputed from the clean image (``budget.raw_budget``: eps x p0.5-p99.5 range per channel, or ``--eps-abs``).
+Files are read with SimpleITK directly; nothing of export's code or reports is used.
+"""
+import argparse
+import filecmp
+import json
+import os
+import sys
+from typing import List, Optional, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from nnunetv2_voxshield.budget import DEFAULT_EPS, DEFAULT_PERCENTILES, parse_eps, raw_budget
+from nnunetv2_voxshield.metrics import psnr, ssim
+
+GEOMETRY_ATOL = 1e-5
+
+
+class VerifyInputError(Exception):
+    """The clean dataset itself cannot be read (one line naming the file)."""
+
+
+def _dataset_json(folder: str) -> dict:
+    path = os.path.join(folder, 'dataset.json')
+    try:
+        with open(path) as f:
+            dataset_json = json.load(f)
+        ending = dataset_json['file_ending']
+        n_channels = len(dataset_json.get('channel_names', dataset_json.get('modality')))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise VerifyInputError(f'{path}: missing or invalid dataset.json ({type(e).__name__})') from None
+    return {'json': dataset_json, 'ending': ending, 'channels': n_channels}
+
+
+def _cases(folder: str, ending: str) -> List[str]:
+    labels = os.path.join(folder, 'labelsTr')
+    if not os.path.isdir(labels):
+        return []
+    return sorted(f[:-len(ending)] for f in os.listdir(labels) if f.endswith(ending) and not f.startswith('.'))
+
+
+def _read(path: str):
+    try:
+        return sitk.ReadImage(path)
+    except RuntimeError:
+        return None
+
+
+def _geometry_problem(clean: sitk.Image, protected: sitk.Image) -> Optional[str]:
+    if clean.GetSize() != protected.GetSize():
+        return f'shape {protected.GetSize()} != {clean.GetSize()}'
+    for name in ('Spacing', 'Origin', 'Direction'):
+        a, b = getattr(clean, 'Get' + name)(), getattr(protected, 'Get' + name)()
+        if not np.allclose(a, b, rtol=0, atol=GEOMETRY_ATOL):
+            return f'{name.lower()} {tuple(round(v, 6) for v in b)} != {tuple(round(v, 6) for v in a)}'
+    if clean.GetPixelIDValue() != protected.GetPixelIDValue():
+        return f'dtype {protected.GetPixelIDTypeAsString()} != {clean.GetPixelIDTypeAsString()}'
+    return None
+
+
+def verify_case(case: str, clean_folder: str, protected_folder: str, ending: str, n_channels: int, eps: float,
+                eps_abs: Optional[float], percentiles: Sequence[float]) -> dict:
+    """Violations (one line each) and metrics of one case."""
+    violations, channels = [], []
+    clean_label = os.path.join(clean_folder, 'labelsTr', case + ending)
+    protected_label = os.path.join(protected_folder, 'labelsTr', case + ending)
+    if not os.path.isfile(protected_label):
+        return {'case': case, 'violations': [f'{protected_label}: case {case} missing (label)'], 'channels': []}
+    if not filecmp.cmp(clean_label, protected_label, shallow=False):
+        violations.append(f'{protected_label}: label differs from {clean_label}')
+    label = _read(clean_label)
+    if label is None:
+        raise VerifyInputError(f'{clean_label}: cannot be read as an image')
+    roi = sitk.GetArrayFromImage(label) > 0
+    clean_files = [os.path.join(clean_folder, 'imagesTr', f'{case}_{c:04d}{ending}') for c in range(n_channels)]
+    protected_files = [os.path.join(protected_folder, 'imagesTr', f'{case}_{c:04d}{ending}')
+                       for c in range(n_channels)]
+    clean_images = [_read(f) for f in clean_files]
+    for f, image in zip(clean_files, clean_images):
+        if image is None:
+            raise VerifyInputError(f'{f}: missing or unreadable clean image')
+    clean_arrays = [sitk.GetArrayFromImage(im) for im in clean_images]
+    budgets = raw_budget(np.stack([a.astype(np.float64) for a in clean_arrays]), eps, eps_abs, percentiles)
+    for c, (path, clean_image, clean, budget) in enumerate(zip(protected_files, clean_images, clean_arrays, budgets)):
+        if not os.path.isfile(path):
+            violations.append(f'{path}: case {case} missing (channel {c})')
+            continue
+        image = _read(path)
+        if image is None:
+            violations.append(f'{path}: cannot be read as an image')
+            continue
+        problem = _geometry_problem(clean_image, image)
+        if problem is not None:
+            violations.append(f'{path}: {problem}')
+            continue
+        protected = sitk.GetArrayFromImage(image)
+        if np.issubdtype(protected.dtype, np.floating) and not np.all(np.isfinite(protected)):
+            violations.append(f'{path}: NaN or Inf voxels')
+            continue
+        diff = np.abs(protected.astype(np.float64) - clean.astype(np.float64))
+        max_delta = float(diff.max())
+        if max_delta > budget:
+            violations.append(f'{path}: max |delta| {max_delta:.6g} exceeds the budget {budget:.6g} '
+                              f'at {int(np.sum(diff > budget))} voxel(s)')
+        channels.append({'file': os.path.basename(path), 'budget': float(budget), 'max_abs_delta': max_delta,
+                         'budget_use': max_delta / budget if budget > 0 else (0.0 if max_delta == 0 else np.inf),
+                         'fraction_changed': float(np.mean(diff > 0)), 'psnr': psnr(clean, protected),
+                         'psnr_roi': psnr(clean, protected, roi), 'ssim': ssim(clean, protected)})
+    return {'case': case, 'violations': violations, 'channels': channels}
+
+
+def _stats(values: list) -> dict:
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    return {'mean': float(np.mean(values)) if values else None, 'min': float(np.min(values)) if values else None}
+
+
+def _json_safe(obj):
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def verify_datasets(clean_folder: str, protected_folder: str, eps: float = DEFAULT_EPS,
+                    eps_abs: Optional[float] = None, percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> dict:
+    """Report with 'violations' (empty when the protected dataset passes), per-case metrics and a summary."""
+    clean = _dataset_json(clean_folder)
+    cases = _cases(clean_folder, clean['ending'])
+    if not cases:
+        raise VerifyInputError(f'{os.path.join(clean_folder, "labelsTr")}: no training cases found')
+    violations = []
+    if not os.path.isdir(protected_folder):
+        raise VerifyInputError(f'{protected_folder}: protected dataset folder not found')
+    try:
+        protected_json = _dataset_json(protected_folder)['json']
+        if protected_json.get('numTraining') != clean['json'].get('numTraining'):
+            violations.append(f'{os.path.join(protected_folder, "dataset.json")}: numTraining '
+                              f'{protected_json.get("numTraining")} != {clean["json"].get("numTraining")}')
+    except VerifyInputError as e:
+        violations.append(str(e))
+    extra = sorted(set(_cases(protected_folder, clean['ending'])) - set(cases))
+    violations += [f'{os.path.join(protected_folder, "labelsTr", c + clean["ending"])}: case {c} is not in the '
+                   f'clean dataset' for c in extra]
+    reports = [verify_case(c, clean_folder, protected_folder, clean['ending'], clean['channels'], eps, eps_abs,
+                           percentiles) for c in cases]
+    violations += [v for r in reports for v in r['violations']]
+    channels = [ch for r in reports for ch in r['channels']]
+    summary = {'cases': len(cases), 'violations': len(violations),
+               'max_budget_use': max((ch['budget_use'] for ch in channels), default=0.0),
+               'psnr': _stats([ch['psnr'] for ch in channels]), 'psnr_roi': _stats([ch['psnr_roi'] for ch in channels]),
+               'ssim': _stats([ch['ssim'] for ch in channels])}
+    return _json_safe({'summary': summary, 'violations': violations, 'cases': reports,
+                       'budget': {'eps': None if eps_abs is not None else eps, 'eps_abs': eps_abs,
+                                  'percentiles': list(percentiles)}})
+
+
+def verify_entry(argv=None):
+    parser = argparse.ArgumentParser(description='Check a protected dataset against its clean source: labels '
+                                                 'byte-identical, geometry and dtype preserved, |delta| <= budget.')
+    parser.add_argument('clean', help='clean nnU-Net raw dataset folder')
+    parser.add_argument('protected', help='protected nnU-Net raw dataset folder')
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument('--eps', default='4/255', help='budget as a fraction of each case\'s p0.5-p99.5 range')
+    budget.add_argument('--eps-abs', default=None, help='absolute budget in raw units (e.g. HU)')
+    parser.add_argument('-o', default=None, help='write the full report to this JSON file')
+    args = parser.parse_args(argv)
+    try:
+        eps = parse_eps(args.eps)
+        eps_abs = parse_eps(args.eps_abs) if args.eps_abs is not None else None
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        report = verify_datasets(args.clean, args.protected, eps, eps_abs)
+    except VerifyInputError as e:
+        print(f'voxshield_verify: error: {e}', file=sys.stderr)
+        sys.exit(1)
+    if args.o is not None:
+        tmp = os.path.join(os.path.dirname(os.path.abspath(args.o)), f'.partial-{os.getpid()}-{os.path.basename(args.o)}')
+        with open(tmp, 'w') as f:
+            json.dump(report, f, indent=2)
+        os.replace(tmp, args.o)
+    s = report['summary']
+    fmt = lambda v: 'n/a' if v is None else f'{v:.4g}'  # noqa: E731
+    print(f'{s["cases"]} cases, max budget use {fmt(s["max_budget_use"])}, PSNR mean {fmt(s["psnr"]["mean"])} '
+          f'min {fmt(s["psnr"]["min"])} dB, SSIM mean {fmt(s["ssim"]["mean"])} min {fmt(s["ssim"]["min"])}')
+    for violation in report['violations']:
+        print(f'VIOLATION: {violation}', file=sys.stderr)
+    if report['violations']:
+        print(f'voxshield_verify: {len(report["violations"])} violation(s)', file=sys.stderr)
+        sys.exit(1)
+    print('OK: every case is within budget with labels and geometry unchanged')
+
+
+if __name__ == '__main__':
+    verify_entry()
