@@ -68,3 +68,51 @@ def test_trainers_env(monkeypatch):
     entries = [str(TEST_TRAINERS)] + [p for p in os.environ.get('nnUNet_extTrainer', '').split(os.pathsep) if p]
     monkeypatch.setenv('nnUNet_extTrainer', os.pathsep.join(entries))
     return str(TEST_TRAINERS)
+
+
+def run_cli(args, env_updates=None, check=True, **kwargs):
+    """Run a console command in a subprocess with the current environment (+ updates); returns CompletedProcess."""
+    import subprocess
+    env = dict(os.environ)
+    for k, v in (env_updates or {}).items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = str(v)
+    proc = subprocess.run([str(a) for a in args], env=env, capture_output=True, text=True, **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f'{" ".join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n'
+                             f'{proc.stderr[-3000:]}')
+    return proc
+
+
+def plan_and_preprocess(dataset_id: int, roots: dict, configurations=('3d_fullres',)):
+    """Stock nnUNetv2_plan_and_preprocess in a subprocess (the planner fails with nnUNet_n_proc_DA=0)."""
+    run_cli(['nnUNetv2_plan_and_preprocess', '-d', dataset_id, '-c', *configurations, '-np', '1'],
+            {**{k: str(v) for k, v in roots.items()}, 'nnUNet_n_proc_DA': None})
+
+
+@pytest.fixture(scope='session')
+def planned_hippocampus(tmp_path_factory):
+    """8 real Hippocampus cases, planned and preprocessed (3d_fullres, 2d) once per session. Treat as read-only:
+    copy ``preprocessed`` if a test changes it; point nnUNet_results at a fresh folder."""
+    if not (HIPPOCAMPUS / 'dataset.json').is_file():
+        pytest.fail(f'real data not found at {HIPPOCAMPUS}; mark the test with requires_hippocampus')
+    base = tmp_path_factory.mktemp('planned_hippocampus')
+    roots = {name: base / name for name in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results')}
+    for d in roots.values():
+        d.mkdir()
+    cases = copy_hippocampus_cases(roots['nnUNet_raw'] / 'Dataset004_Hippocampus', 8)
+    plan_and_preprocess(4, roots, ('3d_fullres', '2d'))
+    return {**roots, 'dataset_id': 4, 'dataset_name': 'Dataset004_Hippocampus', 'cases': cases}
+
+
+@pytest.fixture
+def hippocampus_env(planned_hippocampus, tmp_path, monkeypatch):
+    """nnU-Net env pointing at the session's planned Hippocampus subset, with a fresh nnUNet_results."""
+    results = tmp_path / 'nnUNet_results'
+    results.mkdir()
+    monkeypatch.setenv('nnUNet_raw', str(planned_hippocampus['nnUNet_raw']))
+    monkeypatch.setenv('nnUNet_preprocessed', str(planned_hippocampus['nnUNet_preprocessed']))
+    monkeypatch.setenv('nnUNet_results', str(results))
+    return {**planned_hippocampus, 'nnUNet_results': results}
