@@ -149,3 +149,44 @@ def test_fresh_interpreter_finds_our_trainers_without_manual_export():
                    {'nnUNet_extTrainer': '/somewhere/else'})
     assert proc.stdout.strip() == os.pathsep.join(['/somewhere/else', trainer_folder()])
     assert sorted(p.name for p in Path(trainer_folder()).glob('*.py')) == ['__init__.py', 'voxshield_trainers.py']
+
+
+def _erase_labels(raw_dataset: Path, preprocessed_config_folder: Path):
+    """Make every label all background, in the raw data and in nnU-Net's preprocessed copy (stock planning cannot
+    fingerprint a dataset without foreground, so the preprocessed copy is edited after planning)."""
+    import SimpleITK as sitk
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    for label_file in (raw_dataset / 'labelsTr').glob('*.nii.gz'):
+        image = sitk.ReadImage(str(label_file))
+        empty = sitk.GetImageFromArray(sitk.GetArrayFromImage(image) * 0)
+        empty.CopyInformation(image)
+        sitk.WriteImage(empty, str(label_file))
+    dataset_class = infer_dataset_class(str(preprocessed_config_folder))
+    dataset = dataset_class(str(preprocessed_config_folder))
+    for identifier in dataset.identifiers:
+        data, seg, _, properties = dataset.load_case(identifier)
+        data, seg = np.asarray(data), np.asarray(seg).copy()
+        seg[seg > 0] = 0
+        properties['class_locations'] = {k: np.zeros((0, 4), dtype=np.int64) for k in properties['class_locations']}
+        for suffix in ('.b2nd', '_seg.b2nd', '.pkl'):
+            (preprocessed_config_folder / f'{identifier}{suffix}').unlink()
+        dataset.save_case(data, seg, properties, str(preprocessed_config_folder / identifier))
+
+
+def test_all_background_labels_train_with_a_warning(planned_hippocampus, tmp_path, monkeypatch):
+    for name in ('nnUNet_raw', 'nnUNet_preprocessed'):
+        shutil.copytree(planned_hippocampus[name], tmp_path / name)
+        monkeypatch.setenv(name, str(tmp_path / name))
+    monkeypatch.setenv('nnUNet_results', str(tmp_path / 'nnUNet_results'))
+    name = planned_hippocampus['dataset_name']
+    _erase_labels(tmp_path / 'nnUNet_raw' / name, tmp_path / 'nnUNet_preprocessed' / name / 'nnUNetPlans_3d_fullres')
+    with pytest.warns(UserWarning, match='empty ROI'):
+        trainer = make_trainer()
+    assert all(b['empty_roi'] for b in trainer.case_budgets.values())
+    batch = next(trainer.dataloader_train)
+    for _ in range(2):
+        out = trainer.train_step(batch)
+        assert np.isfinite(out['l_seg']) and out['delta_over_budget'] == 0.0
+    assert all(torch.isfinite(v).all() for v in snapshot(trainer.generator).values())
+    log = Path(trainer.log_file).read_text()
+    assert f'{len(planned_hippocampus["cases"])} of {len(planned_hippocampus["cases"])} cases have an empty ROI' in log
