@@ -1,5 +1,7 @@
 """Image-quality and segmentation metrics (maintained implementations where they exist)."""
-from typing import Optional
+import os
+import warnings
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 from skimage.metrics import structural_similarity
@@ -32,3 +34,128 @@ def ssim(clean: np.ndarray, protected: np.ndarray) -> float:
     if win < 3:
         return float(np.allclose(clean, protected))
     return float(structural_similarity(clean, protected, data_range=data_range_of(clean), win_size=win))
+
+
+def ssim_in_mask(clean: np.ndarray, protected: np.ndarray, mask: np.ndarray) -> float:
+    """Mean of scikit-image's local SSIM map inside ``mask`` (same window and data range as ``ssim``); nan if empty."""
+    mask = np.broadcast_to(np.asarray(mask, dtype=bool), np.shape(clean))
+    if not np.any(mask):
+        return float('nan')
+    clean = np.asarray(clean, dtype=np.float64)
+    protected = np.asarray(protected, dtype=np.float64)
+    win = min(7, *[s if s % 2 else s - 1 for s in clean.shape])
+    if win < 3:
+        return float(np.allclose(clean[mask], protected[mask]))
+    _, smap = structural_similarity(clean, protected, data_range=data_range_of(clean), win_size=win, full=True)
+    return float(np.mean(smap[mask]))
+
+
+# ---------------------------------------------------------------- segmentation metrics
+HD95_STATUSES = ('ok', 'empty_prediction', 'empty_reference', 'both_empty')
+
+
+def dice_per_label(reference: np.ndarray, prediction: np.ndarray, labels_or_regions: Sequence,
+                   ignore_label: Optional[int] = None) -> Dict:
+    """Dice per label (or region tuple) with nnU-Net's own mask and counting code; nan when both are empty."""
+    from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn, region_or_label_to_mask
+    ignore_mask = reference == ignore_label if ignore_label is not None else None
+    out = {}
+    for r in labels_or_regions:
+        tp, fp, fn, _ = compute_tp_fp_fn_tn(region_or_label_to_mask(reference, r),
+                                            region_or_label_to_mask(prediction, r), ignore_mask)
+        out[r] = float('nan') if tp + fp + fn == 0 else float(2 * tp / (2 * tp + fp + fn))
+    return out
+
+
+def hd95(reference_mask: np.ndarray, prediction_mask: np.ndarray, spacing: Sequence[float]) -> Tuple[float, str]:
+    """Symmetric 95th-percentile Hausdorff distance in mm (MONAI), spacing given per array axis.
+
+    Returns ``(value, status)``: status 'ok'; 'both_empty' gives 0.0; 'empty_prediction' / 'empty_reference'
+    give nan (the distance is undefined; callers must report these cases, see ``summarise_hd95``).
+    """
+    from monai.metrics import compute_hausdorff_distance
+
+    reference_mask = np.asarray(reference_mask, dtype=bool)
+    prediction_mask = np.asarray(prediction_mask, dtype=bool)
+    if reference_mask.shape != prediction_mask.shape:
+        raise ValueError(f'shape mismatch: reference {reference_mask.shape} vs prediction {prediction_mask.shape}')
+    if len(spacing) != reference_mask.ndim:
+        raise ValueError(f'spacing {tuple(spacing)} does not match a {reference_mask.ndim}-d mask')
+    has_ref, has_pred = bool(reference_mask.any()), bool(prediction_mask.any())
+    if not has_ref and not has_pred:
+        return 0.0, 'both_empty'
+    if not has_pred:
+        return float('nan'), 'empty_prediction'
+    if not has_ref:
+        return float('nan'), 'empty_reference'
+    with warnings.catch_warnings():  # MONAI's own deprecation notice about an internal argument
+        warnings.simplefilter('ignore', FutureWarning)
+        value = compute_hausdorff_distance(prediction_mask[None, None], reference_mask[None, None],
+                                           include_background=True, percentile=95,
+                                           spacing=[float(s) for s in spacing])
+    return float(value.reshape(-1)[0]), 'ok'
+
+
+def worst_case_distance(shape: Sequence[int], spacing: Sequence[float]) -> float:
+    """Diagonal of the volume in mm: the value an undefined HD95 (empty prediction) is penalised with."""
+    return float(np.linalg.norm(np.asarray(shape, dtype=np.float64) * np.asarray(spacing, dtype=np.float64)))
+
+
+def score_segmentation(reference: np.ndarray, prediction: np.ndarray, spacing: Sequence[float],
+                       labels_or_regions: Sequence, ignore_label: Optional[int] = None) -> dict:
+    """Dice and HD95 (mm) per label for one case; arrays shaped (z, y, x) or (1, z, y, x), spacing per axis.
+
+    Per label: ``dice``, ``hd95_mm`` (None if undefined), ``hd95_status``, ``hd95_mm_penalised`` (undefined ->
+    volume diagonal). Means over labels: ``mean_dice`` (nan-aware), ``mean_hd95_mm_penalised``.
+    """
+    from nnunetv2.evaluation.evaluate_predictions import region_or_label_to_mask
+    reference = np.asarray(reference)
+    prediction = np.asarray(prediction)
+    if reference.ndim == len(spacing) + 1:
+        reference, prediction = reference[0], prediction[0]
+    if reference.shape != prediction.shape:
+        raise ValueError(f'shape mismatch: reference {reference.shape} vs prediction {prediction.shape}')
+    dice = dice_per_label(reference, prediction, labels_or_regions, ignore_label)
+    worst = worst_case_distance(reference.shape, spacing)
+    per_label = {}
+    for r in labels_or_regions:
+        ref_mask = region_or_label_to_mask(reference, r)
+        pred_mask = region_or_label_to_mask(prediction, r)
+        if ignore_label is not None:
+            keep = reference != ignore_label
+            ref_mask, pred_mask = ref_mask & keep, pred_mask & keep
+        value, status = hd95(ref_mask, pred_mask, spacing)
+        per_label[str(r)] = {'dice': dice[r], 'hd95_mm': None if np.isnan(value) else value,
+                             'hd95_status': status, 'hd95_mm_penalised': worst if np.isnan(value) else value}
+    dices = [v['dice'] for v in per_label.values() if not np.isnan(v['dice'])]
+    return {'labels': per_label,
+            'mean_dice': float(np.mean(dices)) if dices else float('nan'),
+            'mean_hd95_mm_penalised': float(np.mean([v['hd95_mm_penalised'] for v in per_label.values()])),
+            'n_empty_prediction': sum(v['hd95_status'] == 'empty_prediction' for v in per_label.values()),
+            'worst_case_mm': worst}
+
+
+def score_case_files(reference_file: str, prediction_file: str, labels_or_regions: Sequence,
+                     ignore_label: Optional[int] = None, reader=None) -> dict:
+    """``score_segmentation`` on two segmentation files; spacing comes from the reference file's header."""
+    if reader is None:
+        from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_file_ending
+        ending = '.nii.gz' if reference_file.endswith('.nii.gz') else os.path.splitext(reference_file)[1]
+        reader = determine_reader_writer_from_file_ending(ending, reference_file)()
+    ref, ref_props = reader.read_seg(reference_file)
+    pred, _ = reader.read_seg(prediction_file)
+    if ref.shape != pred.shape:
+        raise ValueError(f'{prediction_file}: shape {pred.shape[1:]} differs from reference {ref.shape[1:]}')
+    out = score_segmentation(ref, pred, ref_props['spacing'], labels_or_regions, ignore_label)
+    out.update({'reference_file': reference_file, 'prediction_file': prediction_file,
+                'spacing': [float(s) for s in ref_props['spacing']]})
+    return out
+
+
+def mean_std(values: Sequence[float]) -> Dict[str, float]:
+    """{'mean', 'std', 'n'} over the finite values (population std, 0 for one value); nan when there are none."""
+    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return {'mean': float('nan'), 'std': float('nan'), 'n': 0}
+    return {'mean': float(v.mean()), 'std': float(v.std()), 'n': int(v.size)}

@@ -1,0 +1,389 @@
+"""``voxshield_evaluate``: stock nnU-Net victims trained on clean, protected and purified data, scored on clean tests.
+
+Layout of OUT (everything private, the input datasets are only read):
+  nnUNet_raw/Dataset00K_<row>       links to the clean / protected data, or purified copies (defences.py)
+  nnUNet_preprocessed/              the victims' own fingerprints, plans and preprocessed data
+  nnUNet_results/seed_S/            trained victims, one nnU-Net results root per seed
+  victims/<row>/<config>/seed_S/    predictions/, logs, scores.json (= finished marker: skipped on rerun)
+  quality/<row>.json                PSNR/SSIM of the row's training images against the clean ones
+  report.json, report.md, figure.png
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from nnunetv2_voxshield import victims as V
+from nnunetv2_voxshield.defences import defence_key, describe_defence, parse_defence, purify_dataset
+from nnunetv2_voxshield.report import (make_figure, markdown_report, quality_summary, summarise_seeds,
+                                       summarise_victim, write_atomic, write_json_atomic)
+
+
+class EvaluationError(ValueError):
+    """A problem the user can fix (bad path, bad option, inconsistent OUT folder)."""
+
+
+# ----------------------------------------------------------------------------------------- inputs
+def resolve_raw_dataset(name_or_id: str) -> str:
+    """A dataset folder, a dataset id or a DatasetXXX_Name in $nnUNet_raw -> absolute folder with dataset.json."""
+    text = str(name_or_id)
+    if os.path.isdir(text):
+        folder = text
+    else:
+        raw = os.environ.get('nnUNet_raw')
+        if not raw:
+            raise EvaluationError(f'{text}: not a folder and nnUNet_raw is not set')
+        if text.isdigit():
+            hits = sorted(d for d in os.listdir(raw) if re.fullmatch(rf'Dataset{int(text):03d}_.+', d))
+            if not hits:
+                raise EvaluationError(f'{raw}: no dataset with id {int(text)}')
+            folder = os.path.join(raw, hits[0])
+        else:
+            folder = os.path.join(raw, text)
+    folder = os.path.abspath(folder)
+    for need in ('dataset.json', 'imagesTr', 'labelsTr'):
+        if not os.path.exists(os.path.join(folder, need)):
+            raise EvaluationError(f'{folder}: {need} not found (not an nnU-Net raw dataset)')
+    return folder
+
+
+def load_dataset_json(folder: str) -> dict:
+    path = os.path.join(folder, 'dataset.json')
+    try:
+        return json.load(open(path))
+    except (json.JSONDecodeError, OSError) as e:
+        raise EvaluationError(f'{path}: cannot read ({e})') from None
+
+
+def channel_files(images_dir: str, ending: str) -> Dict[str, List[str]]:
+    """case id -> sorted channel files (CASE_XXXX<ending>)."""
+    cases: Dict[str, List[str]] = {}
+    for f in sorted(os.listdir(images_dir)):
+        m = re.fullmatch(rf'(.+)_(\d{{4}}){re.escape(ending)}', f)
+        if m:
+            cases.setdefault(m.group(1), []).append(os.path.join(images_dir, f))
+    return cases
+
+
+def test_cases(test_images: str, test_labels: str, ending: str) -> List[str]:
+    """Case ids present in both test folders; error if an image has no label."""
+    for d in (test_images, test_labels):
+        if not os.path.isdir(d):
+            raise EvaluationError(f'{d}: test folder not found')
+    cases = sorted(channel_files(test_images, ending))
+    if not cases:
+        raise EvaluationError(f'{test_images}: no images named CASE_0000{ending}')
+    missing = [c for c in cases if not os.path.isfile(os.path.join(test_labels, c + ending))]
+    if missing:
+        raise EvaluationError(f'{test_labels}: no label for test case(s) {", ".join(missing[:5])}')
+    return cases
+
+
+def parse_plans(plans: str) -> Optional[str]:
+    """'nnUNetPlans' -> None (stock); 'nnUNetPlans_<preset>' -> preset name (plans.py applies it)."""
+    if plans == 'nnUNetPlans':
+        return None
+    from nnunetv2_voxshield.plans import available_presets
+    preset = plans[len('nnUNetPlans_'):] if plans.startswith('nnUNetPlans_') else None
+    if preset not in available_presets():
+        raise EvaluationError(f"-p {plans}: use nnUNetPlans or nnUNetPlans_<preset> with a preset from "
+                              f"{', '.join('nnUNetPlans_' + p for p in available_presets())}")
+    return preset
+
+
+# ----------------------------------------------------------------------------------------- state
+class Workspace:
+    """OUT and its private nnU-Net roots; ``state.json`` pins the inputs and the rows' dataset ids."""
+
+    def __init__(self, out: str, clean: str, protected: str):
+        self.out = os.path.abspath(out)
+        self.raw = os.path.join(self.out, 'nnUNet_raw')
+        self.preprocessed = os.path.join(self.out, 'nnUNet_preprocessed')
+        for d in (self.raw, self.preprocessed, os.path.join(self.out, 'quality')):
+            os.makedirs(d, exist_ok=True)
+        self.state_file = os.path.join(self.out, 'state.json')
+        self.state = {'clean': clean, 'protected': protected, 'datasets': {}}
+        if os.path.isfile(self.state_file):
+            old = json.load(open(self.state_file))
+            for k in ('clean', 'protected'):
+                if old.get(k) != self.state[k]:
+                    raise EvaluationError(f'{self.state_file}: OUT was made for --{k} {old.get(k)}, not '
+                                          f'{self.state[k]}; use another -o')
+            self.state = old
+        self.save()
+
+    def save(self) -> None:
+        write_atomic(self.state_file, json.dumps(self.state, indent=2))
+
+    def dataset_id(self, row: str) -> int:
+        ids = self.state['datasets']
+        if row not in ids:
+            ids[row] = max(ids.values(), default=0) + 1
+            self.save()
+        return ids[row]
+
+    def dataset_dir(self, row: str) -> str:
+        return os.path.join(self.raw, f'Dataset{self.dataset_id(row):03d}_{row}')
+
+    def results(self, seed: int) -> str:
+        return os.path.join(self.out, 'nnUNet_results', f'seed_{seed}')
+
+    def env(self, seed: int, device: str) -> Dict[str, str]:
+        return V.nnunet_env(self.raw, self.preprocessed, self.results(seed), device)
+
+    def victim_dir(self, row: str, config: str, seed: int) -> str:
+        return os.path.join(self.out, 'victims', row, config, f'seed_{seed}')
+
+
+def link_dataset(src: str, dst: str) -> None:
+    """Private raw dataset = copied dataset.json + symlinks to the source's imagesTr / labelsTr (read-only use)."""
+    if os.path.isdir(dst):
+        return
+    tmp = dst + '.tmp'
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    shutil.copy(os.path.join(src, 'dataset.json'), tmp)
+    for sub in ('imagesTr', 'labelsTr'):
+        os.symlink(os.path.join(src, sub), os.path.join(tmp, sub))
+    os.replace(tmp, dst)
+
+
+# ----------------------------------------------------------------------------------------- steps
+def image_quality(clean_dir: str, row_dir: str, ending: str) -> dict:
+    """PSNR/SSIM of every training image of ``row_dir`` against the clean one (whole volume and label ROI)."""
+    import SimpleITK as sitk
+    from nnunetv2_voxshield.metrics import psnr, ssim, ssim_in_mask
+
+    clean_cases = channel_files(os.path.join(clean_dir, 'imagesTr'), ending)
+    row_cases = channel_files(os.path.join(row_dir, 'imagesTr'), ending)
+    common = sorted(set(clean_cases) & set(row_cases))
+    if not common:
+        raise EvaluationError(f'{row_dir}: no training case in common with the clean dataset {clean_dir}')
+    per_case = []
+    for case in common:
+        roi = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(clean_dir, 'labelsTr', case + ending))) > 0
+        values = {'psnr': [], 'psnr_roi': [], 'ssim': [], 'ssim_roi': []}
+        for fc, fp in zip(clean_cases[case], row_cases[case]):
+            c = sitk.GetArrayFromImage(sitk.ReadImage(fc)).astype(np.float64)
+            p = sitk.GetArrayFromImage(sitk.ReadImage(fp)).astype(np.float64)
+            if c.shape != p.shape:
+                raise EvaluationError(f'{fp}: shape {p.shape} differs from the clean image {c.shape}')
+            values['psnr'].append(psnr(c, p))
+            values['psnr_roi'].append(psnr(c, p, roi))
+            values['ssim'].append(ssim(c, p))
+            values['ssim_roi'].append(ssim_in_mask(c, p, roi))
+        per_case.append({'case': case, **{k: float(np.mean(v)) for k, v in values.items()}})
+    return {'per_case': per_case, 'summary': quality_summary(per_case)}
+
+
+def score_predictions(pred_dir: str, test_labels: str, cases: Sequence[str], ending: str,
+                      dataset_json: dict) -> List[dict]:
+    """Dice/HD95 of each predicted test case against its clean label."""
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+    from nnunetv2_voxshield.metrics import score_case_files
+
+    lm = LabelManager(dataset_json['labels'], dataset_json.get('regions_class_order'))
+    labels = lm.foreground_regions if lm.has_regions else lm.foreground_labels
+    out = []
+    for case in cases:
+        pred = os.path.join(pred_dir, case + ending)
+        if not os.path.isfile(pred):
+            raise EvaluationError(f'{pred}: prediction missing')
+        s = score_case_files(os.path.join(test_labels, case + ending), pred, labels, lm.ignore_label)
+        out.append({'case': case, **s})
+    return out
+
+
+def run_victim(ws: Workspace, row: str, config: str, seed: int, trainer: str, plans: str, device: str,
+               test_images: str, test_labels: str, cases: Sequence[str], ending: str, dataset_json: dict,
+               disable_tta: bool, verbose: bool) -> dict:
+    """Train (or resume), predict and score one victim; writes scores.json last (the finished marker)."""
+    vdir = ws.victim_dir(row, config, seed)
+    os.makedirs(vdir, exist_ok=True)
+    env = ws.env(seed, device)
+    did = ws.dataset_id(row)
+    V.train(did, config, seed, trainer, plans, device, env, os.path.join(vdir, 'train.log'), verbose)
+    pred_dir = os.path.join(vdir, 'predictions')
+    shutil.rmtree(pred_dir, ignore_errors=True)
+    V.predict(did, config, trainer, plans, test_images, pred_dir, device, env, os.path.join(vdir, 'predict.log'),
+              disable_tta, verbose)
+    cases_scores = score_predictions(pred_dir, test_labels, cases, ending, dataset_json)
+    result = {'row': row, 'configuration': config, 'seed': seed, 'trainer': trainer, 'plans': plans,
+              'summary': summarise_victim(cases_scores), 'cases': cases_scores}
+    write_json_atomic(os.path.join(vdir, 'scores.json'), result)
+    return result
+
+
+def evaluate(clean: str, protected: str, output_dir: str, test_images: Optional[str] = None,
+             test_labels: Optional[str] = None, configurations: Sequence[str] = ('3d_fullres',),
+             plans: str = 'nnUNetPlans', epochs: Optional[int] = None, trainer: Optional[str] = None,
+             seeds: Sequence[int] = (0,), defences: Sequence[str] = (), device: str = 'cpu',
+             disable_tta: bool = False, method_name: str = 'Protected', figure_case: Optional[str] = None,
+             verbose: bool = False) -> dict:
+    """Run (or resume) every victim and write report.json, report.md and figure.png into ``output_dir``."""
+    log = lambda msg: print(msg, flush=True)
+    clean_dir, protected_dir = resolve_raw_dataset(clean), resolve_raw_dataset(protected)
+    if clean_dir == protected_dir:
+        raise EvaluationError(f'{clean_dir}: --clean and --protected are the same dataset')
+    ds_json = load_dataset_json(clean_dir)
+    ending = ds_json.get('file_ending', '.nii.gz')
+    test_images = os.path.abspath(test_images or os.path.join(clean_dir, 'imagesTs'))
+    test_labels = os.path.abspath(test_labels or os.path.join(clean_dir, 'labelsTs'))
+    cases = test_cases(test_images, test_labels, ending)
+    preset = parse_plans(plans)
+    trainer = V.victim_trainer_name(epochs, trainer)
+    defence_keys = []
+    for d in defences:
+        try:
+            defence_keys.append((defence_key(d), d))
+        except ValueError as e:
+            raise EvaluationError(str(e)) from None
+    seeds = [int(s) for s in dict.fromkeys(seeds)]
+    configurations = list(dict.fromkeys(configurations))
+
+    ws = Workspace(output_dir, clean_dir, protected_dir)
+    rows = [('clean', 'Clean', None, None), ('protected', method_name, None, None)]
+    rows += [(f'protected+{k}', method_name, describe_defence(spec), spec) for k, spec in defence_keys]
+
+    # 1. private raw datasets (links or purified copies)
+    for row, _, _, spec in rows:
+        dst = ws.dataset_dir(row)
+        if os.path.isdir(dst):
+            continue
+        if spec is None:
+            link_dataset(clean_dir if row == 'clean' else protected_dir, dst)
+        else:
+            log(f'purifying {protected_dir} with {describe_defence(spec)} -> {dst}')
+            purify_dataset(protected_dir, dst, spec, verbose)
+
+    # 2. the victims' own plan/preprocess (+ plans preset)
+    for row, *_ in rows:
+        did = ws.dataset_id(row)
+        marker_dir = os.path.join(ws.out, 'victims', row)
+        todo = [c for c in configurations if not os.path.isfile(os.path.join(marker_dir, f'.preprocessed_{c}'))]
+        if not todo:
+            continue
+        log(f'[{row}] nnUNetv2_plan_and_preprocess -d {did} -c {" ".join(todo)}')
+        logf = os.path.join(marker_dir, 'plan_and_preprocess.log')
+        V.plan_and_preprocess(did, todo, ws.env(seeds[0], device), logf, verbose)
+        if preset:
+            V.apply_preset(did, preset, plans, ws.env(seeds[0], device), logf, verbose)
+        plans_file = os.path.join(ws.preprocessed, os.path.basename(ws.dataset_dir(row)), f'{plans}.json')
+        available = json.load(open(plans_file))['configurations']
+        for c in todo:
+            if c not in available:
+                raise EvaluationError(f'{plans_file}: configuration {c!r} not planned for this dataset; '
+                                      f'available: {", ".join(available)}')
+            write_atomic(os.path.join(marker_dir, f'.preprocessed_{c}'), '')
+
+    # 3. victims
+    jobs = [(row, c, s) for row, *_ in rows for c in configurations for s in seeds]
+    results = {}
+    for i, (row, c, s) in enumerate(jobs, 1):
+        marker = os.path.join(ws.victim_dir(row, c, s), 'scores.json')
+        tag = f'[{i}/{len(jobs)}] {row} {c} seed {s}'
+        if os.path.isfile(marker):
+            results[(row, c, s)] = json.load(open(marker))
+            log(f'{tag}: done before, skipped')
+            continue
+        log(f'{tag}: training {trainer} ({plans}, fold all) and predicting {len(cases)} test cases ...')
+        t0 = time.time()
+        results[(row, c, s)] = run_victim(ws, row, c, s, trainer, plans, device, test_images, test_labels, cases,
+                                          ending, ds_json, disable_tta, verbose)
+        summ = results[(row, c, s)]['summary']
+        log(f'{tag}: DSC {summ["dice"]:.4f}, HD95 {summ["hd95_mm"]:.2f} mm ({time.time() - t0:.0f} s)')
+
+    # 4. image quality of each non-clean row against the clean data
+    quality = {}
+    for row, *_ in rows[1:]:
+        qfile = os.path.join(ws.out, 'quality', f'{row}.json')
+        if not os.path.isfile(qfile):
+            log(f'[{row}] PSNR/SSIM against the clean training images')
+            write_json_atomic(qfile, image_quality(clean_dir, ws.dataset_dir(row), ending))
+        quality[row] = json.load(open(qfile))['summary']
+
+    # 5. report
+    report_rows = []
+    for row, method, defence, spec in rows:
+        victims_summary = {c: summarise_seeds({s: results[(row, c, s)]['summary'] for s in seeds})
+                           for c in configurations}
+        report_rows.append({'row': row, 'method': method, 'defence': defence, 'defence_spec': spec,
+                            'dataset': ws.dataset_dir(row), 'quality': quality.get(row), 'victims': victims_summary,
+                            'per_seed': {c: {str(s): results[(row, c, s)]['summary'] for s in seeds}
+                                         for c in configurations}})
+    first = results[jobs[0]]['cases'][0]['labels']
+    label_names = {str(v) if not isinstance(v, list) else str(tuple(v)): k
+                   for k, v in ds_json['labels'].items()}
+    report = {
+        'settings': {'clean': clean_dir, 'protected': protected_dir, 'test_images': test_images,
+                     'test_labels': test_labels, 'configurations': configurations, 'plans': plans,
+                     'trainer': trainer, 'seeds': seeds, 'defences': [spec for _, spec in defence_keys],
+                     'device': device, 'disable_tta': disable_tta, 'n_test_cases': len(cases)},
+        'labels': list(first), 'label_names': label_names, 'rows': report_rows,
+    }
+    report['figure'] = _figure(clean_dir, protected_dir, ending, os.path.join(ws.out, 'figure.png'), figure_case)
+    write_json_atomic(os.path.join(ws.out, 'report.json'), report)
+    write_atomic(os.path.join(ws.out, 'report.md'), markdown_report(report))
+    log(f'wrote {os.path.join(ws.out, "report.md")}, report.json, figure.png')
+    return report
+
+
+def _figure(clean_dir: str, protected_dir: str, ending: str, out_png: str, case: Optional[str]) -> str:
+    import SimpleITK as sitk
+    clean_cases = channel_files(os.path.join(clean_dir, 'imagesTr'), ending)
+    prot_cases = channel_files(os.path.join(protected_dir, 'imagesTr'), ending)
+    common = sorted(set(clean_cases) & set(prot_cases))
+    case = case or common[0]
+    if case not in common:
+        raise EvaluationError(f'--figure-case {case}: not a training case of both datasets')
+    read = lambda f: sitk.GetArrayFromImage(sitk.ReadImage(f))
+    seg = read(os.path.join(clean_dir, 'labelsTr', case + ending))
+    return make_figure(read(clean_cases[case][0]), read(prot_cases[case][0]), seg, out_png,
+                       title=f'{case}: clean, delta, protected (channel 0)')
+
+
+def evaluate_entry():
+    parser = argparse.ArgumentParser(
+        description='Train stock nnU-Net victims on a clean dataset, its protected copy and purified copies, and '
+                    'score them on clean held-out cases (Dice, HD95) plus PSNR/SSIM of the protected data. '
+                    'Rerunning with the same -o resumes: finished victims are not retrained.')
+    parser.add_argument('--clean', required=True, help='clean raw dataset: id, DatasetXXX_Name in $nnUNet_raw, or a folder')
+    parser.add_argument('--protected', required=True, help='protected raw dataset: id, name or folder')
+    parser.add_argument('--test-images', default=None, help='clean held-out images (CASE_0000 files). '
+                                                            'Default: imagesTs of --clean')
+    parser.add_argument('--test-labels', default=None, help='their labels. Default: labelsTs of --clean')
+    parser.add_argument('-c', nargs='+', default=['3d_fullres'], help='victim configurations. Default: 3d_fullres')
+    parser.add_argument('-p', default='nnUNetPlans', help='victim plans: nnUNetPlans, or nnUNetPlans_<preset> '
+                                                          '(e.g. nnUNetPlans_cpu) derived from the victim\'s own plans')
+    parser.add_argument('--epochs', type=int, default=None, help='stock nnUNetTrainer_<N>epochs (1, 5, 10, 20, 50, '
+                                                                 '100, ...). Default: nnUNetTrainer (1000 epochs)')
+    parser.add_argument('-tr', default=None, help='victim trainer class (overrides --epochs)')
+    parser.add_argument('--seeds', nargs='+', type=int, default=[0], help='one victim per seed. Default: 0')
+    parser.add_argument('--defence', '--defences', nargs='*', default=[], dest='defence',
+                        help='purify the protected data first; one row each: blur, zmedian, zresample, quantise '
+                             '(NAME:PARAM, e.g. blur:2, quantise:6)')
+    parser.add_argument('-o', required=True, help='output folder (private nnU-Net folders, report.*, figure.png)')
+    parser.add_argument('-device', default='cpu', choices=('cpu', 'cuda', 'mps'), help='Default: cpu')
+    parser.add_argument('--disable-tta', action='store_true', help='predict without mirroring (faster)')
+    parser.add_argument('--method-name', default='Protected', help='name of the protected row in the table')
+    parser.add_argument('--figure-case', default=None, help='training case shown in figure.png. Default: the first')
+    parser.add_argument('--verbose', action='store_true', help='echo the nnU-Net output')
+    args = parser.parse_args()
+    try:
+        evaluate(args.clean, args.protected, args.o, args.test_images, args.test_labels, args.c, args.p,
+                 args.epochs, args.tr, args.seeds, args.defence, args.device, args.disable_tta, args.method_name,
+                 args.figure_case, args.verbose)
+    except (EvaluationError, V.VictimError, OSError) as e:
+        sys.exit(f'voxshield_evaluate: error: {e}')
+    except KeyboardInterrupt:
+        sys.exit('voxshield_evaluate: interrupted; rerun the same command to resume')
+
+
+if __name__ == '__main__':
+    evaluate_entry()
