@@ -9,12 +9,14 @@ import re
 import shutil
 from typing import Dict, List, Optional
 
+import nibabel
 import numpy as np
 import SimpleITK as sitk
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
 SUPPORTED_FILE_ENDINGS = tuple(SimpleITKIO.supported_file_endings)
 GEOMETRY_TOLERANCE = 1e-4  # same order as nnU-Net's dataset integrity check
+TEMP_PREFIX = '.partial-'
 
 
 class InputError(Exception):
@@ -172,6 +174,20 @@ def check_case_headers(case_files: dict) -> None:
                              f'{case_files["label"]})')
 
 
+def check_finite_files(case_files: dict) -> None:
+    """NaN/Inf check of the floating-point channels as stored on disk (integer files are not read).
+
+    ITK's NIfTI reader turns non-finite voxels into 0, so NIfTI files are checked with nibabel.
+    """
+    for path in case_files['images']:
+        if path.endswith(('.nii', '.nii.gz')):
+            image = nibabel.load(path)
+            if np.issubdtype(image.get_data_dtype(), np.floating):
+                check_finite(np.asanyarray(image.dataobj), path)
+        elif read_header(path).GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+            check_finite(sitk.GetArrayFromImage(read_image(path)), path)
+
+
 def read_image(path: str) -> sitk.Image:
     try:
         return sitk.ReadImage(path)
@@ -187,7 +203,7 @@ def check_finite(array: np.ndarray, path: str) -> None:
 def temp_path(path: str) -> str:
     """A hidden temp name in the same folder that keeps the file ending (SimpleITK picks the writer by it)."""
     folder, base = os.path.split(path)
-    return os.path.join(folder, f'.partial-{os.getpid()}-{base}')
+    return os.path.join(folder, f'{TEMP_PREFIX}{os.getpid()}-{base}')
 
 
 def write_image_atomic(image: sitk.Image, path: str) -> None:

@@ -21,9 +21,10 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunetv2_voxshield.budget import DEFAULT_EPS, DEFAULT_PERCENTILES, parse_eps
 from nnunetv2_voxshield.case_protection import protect_case
-from nnunetv2_voxshield.dataset_io import (InputError, check_case_headers, copy_atomic, dataset_id_and_name,
-                                           env_folder, find_dataset_folder, list_training_cases, load_dataset_json,
-                                           num_channels, sha256_of, write_json_atomic)
+from nnunetv2_voxshield.dataset_io import (TEMP_PREFIX, InputError, check_case_headers, check_finite_files,
+                                           copy_atomic, dataset_id_and_name, env_folder, find_dataset_folder,
+                                           list_training_cases, load_dataset_json, num_channels, sha256_of,
+                                           write_json_atomic)
 from nnunetv2_voxshield.perturbation import EXPORT_TIME_METHODS, load_voxshield_state, make_source
 
 PARTIAL_SUFFIX = '.partial'
@@ -109,6 +110,7 @@ def export_dataset(source_folder: str, output_folder: str, plans_file: str, conf
     cases = list_training_cases(source_folder, dataset_json)
     for files in cases.values():
         check_case_headers(files)
+        check_finite_files(files)
     _check_output(source_folder, output_folder, overwrite)
 
     state = load_voxshield_state(checkpoint) if checkpoint is not None and method not in EXPORT_TIME_METHODS \
@@ -148,6 +150,10 @@ def export_dataset(source_folder: str, output_folder: str, plans_file: str, conf
     if not resumable:
         shutil.rmtree(partial, ignore_errors=True)
         shutil.rmtree(cases_folder, ignore_errors=True)
+    for folder, _, files in os.walk(partial):  # temp files of an interrupted run
+        for f in files:
+            if f.startswith(TEMP_PREFIX):
+                os.remove(os.path.join(folder, f))
     for folder in (os.path.join(partial, 'imagesTr'), os.path.join(partial, 'labelsTr'), cases_folder):
         os.makedirs(folder, exist_ok=True)
     write_json_atomic(settings, settings_file)

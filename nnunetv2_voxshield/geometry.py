@@ -23,7 +23,8 @@ def preprocess_case(data: np.ndarray, seg: np.ndarray, properties: dict, plans_m
 def normalisation_scales(data: np.ndarray, seg: np.ndarray, plans_manager, configuration_manager) -> np.ndarray:
     """Per channel: normalised units per raw unit, as nnU-Net's normalisation of this case computes it."""
     axes = [0, *[i + 1 for i in plans_manager.transpose_forward]]
-    cropped, cropped_seg, _ = crop_to_nonzero(data.astype(np.float32).transpose(axes), np.copy(seg).transpose(axes))
+    cropped, cropped_seg, _ = crop_to_nonzero(data.astype(np.float32).transpose(axes),
+                                              seg.astype(np.int16).transpose(axes))  # signed: crop writes -1
     props = plans_manager.foreground_intensity_properties_per_channel
     return np.array([normalisation_scale(cropped[c], cropped_seg[0], configuration_manager.normalization_schemes[c],
                                          configuration_manager.use_mask_for_norm[c], props.get(str(c)))

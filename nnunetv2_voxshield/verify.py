@@ -12,6 +12,7 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
+import nibabel
 import numpy as np
 import SimpleITK as sitk
 
@@ -49,6 +50,16 @@ def _read(path: str):
         return sitk.ReadImage(path)
     except RuntimeError:
         return None
+
+
+def _non_finite(path: str, array: np.ndarray) -> bool:
+    """NaN/Inf voxels as stored (ITK's NIfTI reader turns them into 0, so NIfTI is read with nibabel)."""
+    if path.endswith(('.nii', '.nii.gz')):
+        image = nibabel.load(path)
+        if not np.issubdtype(image.get_data_dtype(), np.floating):
+            return False
+        array = np.asanyarray(image.dataobj)
+    return bool(np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)))
 
 
 def _geometry_problem(clean: sitk.Image, protected: sitk.Image) -> Optional[str]:
@@ -99,7 +110,7 @@ def verify_case(case: str, clean_folder: str, protected_folder: str, ending: str
             violations.append(f'{path}: {problem}')
             continue
         protected = sitk.GetArrayFromImage(image)
-        if np.issubdtype(protected.dtype, np.floating) and not np.all(np.isfinite(protected)):
+        if _non_finite(path, protected):
             violations.append(f'{path}: NaN or Inf voxels')
             continue
         diff = np.abs(protected.astype(np.float64) - clean.astype(np.float64))
