@@ -1,0 +1,190 @@
+"""A small, deterministic synthetic 3D segmentation dataset in nnU-Net raw format (for tests, demos and CI).
+
+Each case shows two labelled structures inside a textured "tissue" volume: a tube (label 1) whose centre and
+radius drift smoothly along z, and an ellipsoidal nodule (label 2) attached to its side, plus an unlabelled bright
+vessel as a distractor. Images get partial-volume edges, a smooth multiplicative bias field, smoothed texture and
+Rician noise. Most cases are float32, about one in four is uint8 (like the real Hippocampus data), about one in
+three has 1.5 mm slices. Case ``i`` depends only on (seed, i): the same seed gives byte-identical files.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from typing import Optional, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+from scipy.ndimage import gaussian_filter
+
+LABELS = {'background': 0, 'tube': 1, 'nodule': 2}
+
+
+def _smooth_noise(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
+    """Gaussian-smoothed white noise rescaled to unit standard deviation."""
+    field = gaussian_filter(rng.standard_normal(shape), sigma, mode='wrap')
+    return field / max(float(field.std()), 1e-8)
+
+
+def _partial_volume(signed_distance: np.ndarray, width: float = 1.0) -> np.ndarray:
+    """Tissue fraction in [0, 1] from a signed distance in mm (negative inside), linear over ``width`` mm."""
+    return np.clip(0.5 - signed_distance / width, 0.0, 1.0)
+
+
+def synthesize_case(rng: np.random.Generator, uint8: bool, spacing_z: float) -> Tuple[np.ndarray, np.ndarray, tuple]:
+    """One case: image (z, y, x), labels (z, y, x) uint8 and the spacing as (x, y, z) mm for SimpleITK."""
+    spacing = np.array([spacing_z, 1.0, 1.0])  # (z, y, x)
+    fov = np.array([rng.uniform(32, 40), rng.uniform(32, 40), rng.uniform(28, 36)])  # mm
+    shape = tuple(int(round(f / s)) for f, s in zip(fov, spacing))
+    z, y, x = np.meshgrid(*[(np.arange(n) + 0.5) * s for n, s in zip(shape, spacing)], indexing='ij')
+    length_z = shape[0] * spacing[0]
+    t = z / length_z  # 0..1 along z
+
+    # tube (label 1): centre and radius drift smoothly with z
+    centre = fov[1:] / 2 + rng.uniform(-3, 3, 2)
+    amp, freq, phase = rng.uniform(2, 5, 2), rng.uniform(0.5, 1.2), rng.uniform(0, 2 * np.pi, 2)
+    cy = centre[0] + amp[0] * np.sin(2 * np.pi * freq * t + phase[0])
+    cx = centre[1] + amp[1] * np.cos(2 * np.pi * freq * t + phase[1])
+    radius = rng.uniform(3.5, 5) * (1 + 0.3 * np.sin(2 * np.pi * rng.uniform(0.5, 1) * t + rng.uniform(0, 6)))
+    d_tube = np.sqrt((y - cy) ** 2 + (x - cx) ** 2) - radius
+
+    # nodule (label 2): ellipsoid touching the tube at a random height, on a random side
+    zc = rng.uniform(0.35, 0.65) * length_z
+    tc = zc / length_z
+    axes = rng.uniform([5, 3.5, 3.5], [9, 5.5, 5.5])
+    r_here = float(np.interp(tc, t[:, 0, 0], radius[:, 0, 0]))
+    cy_here = centre[0] + amp[0] * np.sin(2 * np.pi * freq * tc + phase[0])
+    cx_here = centre[1] + amp[1] * np.cos(2 * np.pi * freq * tc + phase[1])
+    offset = r_here + 0.7 * axes[1]
+    for angle in rng.uniform(0, 2 * np.pi, 16):  # first side that keeps the nodule inside the field of view
+        ny, nx = cy_here + offset * np.sin(angle), cx_here + offset * np.cos(angle)
+        if axes[1] + 1 < ny < fov[1] - axes[1] - 1 and axes[2] + 1 < nx < fov[2] - axes[2] - 1:
+            break
+    scaled = np.sqrt(((z - zc) / axes[0]) ** 2 + ((y - ny) / axes[1]) ** 2 + ((x - nx) / axes[2]) ** 2)
+    d_nodule = (scaled - 1) * axes.min()
+
+    # unlabelled distractor: a thin bright vessel crossing the volume obliquely
+    vy0, vx0 = rng.uniform(0.15, 0.3) * fov[1], rng.uniform(0.7, 0.85) * fov[2]
+    vy = vy0 + rng.uniform(-6, 6) * t
+    d_vessel = np.sqrt((y - vy) ** 2 + (x - vx0) ** 2) - rng.uniform(1.2, 2.0)
+
+    labels = np.zeros(shape, dtype=np.uint8)
+    labels[d_tube < 0] = 1
+    labels[d_nodule < 0] = 2
+
+    # intensities: tissue texture + partial-volume structures, PSF blur, bias field, Rician noise
+    f_tube, f_nodule, f_vessel = _partial_volume(d_tube), _partial_volume(d_nodule), _partial_volume(d_vessel)
+    f_tube = f_tube * (1 - f_nodule)
+    f_vessel = f_vessel * (1 - f_tube - f_nodule)
+    tissue = 300 * rng.uniform(0.9, 1.1) + 25 * _smooth_noise(rng, shape, 2.5)
+    image = (tissue * (1 - f_tube - f_nodule) + f_tube * 560 * rng.uniform(0.9, 1.1)
+             + f_nodule * (150 + 15 * _smooth_noise(rng, shape, 1.5)) * rng.uniform(0.9, 1.1))
+    image = image * (1 - f_vessel) + f_vessel * 700
+    image = gaussian_filter(image, 0.6 / spacing * spacing.min(), mode='nearest')
+    bias = np.exp(0.12 * _smooth_noise(rng, shape, 10) + rng.uniform(-0.15, 0.15) * (t - 0.5))
+    sigma = 18.0
+    image = np.sqrt((image * bias + sigma * rng.standard_normal(shape)) ** 2 + (sigma * rng.standard_normal(shape)) ** 2)
+    if uint8:
+        image = np.clip(np.round(image * 230 / np.percentile(image, 99.9)), 0, 255).astype(np.uint8)
+    else:
+        image = (image * rng.uniform(0.8, 1.5)).astype(np.float32)
+    return image, labels, (1.0, 1.0, float(spacing_z))
+
+
+def _write_nifti(array: np.ndarray, spacing: tuple, origin: tuple, path: str) -> None:
+    img = sitk.GetImageFromArray(array)
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    sitk.WriteImage(img, path, useCompression=True)
+
+
+def _write_case(folder: str, images: str, labels: str, identifier: str, rng: np.random.Generator, index: int) -> str:
+    uint8 = index % 4 == 1
+    spacing_z = 1.5 if index % 3 == 2 else 1.0
+    image, seg, spacing = synthesize_case(rng, uint8, spacing_z)
+    origin = tuple(float(o) for o in np.round(rng.uniform(-50, 50, 3), 2))
+    _write_nifti(image, spacing, origin, os.path.join(folder, images, f'{identifier}_0000.nii.gz'))
+    _write_nifti(seg, spacing, origin, os.path.join(folder, labels, f'{identifier}.nii.gz'))
+    return identifier
+
+
+def write_phantom_dataset(dataset_id: int = 990, name: str = 'VoxShieldPhantom', n_cases: int = 8, n_test: int = 0,
+                          seed: int = 0, raw_root: Optional[str] = None, overwrite: bool = False) -> str:
+    """Write ``<raw_root>/Dataset<id>_<name>`` (default raw_root: $nnUNet_raw) atomically; return its path."""
+    raw_root = raw_root or os.environ.get('nnUNet_raw')
+    if not raw_root:
+        raise ValueError('nnUNet_raw is not set; set it or pass raw_root')
+    if not isinstance(dataset_id, (int, np.integer)) or not 1 <= dataset_id <= 999:
+        raise ValueError(f'dataset id must be an integer in 1..999, got {dataset_id!r}')
+    if not name or not all(c.isalnum() or c in '-_' for c in name):
+        raise ValueError(f'dataset name must be letters, digits, - or _, got {name!r}')
+    if n_cases < 1 or n_test < 0:
+        raise ValueError(f'need n_cases >= 1 and n_test >= 0, got {n_cases} and {n_test}')
+    dataset_name = f'Dataset{dataset_id:03d}_{name}'
+    target = os.path.join(raw_root, dataset_name)
+    os.makedirs(raw_root, exist_ok=True)
+    clashes = [d for d in os.listdir(raw_root) if d.startswith(f'Dataset{dataset_id:03d}_') and d != dataset_name
+               and not d.startswith('.')]
+    if clashes:
+        raise FileExistsError(f'{os.path.join(raw_root, clashes[0])}: another dataset already uses id {dataset_id}')
+    if os.path.exists(target) and not overwrite:
+        raise FileExistsError(f'{target}: already exists (use overwrite=True / --overwrite to replace it)')
+
+    tmp = tempfile.mkdtemp(prefix=f'.tmp_{dataset_name}_', dir=raw_root)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp creates 0700; the dataset folder gets the usual permissions
+    try:
+        for sub in ('imagesTr', 'labelsTr') + (('imagesTs', 'labelsTs') if n_test else ()):
+            os.makedirs(os.path.join(tmp, sub))
+        for i in range(n_cases):
+            _write_case(tmp, 'imagesTr', 'labelsTr', f'phantom_{i:03d}', np.random.default_rng([seed, 0, i]), i)
+        for j in range(n_test):
+            _write_case(tmp, 'imagesTs', 'labelsTs', f'phantomts_{j:03d}', np.random.default_rng([seed, 1, j]), j)
+        dataset_json = {
+            'name': name,
+            'description': 'Synthetic phantom: a tube drifting along z (label 1) and an attached nodule (label 2) '
+                           'in textured tissue with an unlabelled vessel, bias field and Rician noise; '
+                           'mixed float32/uint8 images and 1.0/1.5 mm slices.',
+            'licence': 'CC0-1.0 (synthetic, generated by nnunetv2-voxshield)',
+            'reference': f'nnunetv2_voxshield.phantom.write_phantom_dataset(seed={seed})',
+            'channel_names': {'0': 'MRI'},
+            'labels': LABELS,
+            'numTraining': n_cases,
+            'file_ending': '.nii.gz',
+        }
+        with open(os.path.join(tmp, 'dataset.json'), 'w') as f:
+            json.dump(dataset_json, f, indent=4)
+        if os.path.exists(target):  # overwrite: move the old folder aside first, delete it after the swap
+            old = tempfile.mkdtemp(prefix=f'.old_{dataset_name}_', dir=raw_root)
+            os.replace(target, os.path.join(old, dataset_name))
+            os.replace(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def phantom_entry():
+    parser = argparse.ArgumentParser(description='Write the synthetic VoxShield phantom dataset (nnU-Net raw format) '
+                                                 'to $nnUNet_raw.')
+    parser.add_argument('-d', type=int, default=990, help='dataset id. Default: 990')
+    parser.add_argument('--name', type=str, default='VoxShieldPhantom', help='dataset name. Default: VoxShieldPhantom')
+    parser.add_argument('-n', type=int, default=8, help='number of training cases. Default: 8')
+    parser.add_argument('--test', type=int, default=0, help='number of held-out cases (imagesTs/labelsTs). Default: 0')
+    parser.add_argument('--seed', type=int, default=0, help='random seed. Default: 0')
+    parser.add_argument('--overwrite', action='store_true', help='replace an existing dataset folder')
+    args = parser.parse_args()
+    try:
+        path = write_phantom_dataset(args.d, args.name, args.n, args.test, args.seed, overwrite=args.overwrite)
+    except (ValueError, OSError) as e:
+        sys.exit(f'voxshield_phantom: error: {e}')
+    print(f'wrote {args.n} training and {args.test} test cases to {path}')
+
+
+if __name__ == '__main__':
+    phantom_entry()
