@@ -1,13 +1,7 @@
 """nnU-Net trainer classes of nnunetv2-voxshield (installed as ``nnunetv2_voxshield.trainers``)."""
-from nnunetv2_voxshield.trainers.voxshield import (nnUNetTrainerVoxShield, nnUNetTrainerVoxShield_noISC,
-                                                   nnUNetTrainerVoxShield_noSPD)
-from nnunetv2_voxshield.trainers.voxshield_epochs import (nnUNetTrainerVoxShield_1epochs,
-                                                          nnUNetTrainerVoxShield_5epochs,
-                                                          nnUNetTrainerVoxShield_10epochs,
-                                                          nnUNetTrainerVoxShield_20epochs,
-                                                          nnUNetTrainerVoxShield_50epochs,
-                                                          nnUNetTrainerVoxShield_100epochs)
+from nnunetv2_voxshield.trainers import baselines, epochs, voxshield
 
-__all__ = ['nnUNetTrainerVoxShield', 'nnUNetTrainerVoxShield_noISC', 'nnUNetTrainerVoxShield_noSPD',
-           'nnUNetTrainerVoxShield_1epochs', 'nnUNetTrainerVoxShield_5epochs', 'nnUNetTrainerVoxShield_10epochs',
-           'nnUNetTrainerVoxShield_20epochs', 'nnUNetTrainerVoxShield_50epochs', 'nnUNetTrainerVoxShield_100epochs']
+_modules = (voxshield, baselines, epochs)
+__all__ = sorted({name for m in _modules for name in vars(m) if name.startswith('nnUNetTrainer') and
+                  name != 'nnUNetTrainer' and isinstance(vars(m)[name], type)})
+globals().update({name: getattr(m, name) for m in _modules for name in vars(m) if name in __all__})

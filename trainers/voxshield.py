@@ -57,12 +57,16 @@ class nnUNetTrainerVoxShield(nnUNetTrainer):
         self.generator_kwargs = generator_kwargs_from_plans(
             self.configuration_manager, self.num_input_channels, self.generator_max_stages,
             self.generator_feature_divisor)
-        self.generator = NoiseGenerator(**self.generator_kwargs).to(self.device)
+        self.generator = self.build_generator().to(self.device)
         self.generator_optimizer = torch.optim.Adam(self.generator.parameters(), lr=self.generator_lr)
         if self.device.type == 'cuda':
             self.generator_grad_scaler = torch.amp.GradScaler('cuda')
         if self.is_ddp:
             self.generator = wrap_ddp(self.generator, self.device)
+
+    def build_generator(self) -> torch.nn.Module:
+        """G; export rebuilds it from the checkpoint's method and generator_kwargs."""
+        return NoiseGenerator(**self.generator_kwargs)
 
     def on_train_start(self):
         super().on_train_start()

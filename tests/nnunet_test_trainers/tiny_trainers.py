@@ -27,3 +27,20 @@ class nnUNetTrainerVoxShield_tiny(nnUNetTrainerVoxShield):
         self.num_epochs = 1
         self.num_iterations_per_epoch = 4
         self.num_val_iterations_per_epoch = 1
+
+
+from nnunetv2_voxshield.trainers import nnUNetTrainerEM, nnUNetTrainerUMed  # noqa: E402
+
+
+class nnUNetTrainerEM_tiny(nnUNetTrainerEM):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 1, 2, 1
+
+
+class nnUNetTrainerUMed_tiny(nnUNetTrainerUMed):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 1, 5, 1
