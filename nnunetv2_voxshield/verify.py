@@ -194,7 +194,8 @@ def verify_entry(argv=None):
         print(f'voxshield_verify: error: {e}', file=sys.stderr)
         sys.exit(1)
     if args.o is not None:
-        tmp = os.path.join(os.path.dirname(os.path.abspath(args.o)), f'.partial-{os.getpid()}-{os.path.basename(args.o)}')
+        tmp = os.path.join(os.path.dirname(os.path.abspath(args.o)),
+                           f".partial-{os.getpid()}-{os.path.basename(args.o)}")
         with open(tmp, 'w') as f:
             json.dump(report, f, indent=2)
         os.replace(tmp, args.o)

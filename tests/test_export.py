@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import copy_hippocampus_cases, requires_hippocampus, HIPPOCAMPUS
+from conftest import copy_hippocampus_cases, requires_hippocampus, run_cli
 from nnunetv2_voxshield import export
 from nnunetv2_voxshield.budget import raw_budget
 from nnunetv2_voxshield.verify import verify_entry
@@ -58,23 +58,23 @@ def build_source(folder: Path) -> dict:
 
 
 def write_checkpoint(results: Path, dataset: str, plans_file: Path, dataset_json: Path, trainer: str = TRAINER,
-                     voxshield: bool = True, gain: float = 20.0) -> Path:
+                     voxshield: bool = True, gain: float = 20.0, configuration: str = '3d_fullres') -> Path:
     """A checkpoint following the export contract: stock keys + checkpoint['voxshield'] with a random G."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from nnunetv2_voxshield.generator import NoiseGenerator, generator_kwargs_from_plans
     plans = json.loads(plans_file.read_text())
     channels = len(json.loads(dataset_json.read_text())['channel_names'])
-    kwargs = generator_kwargs_from_plans(PlansManager(plans).get_configuration('3d_fullres'), channels)
+    kwargs = generator_kwargs_from_plans(PlansManager(plans).get_configuration(configuration), channels)
     torch.manual_seed(0)
     generator = NoiseGenerator(**kwargs)
     with torch.no_grad():  # saturate tanh: delta at the budget, so the clamps are exercised
         generator.unet.decoder.seg_layers[-1].weight.mul_(gain)
-    model = results / dataset / f'{trainer}__nnUNetPlans__3d_fullres'
+    model = results / dataset / f'{trainer}__nnUNetPlans__{configuration}'
     (model / 'fold_0').mkdir(parents=True, exist_ok=True)
     shutil.copy(plans_file, model / 'plans.json')
     shutil.copy(dataset_json, model / 'dataset.json')
     checkpoint = {'trainer_name': trainer, 'network_weights': {},
-                  'init_args': {'plans': plans, 'configuration': '3d_fullres', 'fold': 0}}
+                  'init_args': {'plans': plans, 'configuration': configuration, 'fold': 0}}
     if voxshield:
         checkpoint['voxshield'] = {'method': 'voxshield', 'generator_kwargs': kwargs,
                                    'generator_weights': generator.state_dict(), 'eps': 4 / 255,
@@ -84,9 +84,22 @@ def write_checkpoint(results: Path, dataset: str, plans_file: Path, dataset_json
     return model / 'fold_0'
 
 
+def two_channel_plans(plans_file: Path, dataset_name: str) -> dict:
+    """The stock planner's plans for the real cases, extended to the second channel (same normalisation)."""
+    plans = json.loads(plans_file.read_text())
+    plans['dataset_name'] = dataset_name
+    for configuration in plans['configurations'].values():
+        for key in ('normalization_schemes', 'use_mask_for_norm'):
+            if key in configuration:
+                configuration[key] = configuration[key] * 2
+    props = plans['foreground_intensity_properties_per_channel']
+    props['1'] = dict(props['0'])
+    return plans
+
+
 @pytest.fixture(scope='module')
-def env(tmp_path_factory):
-    """Source dataset planned (stock planner, no preprocessing needed by export), checkpoint, one export."""
+def env(planned_hippocampus, tmp_path_factory):
+    """Two-channel source dataset, its plans (stock planner's, see ``two_channel_plans``), a checkpoint, one export."""
     base = tmp_path_factory.mktemp('export')
     roots = {name: base / name for name in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results')}
     with pytest.MonkeyPatch.context() as mp:
@@ -94,11 +107,10 @@ def env(tmp_path_factory):
             folder.mkdir()
             mp.setenv(name, str(folder))
         info = build_source(roots['nnUNet_raw'] / SRC)
-        plan_env = {k: v for k, v in os.environ.items() if k != 'nnUNet_n_proc_DA'}
-        proc = subprocess.run(['nnUNetv2_plan_and_preprocess', '-d', str(SRC_ID), '-c', '3d_fullres', '-np', '1',
-                               '-npfp', '1', '--no_pp'], env=plan_env, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-3000:]
         plans = roots['nnUNet_preprocessed'] / SRC / 'nnUNetPlans.json'
+        plans.parent.mkdir()
+        stock = planned_hippocampus['nnUNet_preprocessed'] / planned_hippocampus['dataset_name'] / 'nnUNetPlans.json'
+        plans.write_text(json.dumps(two_channel_plans(stock, SRC), indent=2))
         fold = write_checkpoint(roots['nnUNet_results'], SRC, plans, roots['nnUNet_raw'] / SRC / 'dataset.json')
         export_entry(['-d', str(SRC_ID), '-o', str(OUT_ID)])
         yield {**roots, **info, 'src': roots['nnUNet_raw'] / SRC, 'out': roots['nnUNet_raw'] / OUT, 'fold': fold,
@@ -281,20 +293,26 @@ def test_bad_input_one_line_error(env, kind, capsys):
         shutil.rmtree(env['nnUNet_raw'] / 'Dataset821_BadOutputExistsProtected', ignore_errors=True)
 
 
-def test_trained_voxshield_checkpoint_end_to_end(env, tmp_path):
-    """The real trainer (tiny test variant, a few iterations) trained by stock nnU-Net, then exported and verified."""
-    trainers = Path(__file__).parent / 'nnunet_test_trainers'
-    run_env = {**os.environ, 'nnUNet_extTrainer': os.pathsep.join([str(trainers), os.environ.get(
-        'nnUNet_extTrainer', '')])}
-    plan_env = {k: v for k, v in run_env.items() if k != 'nnUNet_n_proc_DA'}
-    proc = subprocess.run(['nnUNetv2_preprocess', '-d', str(SRC_ID), '-c', '3d_fullres', '-np', '1'],
-                          env=plan_env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = subprocess.run(['nnUNetv2_train', str(SRC_ID), '3d_fullres', '0', '-tr', 'nnUNetTrainerVoxShield_tiny',
-                           '-device', 'cpu'], env=run_env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    export_entry(['-d', str(SRC_ID), '-o', '817', '-tr', 'nnUNetTrainerVoxShield_tiny'])
-    out = env['nnUNet_raw'] / 'Dataset817_HippoMixProtected'
+def test_2d_configuration(env):
+    """2D generator over the slices of axis 0 (nnU-Net's 2D sliding window), budget still per case."""
+    write_checkpoint(env['nnUNet_results'], SRC, env['plans'], env['src'] / 'dataset.json', configuration='2d')
+    export_entry(['-d', str(SRC_ID), '-o', '818', '-c', '2d'])
+    out = env['nnUNet_raw'] / 'Dataset818_HippoMixProtected'
     verify_entry([str(env['src']), str(out)])
-    fold = env['nnUNet_results'] / SRC / 'nnUNetTrainerVoxShield_tiny__nnUNetPlans__3d_fullres' / 'fold_0'
-    assert (fold / 'export_Dataset817_HippoMixProtected' / 'report.json').is_file()
+    assert tree(out / 'imagesTr') != tree(env['out'] / 'imagesTr')
+
+
+def test_trained_voxshield_checkpoint_end_to_end(hippocampus_env, test_trainers_env, tmp_path, monkeypatch):
+    """The real trainer (tiny test variant) trained by stock nnUNetv2_train, then exported and verified."""
+    raw = tmp_path / 'nnUNet_raw'  # a private copy: the session's raw folder stays untouched
+    shutil.copytree(hippocampus_env['nnUNet_raw'] / 'Dataset004_Hippocampus', raw / 'Dataset004_Hippocampus')
+    monkeypatch.setenv('nnUNet_raw', str(raw))
+    run_cli(['nnUNetv2_train', '4', '3d_fullres', '0', '-tr', 'nnUNetTrainerVoxShield_tiny', '-device', 'cpu'])
+    export_entry(['-d', '4', '-o', '819', '-tr', 'nnUNetTrainerVoxShield_tiny'])
+    out = raw / 'Dataset819_HippocampusProtected'
+    verify_entry([str(raw / 'Dataset004_Hippocampus'), str(out)])
+    fold = hippocampus_env['nnUNet_results'] / 'Dataset004_Hippocampus' / \
+        'nnUNetTrainerVoxShield_tiny__nnUNetPlans__3d_fullres' / 'fold_0'
+    report = json.loads((fold / 'export_Dataset819_HippocampusProtected' / 'report.json').read_text())
+    assert report['settings']['method'] == 'voxshield' and report['summary']['cases'] == 8
+    assert 0 < report['summary']['max_budget_use'] <= 1
