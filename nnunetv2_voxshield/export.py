@@ -179,12 +179,13 @@ def export_dataset(source_folder: str, output_folder: str, plans_file: str, conf
                 torch.set_num_threads(threads)
     bar.close()
 
-    images_ts = os.path.join(source_folder, 'imagesTs')
-    if os.path.isdir(images_ts):
-        os.makedirs(os.path.join(partial, 'imagesTs'), exist_ok=True)
-        for f in sorted(os.listdir(images_ts)):
-            if os.path.isfile(os.path.join(images_ts, f)) and not f.startswith('.'):
-                copy_atomic(os.path.join(images_ts, f), os.path.join(partial, 'imagesTs', f))
+    for test_folder in ('imagesTs', 'labelsTs'):  # the test split is published unchanged
+        src = os.path.join(source_folder, test_folder)
+        if os.path.isdir(src):
+            os.makedirs(os.path.join(partial, test_folder), exist_ok=True)
+            for f in sorted(os.listdir(src)):
+                if os.path.isfile(os.path.join(src, f)) and not f.startswith('.'):
+                    copy_atomic(os.path.join(src, f), os.path.join(partial, test_folder, f))
     published = dict(dataset_json)
     published['voxshield'] = {
         'note': 'training images carry a small bounded perturbation (unlearnable examples); labels are unchanged',

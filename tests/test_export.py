@@ -293,6 +293,63 @@ def test_bad_input_one_line_error(env, kind, capsys):
         shutil.rmtree(env['nnUNet_raw'] / 'Dataset821_BadOutputExistsProtected', ignore_errors=True)
 
 
+def phantom_plans(stock_plans: Path, dataset_name: str) -> dict:
+    """Stock plans with a small patch (several tiles per phantom volume) and a transposed axis order."""
+    plans = json.loads(stock_plans.read_text())
+    plans['dataset_name'] = dataset_name
+    plans['transpose_forward'], plans['transpose_backward'] = [2, 0, 1], [1, 2, 0]
+    plans['configurations']['3d_fullres']['patch_size'] = [24, 24, 24]
+    return plans
+
+
+@pytest.fixture(scope='module')
+def phantom(env, planned_hippocampus):
+    from nnunetv2_voxshield.phantom import write_phantom_dataset
+    folder = Path(write_phantom_dataset(830, 'Phantom', n_cases=4, n_test=1, raw_root=str(env['nnUNet_raw'])))
+    plans = env['nnUNet_preprocessed'] / folder.name / 'nnUNetPlans.json'
+    plans.parent.mkdir()
+    stock = planned_hippocampus['nnUNet_preprocessed'] / planned_hippocampus['dataset_name'] / 'nnUNetPlans.json'
+    plans.write_text(json.dumps(phantom_plans(stock, folder.name)))
+    write_checkpoint(env['nnUNet_results'], folder.name, plans, folder / 'dataset.json')
+    return folder, plans
+
+
+def test_geometry_round_trip(phantom):
+    """preprocess -> to_raw_geometry inverts nnU-Net's transpose and crop exactly, and resampling closely."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunetv2_voxshield.geometry import preprocess_case, to_raw_geometry
+    folder, plans = phantom
+    pm = PlansManager(json.loads(plans.read_text()))
+    cm = pm.get_configuration('3d_fullres')
+    dataset_json = json.loads((folder / 'dataset.json').read_text())
+    for case, exact in (('phantom_000', True), ('phantom_002', False)):  # 1.0 mm and 1.5 mm slices
+        images, label = [str(folder / 'imagesTr' / f'{case}_0000.nii.gz')], str(folder / 'labelsTr' / f'{case}.nii.gz')
+        rw = pm.image_reader_writer_class()
+        data, props = rw.read_images(images)
+        seg, _ = rw.read_seg(label)
+        data_pre, _, props = preprocess_case(data, seg, props, pm, cm, dataset_json)
+        assert exact == (data_pre.shape[1:] == tuple(data.shape[1:][i] for i in pm.transpose_forward))
+        back = to_raw_geometry(data_pre, props, pm, cm)
+        expected = (data - data.mean()) / data.std()
+        assert back.shape == data.shape
+        if exact:
+            np.testing.assert_allclose(back, expected, atol=1e-4)
+        else:
+            assert np.corrcoef(back.ravel(), expected.ravel())[0, 1] > 0.98
+
+
+def test_export_phantom(env, phantom):
+    """Anisotropic cases (resampled), several tiles per volume, transposed plans, test split copied."""
+    folder, _ = phantom
+    export_entry(['-d', '830', '-o', '831'])
+    out = env['nnUNet_raw'] / 'Dataset831_PhantomProtected'
+    verify_entry([str(folder), str(out)])
+    assert tree(folder / 'imagesTs') == tree(out / 'imagesTs') and tree(folder / 'labelsTs') == tree(out / 'labelsTs')
+    label = read(folder / 'labelsTr' / 'phantom_002.nii.gz')
+    delta = read(out / 'imagesTr' / 'phantom_002_0000.nii.gz') - read(folder / 'imagesTr' / 'phantom_002_0000.nii.gz')
+    assert np.all(delta[label == 0] == 0) and np.mean(delta[label > 0] != 0) > 0.9
+
+
 def test_2d_configuration(env):
     """2D generator over the slices of axis 0 (nnU-Net's 2D sliding window), budget still per case."""
     write_checkpoint(env['nnUNet_results'], SRC, env['plans'], env['src'] / 'dataset.json', configuration='2d')
