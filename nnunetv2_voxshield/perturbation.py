@@ -6,7 +6,7 @@ family's noise generator from a trainer checkpoint (sliding window with nnU-Net'
 uniform noise in the ROI at the full budget, computed at export time, seeded per case. Baselines register here.
 """
 import zlib
-from typing import Dict, Optional, Protocol, Sequence
+from typing import Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -138,9 +138,3 @@ def make_source(method: str, state: Optional[dict], configuration_manager, devic
         raise InputError(f'method {method!r} needs a trained checkpoint')
     return GeneratorSource(state, configuration_manager.patch_size, device)
 
-
-def export_settings_of(state: Optional[dict]) -> Dict:
-    """Budget settings recorded in a checkpoint (eps, eps_abs, percentiles), for export's defaults."""
-    if state is None:
-        return {}
-    return {k: state[k] for k in ('eps', 'eps_abs', 'percentiles') if state.get(k) is not None}
