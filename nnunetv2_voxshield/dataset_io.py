@@ -28,6 +28,8 @@ def env_folder(name: str) -> str:
     folder = os.environ.get(name)
     if not folder:
         raise InputError(f'environment variable {name} is not set')
+    if not os.path.isdir(folder):
+        raise InputError(f'{folder}: folder of {name} does not exist')
     return folder
 
 
