@@ -208,11 +208,10 @@ def run_victim(ws: Workspace, row: str, config: str, seed: int, trainer: str, pl
     os.makedirs(vdir, exist_ok=True)
     env = ws.env(seed, device)
     did = ws.dataset_id(row)
-    V.train(did, config, seed, trainer, plans, device, env, os.path.join(vdir, 'train.log'), verbose)
     pred_dir = os.path.join(vdir, 'predictions')
     shutil.rmtree(pred_dir, ignore_errors=True)
-    V.predict(did, config, trainer, plans, test_images, pred_dir, device, env, os.path.join(vdir, 'predict.log'),
-              disable_tta, verbose)
+    V.train_and_predict(did, config, seed, trainer, plans, device, test_images, pred_dir, env,
+                        os.path.join(vdir, 'victim.log'), disable_tta, verbose)
     cases_scores = score_predictions(pred_dir, test_labels, cases, ending, dataset_json)
     result = {'row': row, 'configuration': config, 'seed': seed, 'trainer': trainer, 'plans': plans,
               'summary': summarise_victim(cases_scores), 'cases': cases_scores}
@@ -236,7 +235,7 @@ def evaluate(clean: str, protected: str, output_dir: str, test_images: Optional[
     test_images = os.path.abspath(test_images or os.path.join(clean_dir, 'imagesTs'))
     test_labels = os.path.abspath(test_labels or os.path.join(clean_dir, 'labelsTs'))
     cases = test_cases(test_images, test_labels, ending)
-    preset = parse_plans(plans)
+    parse_plans(plans)
     trainer = V.victim_trainer_name(epochs, trainer)
     defence_keys = []
     for d in defences:
@@ -269,11 +268,8 @@ def evaluate(clean: str, protected: str, output_dir: str, test_images: Optional[
         todo = [c for c in configurations if not os.path.isfile(os.path.join(marker_dir, f'.preprocessed_{c}'))]
         if not todo:
             continue
-        log(f'[{row}] nnUNetv2_plan_and_preprocess -d {did} -c {" ".join(todo)}')
-        logf = os.path.join(marker_dir, 'plan_and_preprocess.log')
-        V.plan_and_preprocess(did, todo, ws.env(seeds[0], device), logf, verbose)
-        if preset:
-            V.apply_preset(did, preset, plans, ws.env(seeds[0], device), logf, verbose)
+        log(f'[{row}] plan and preprocess (dataset {did}, {" ".join(todo)}, {plans}) ...')
+        V.prepare(did, todo, plans, ws.env(seeds[0], device), os.path.join(marker_dir, 'prepare.log'), verbose)
         plans_file = os.path.join(ws.preprocessed, os.path.basename(ws.dataset_dir(row)), f'{plans}.json')
         available = json.load(open(plans_file))['configurations']
         for c in todo:

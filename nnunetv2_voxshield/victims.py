@@ -1,15 +1,15 @@
 """Victims: stock nnU-Net plan/preprocess, training (fold 'all', seeded) and prediction, run as subprocesses.
 
-Every step runs in its own process with ``nnUNet_raw`` / ``nnUNet_preprocessed`` / ``nnUNet_results`` pointing at
-private folders (see ``nnunet_env``), so the user's nnU-Net folders are never touched. nnU-Net has no seed flag:
-``python -m nnunetv2_voxshield.victims train ...`` seeds random/numpy/torch, then runs the stock trainer through
-nnU-Net's own ``get_trainer_from_args`` / ``maybe_load_checkpoint`` / ``run_training`` (continuing an interrupted
-run from ``checkpoint_latest.pth``). The final validation on the training cases is skipped: victims are scored on
-held-out test cases instead.
+Each step runs in its own process with ``nnUNet_raw`` / ``nnUNet_preprocessed`` / ``nnUNet_results`` pointing at
+private folders (see ``nnunet_env``), so the user's nnU-Net folders are never touched, and calls nnU-Net's own APIs:
+``prepare`` = what ``nnUNetv2_plan_and_preprocess`` does (+ our plans preset); ``run`` = seeding (nnU-Net has no
+seed flag) of random/numpy/torch, the stock trainer through ``get_trainer_from_args`` / ``maybe_load_checkpoint`` /
+``run_training`` on fold 'all' (continuing from ``checkpoint_latest.pth``), then ``nnUNetPredictor`` (what
+``nnUNetv2_predict -f all`` does, without worker processes). The trainer's final validation on its own training
+cases is skipped: victims are scored on held-out test cases instead.
 """
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 from collections import deque
@@ -39,20 +39,6 @@ def victim_trainer_name(epochs: Optional[int] = None, trainer: Optional[str] = N
     return 'nnUNetTrainer_1epoch' if int(epochs) == 1 else f'nnUNetTrainer_{int(epochs)}epochs'
 
 
-def nnunet_command(name: str) -> list:
-    """A stock nnU-Net console command, or the same entry point through this interpreter if it is not on PATH."""
-    entry_points = {
-        'nnUNetv2_plan_and_preprocess': ('nnunetv2.experiment_planning.plan_and_preprocess_entrypoints',
-                                         'plan_and_preprocess_entry'),
-        'nnUNetv2_predict': ('nnunetv2.inference.predict_from_raw_data', 'predict_entry_point'),
-    }
-    found = shutil.which(name, path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get('PATH', ''))
-    if found:
-        return [found]
-    module, func = entry_points[name]
-    return [sys.executable, '-c', f'import sys; sys.argv[0] = {name!r}; from {module} import {func}; {func}()']
-
-
 def run_logged(cmd: Sequence[str], env: Dict[str, str], log_file: str, verbose: bool = False) -> None:
     """Run ``cmd``, appending its output to ``log_file`` (and echoing it if ``verbose``); VictimError on failure."""
     os.makedirs(os.path.dirname(log_file), exist_ok=True)
@@ -69,49 +55,48 @@ def run_logged(cmd: Sequence[str], env: Dict[str, str], log_file: str, verbose: 
                 print('    ' + line, end='', flush=True)
         rc = proc.wait()
     if rc != 0:
-        raise VictimError(f"{cmd[0] if not cmd[0].endswith('python') else ' '.join(cmd[:3])} failed (exit {rc}); "
-                          f"log: {log_file}\n" + '\n'.join('    ' + t for t in tail))
+        raise VictimError(f"'{' '.join(cmd[2:6])}' failed (exit {rc}); log: {log_file}\n"
+                          + '\n'.join('    ' + t for t in tail))
 
 
-def plan_and_preprocess(dataset_id: int, configurations: Sequence[str], env: Dict[str, str], log_file: str,
-                        verbose: bool = False) -> None:
-    """Stock ``nnUNetv2_plan_and_preprocess`` (fingerprint, plans, preprocessing) for ``configurations``."""
+def _python_m(*args) -> list:
+    return [sys.executable, '-m', 'nnunetv2_voxshield.victims', *[str(a) for a in args]]
+
+
+def prepare(dataset_id: int, configurations: Sequence[str], plans: str, env: Dict[str, str], log_file: str,
+            verbose: bool = False) -> None:
+    """Subprocess: the victim's own fingerprint, stock plans and preprocessing (+ our preset if ``plans`` names one)."""
     env = dict(env)
     env.pop('nnUNet_n_proc_DA', None)  # the planner fails with nnUNet_n_proc_DA=0
-    n_proc = env.get('nnUNet_def_n_proc', '2')
-    cmd = nnunet_command('nnUNetv2_plan_and_preprocess') + [
-        '-d', str(dataset_id), '-c', *configurations, '-np', *([n_proc] * len(configurations)),
-        '-npfp', n_proc, '--verify_dataset_integrity']
+    run_logged(_python_m('prepare', dataset_id, '-c', *configurations, '-p', plans), env, log_file, verbose)
+
+
+def train_and_predict(dataset_id: int, configuration: str, seed: int, trainer: str, plans: str, device: str,
+                      input_dir: str, output_dir: str, env: Dict[str, str], log_file: str,
+                      disable_tta: bool = False, verbose: bool = False) -> None:
+    """Subprocess: seeded training on fold 'all' (resumable), then stock prediction of ``input_dir``."""
+    cmd = _python_m('run', dataset_id, configuration, '--seed', seed, '-tr', trainer, '-p', plans, '-device', device,
+                    '-i', input_dir, '-o', output_dir) + (['--disable_tta'] if disable_tta else [])
     run_logged(cmd, env, log_file, verbose)
 
 
-def apply_preset(dataset_id: int, preset: str, plans_name: str, env: Dict[str, str], log_file: str,
-                 verbose: bool = False) -> None:
-    """Derive ``plans_name`` from the victim's own ``nnUNetPlans`` with our plans preset (``plans.py``)."""
-    cmd = [sys.executable, '-m', 'nnunetv2_voxshield.plans', '-d', str(dataset_id), '--preset', preset,
-           '-p', 'nnUNetPlans', '-o', plans_name]
-    run_logged(cmd, env, log_file, verbose)
+def prepare_dataset(dataset_id: int, configurations: Sequence[str], plans: str = 'nnUNetPlans') -> None:
+    """In-process, as ``nnUNetv2_plan_and_preprocess -d ID -c CONFIGS -np N -npfp N``, then the plans preset.
 
+    ``plans`` is 'nnUNetPlans' or 'nnUNetPlans_<preset>' (written by ``plans.apply_plans_preset``; the preset
+    keeps the data identifiers, so it reuses the stock preprocessed data).
+    """
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments, \
+        preprocess
 
-def train(dataset_id: int, configuration: str, seed: int, trainer: str, plans: str, device: str,
-          env: Dict[str, str], log_file: str, verbose: bool = False) -> None:
-    """Train one victim on all training cases (fold 'all') in a subprocess seeded with ``seed``."""
-    cmd = [sys.executable, '-m', 'nnunetv2_voxshield.victims', 'train', str(dataset_id), configuration,
-           '--seed', str(seed), '-tr', trainer, '-p', plans, '-device', device]
-    run_logged(cmd, env, log_file, verbose)
-
-
-def predict(dataset_id: int, configuration: str, trainer: str, plans: str, input_dir: str, output_dir: str,
-            device: str, env: Dict[str, str], log_file: str, disable_tta: bool = False,
-            verbose: bool = False) -> None:
-    """Stock ``nnUNetv2_predict -f all`` of the victim on ``input_dir`` into ``output_dir``."""
-    n_proc = env.get('nnUNet_def_n_proc', '1')
-    cmd = nnunet_command('nnUNetv2_predict') + [
-        '-i', input_dir, '-o', output_dir, '-d', str(dataset_id), '-c', configuration, '-tr', trainer, '-p', plans,
-        '-f', 'all', '-device', device, '-npp', n_proc, '-nps', n_proc, '--disable_progress_bar']
-    if disable_tta:
-        cmd.append('--disable_tta')
-    run_logged(cmd, env, log_file, verbose)
+    n_proc = int(os.environ.get('nnUNet_def_n_proc', '2'))
+    extract_fingerprints([dataset_id], num_processes=n_proc, clean=False, show_progress_bar=False)
+    plans_identifier = plan_experiments([dataset_id])
+    preprocess([dataset_id], plans_identifier, list(configurations), [n_proc] * len(configurations),
+               show_progress_bar=False)
+    if plans != plans_identifier:
+        from nnunetv2_voxshield.plans import apply_plans_preset
+        apply_plans_preset(dataset_id, plans[len(plans_identifier) + 1:], plans_identifier, plans)
 
 
 def seed_everything(seed: int) -> None:
@@ -147,19 +132,44 @@ def train_seeded(dataset_name_or_id: str, configuration: str, seed: int, trainer
     return trainer.output_folder
 
 
+def predict_folder(model_folder: str, input_dir: str, output_dir: str, device: str = 'cpu',
+                   disable_tta: bool = False) -> None:
+    """Stock nnU-Net inference (``nnUNetPredictor``, fold_all of ``model_folder``, final checkpoint), no workers."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(use_mirroring=not disable_tta, perform_everything_on_device=device != 'cpu',
+                                device=torch.device(device), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(model_folder, ('all',), 'checkpoint_final.pth')
+    os.makedirs(output_dir, exist_ok=True)  # the sequential variant does not create it
+    predictor.predict_from_files_sequential(input_dir, output_dir, save_probabilities=False, overwrite=True)
+
+
 def victims_entry():
-    parser = argparse.ArgumentParser(description='Seeded stock nnU-Net victim training on fold "all" (used by '
-                                                 'voxshield_evaluate; nnUNet_* folders come from the environment).')
+    parser = argparse.ArgumentParser(description='Stock nnU-Net steps of a voxshield_evaluate victim (nnUNet_* '
+                                                 'folders come from the environment).')
     sub = parser.add_subparsers(dest='command', required=True)
-    t = sub.add_parser('train')
-    t.add_argument('dataset_name_or_id', type=str)
-    t.add_argument('configuration', type=str)
-    t.add_argument('--seed', type=int, default=0)
-    t.add_argument('-tr', type=str, default='nnUNetTrainer')
-    t.add_argument('-p', type=str, default='nnUNetPlans')
-    t.add_argument('-device', type=str, default='cpu', choices=('cpu', 'cuda', 'mps'))
+    p = sub.add_parser('prepare', help='fingerprint, plans, preprocessing (+ plans preset)')
+    p.add_argument('dataset_id', type=int)
+    p.add_argument('-c', nargs='+', required=True)
+    p.add_argument('-p', type=str, default='nnUNetPlans')
+    r = sub.add_parser('run', help='seeded training on fold all, then prediction')
+    r.add_argument('dataset_name_or_id', type=str)
+    r.add_argument('configuration', type=str)
+    r.add_argument('--seed', type=int, default=0)
+    r.add_argument('-tr', type=str, default='nnUNetTrainer')
+    r.add_argument('-p', type=str, default='nnUNetPlans')
+    r.add_argument('-device', type=str, default='cpu', choices=('cpu', 'cuda', 'mps'))
+    r.add_argument('-i', type=str, default=None, help='images to predict (CASE_XXXX files)')
+    r.add_argument('-o', type=str, default=None, help='output folder of the predictions')
+    r.add_argument('--disable_tta', action='store_true')
     args = parser.parse_args()
-    train_seeded(args.dataset_name_or_id, args.configuration, args.seed, args.tr, args.p, args.device)
+    if args.command == 'prepare':
+        prepare_dataset(args.dataset_id, args.c, args.p)
+    else:
+        folder = train_seeded(args.dataset_name_or_id, args.configuration, args.seed, args.tr, args.p, args.device)
+        if args.i:
+            predict_folder(os.path.dirname(folder.rstrip(os.sep)), args.i, args.o, args.device, args.disable_tta)
 
 
 if __name__ == '__main__':

@@ -1,0 +1,141 @@
+"""voxshield_evaluate end to end with very short stock victims, resume, and the user-facing errors."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import copy_hippocampus_cases, requires_hippocampus
+from nnunetv2_voxshield.evaluate import EvaluationError, evaluate, parse_plans
+from nnunetv2_voxshield.victims import victim_trainer_name
+
+
+def tree_digest(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob('*')) if p.is_file()}
+
+
+@pytest.fixture
+def clean_and_protected(nnunet_dirs):
+    """Dataset101 (5 training + 2 test cases of the real data) and Dataset102: its copy with a +-3 z-flicker."""
+    raw = nnunet_dirs['nnUNet_raw']
+    clean = raw / 'Dataset101_Clean'
+    cases = copy_hippocampus_cases(clean, 7)
+    (clean / 'imagesTs').mkdir()
+    (clean / 'labelsTs').mkdir()
+    for c in cases[-2:]:
+        shutil.move(clean / 'imagesTr' / f'{c}_0000.nii.gz', clean / 'imagesTs')
+        shutil.move(clean / 'labelsTr' / f'{c}.nii.gz', clean / 'labelsTs')
+    ds = json.loads((clean / 'dataset.json').read_text())
+    ds['numTraining'] = 5
+    (clean / 'dataset.json').write_text(json.dumps(ds, indent=2))
+    protected = raw / 'Dataset102_Protected'
+    shutil.copytree(clean, protected, ignore=shutil.ignore_patterns('*Ts'))
+    rng = np.random.default_rng(0)
+    for f in sorted((protected / 'imagesTr').glob('*.nii.gz')):
+        image = sitk.ReadImage(str(f))
+        a = sitk.GetArrayFromImage(image)
+        flicker = rng.choice([-3.0, 3.0], size=a.shape[0])[:, None, None]
+        out = sitk.GetImageFromArray(np.clip(a + flicker, 0, None).astype(a.dtype))
+        out.CopyInformation(image)
+        sitk.WriteImage(out, str(f), True)
+    return clean, protected
+
+
+def test_names_of_trainers_and_plans():
+    assert victim_trainer_name(20) == 'nnUNetTrainer_20epochs'
+    assert victim_trainer_name(1) == 'nnUNetTrainer_1epoch'
+    assert victim_trainer_name(None) == 'nnUNetTrainer'
+    assert victim_trainer_name(20, 'nnUNetTrainer_tiny') == 'nnUNetTrainer_tiny'
+    assert parse_plans('nnUNetPlans') is None and parse_plans('nnUNetPlans_cpu') == 'cpu'
+    with pytest.raises(EvaluationError, match='nnUNetPlans_cpu'):
+        parse_plans('nnUNetResEncUNetLPlans')
+
+
+@requires_hippocampus
+@pytest.mark.slow
+def test_pipeline_outputs_and_resume(clean_and_protected, nnunet_dirs, test_trainers_env, tmp_path, capsys):
+    clean, protected = clean_and_protected
+    before = {d: tree_digest(d) for d in (clean, protected)}
+    out = tmp_path / 'OUT'
+    kwargs = dict(configurations=['3d_fullres'], plans='nnUNetPlans_cpu', trainer='nnUNetTrainer_tiny', seeds=[0],
+                  device='cpu', disable_tta=True)
+    report = evaluate('101', 'Dataset102_Protected', str(out), **kwargs)
+
+    for name in ('report.json', 'report.md', 'figure.png'):
+        assert (out / name).is_file(), name
+    assert json.loads((out / 'report.json').read_text())['rows'][0]['row'] == 'clean'
+    assert [r['row'] for r in report['rows']] == ['clean', 'protected']
+    for row in report['rows']:
+        v = row['victims']['3d_fullres']
+        assert 0.0 <= v['dice']['mean'] <= 1.0 and v['dice']['n'] == 1
+        assert set(v['dice_per_label']) == {'1', '2'}
+        assert np.isfinite(v['hd95_mm']['mean']) and v['hd95_mm']['mean'] >= 0
+        scores = json.loads((out / 'victims' / row['row'] / '3d_fullres' / 'seed_0' / 'scores.json').read_text())
+        assert len(scores['cases']) == 2  # every test case scored, none dropped
+        assert all(c['spacing'] == [1.0, 1.0, 1.0] for c in scores['cases'])
+    q = report['rows'][1]['quality']
+    assert 20 < q['psnr']['mean'] < 90 and 0.5 < q['ssim']['mean'] <= 1.0
+    assert np.isfinite(q['psnr_roi']['mean']) and np.isfinite(q['ssim_roi']['mean'])
+    assert report['rows'][0]['quality'] is None
+    md = (out / 'report.md').read_text()
+    assert '| Method | Defence | Configuration | DSC (%) | HD95 (mm) | PSNR (dB)' in md
+    assert md.count('| 3d_fullres |') == 4  # main table + per-class table, two rows each
+    import matplotlib.image
+    assert matplotlib.image.imread(str(out / 'figure.png')).shape[0] > 300
+    # inputs and the user's own nnU-Net folders untouched
+    assert {d: tree_digest(d) for d in (clean, protected)} == before
+    assert not any(nnunet_dirs['nnUNet_preprocessed'].iterdir()) and not any(nnunet_dirs['nnUNet_results'].iterdir())
+    # victims trained on their own preprocessing: each has its own plans/fingerprint
+    assert len(list((out / 'nnUNet_preprocessed').glob('Dataset*/nnUNetPlans_cpu.json'))) == 2
+
+    # rerun with a defence: finished victims are skipped, the purified row is trained
+    clean_log = out / 'victims' / 'clean' / '3d_fullres' / 'seed_0' / 'victim.log'
+    stamp = clean_log.stat().st_mtime_ns, clean_log.read_text()
+    capsys.readouterr()
+    report = evaluate('101', 'Dataset102_Protected', str(out), defences=['zmedian'], **kwargs)
+    printed = capsys.readouterr().out
+    assert printed.count('done before, skipped') == 2
+    assert (clean_log.stat().st_mtime_ns, clean_log.read_text()) == stamp
+    assert [r['row'] for r in report['rows']] == ['clean', 'protected', 'protected+zmedian']
+    purified = report['rows'][2]
+    assert purified['defence'] == 'median over z-slices (size 3)'
+    assert 0.0 <= purified['victims']['3d_fullres']['dice']['mean'] <= 1.0
+    assert 'median over z-slices (size 3)' in (out / 'report.md').read_text()
+    # the purified copy keeps geometry and pixel types of the protected data
+    case = sorted((protected / 'imagesTr').iterdir())[0].name
+    a = sitk.ReadImage(str(protected / 'imagesTr' / case))
+    b = sitk.ReadImage(str(Path(purified['dataset']) / 'imagesTr' / case))
+    assert a.GetSize() == b.GetSize() and a.GetSpacing() == b.GetSpacing() and a.GetPixelID() == b.GetPixelID()
+
+    # OUT is pinned to its inputs
+    with pytest.raises(EvaluationError, match='use another -o'):
+        evaluate('102', '101', str(out), test_images=str(clean / 'imagesTs'), test_labels=str(clean / 'labelsTs'),
+                 **kwargs)
+
+
+@requires_hippocampus
+def test_user_errors_are_one_line(clean_and_protected, tmp_path):
+    clean, protected = clean_and_protected
+    labels = tmp_path / 'labels'
+    shutil.copytree(clean / 'labelsTs', labels)
+    with pytest.raises(EvaluationError, match='no label for test case'):
+        os.remove(next((clean / 'labelsTs').iterdir()))
+        evaluate('101', '102', str(tmp_path / 'o1'))
+    with pytest.raises(EvaluationError, match='no dataset with id 7'):
+        evaluate('101', '7', str(tmp_path / 'o2'))
+    cmd = [sys.executable, '-m', 'nnunetv2_voxshield.evaluate', '--clean', '101', '--protected', '102',
+           '--test-images', str(clean / 'imagesTs'), '--test-labels', str(labels), '-o', str(tmp_path / 'o3')]
+    for extra, message in ((['--defence', 'zmedian', 'sharpen'], 'unknown defence'),
+                           (['-p', 'nnUNetPlans_gpu'], 'nnUNetPlans_cpu')):
+        res = subprocess.run(cmd + extra, capture_output=True, text=True, env=os.environ)
+        assert res.returncode != 0
+        assert res.stderr.startswith('voxshield_evaluate: error:') and message in res.stderr, res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / 'o3').exists()
