@@ -158,6 +158,7 @@ def planned_phantom(tmp_path_factory):
         (root / name).mkdir()
         env[name] = str(root / name)
     env.pop('nnUNet_n_proc_DA', None)  # the planner fails with it
+    env.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # busy-waiting OpenMP threads crawl on a shared, loaded CPU
     write_phantom_dataset(993, name='PlansPhantom', n_cases=5, raw_root=env['nnUNet_raw'])
     r = subprocess.run(['nnUNetv2_plan_and_preprocess', '-d', '993', '-c', '3d_fullres', '2d', '-np', '1',
                         '-npfp', '1', '--verify_dataset_integrity'], env=env, capture_output=True, text=True)
