@@ -56,6 +56,9 @@ def small_topology(spacing: Sequence[float], source_patch: Sequence[int], preset
     _, strides, kernels, _, _ = get_pool_and_conv_props(list(spacing), patch,
                                                         preset_dims.get('min_feature_map_size', 4), 999999)
     n_stages = min(len(strides), int(preset_dims['max_stages']))
+    if n_stages < 2:
+        raise ValueError(f"patch {patch} is too small for a U-Net with min_feature_map_size "
+                         f"{preset_dims.get('min_feature_map_size', 4)}")
     strides = [list(map(int, s)) for s in strides[:n_stages]]
     kernels = [list(map(int, k)) for k in kernels[:n_stages]]
     divisor = np.prod(np.array(strides), axis=0)
@@ -121,7 +124,10 @@ def preset_plans(plans: dict, preset: dict, plans_name: str) -> dict:
         own = 'inherits_from' not in config or any(k in config for k in ('patch_size', 'architecture',
                                                                            'batch_size', 'spacing'))
         if own and dims in preset:
-            new_configs[name] = shrink_configuration(config, resolved, preset[dims])
+            try:
+                new_configs[name] = shrink_configuration(config, resolved, preset[dims])
+            except ValueError as e:
+                raise ValueError(f"configuration {name!r}: {e}") from None
         else:
             new_configs[name] = deepcopy(config)
     out = deepcopy(plans)
@@ -173,6 +179,8 @@ def apply_plans_preset(dataset_name_or_id, preset: str = 'cpu', source_plans: st
         new_plans = preset_plans(plans, values, output_plans)
     except (json.JSONDecodeError, KeyError, TypeError, IndexError) as e:
         raise ValueError(f"{source_file}: not a valid nnU-Net plans file ({type(e).__name__}: {e})") from None
+    except ValueError as e:
+        raise ValueError(f"{source_file}: {e}") from None
     out_file = join(preprocessed, dataset_name, f'{output_plans}.json')
     _write_json_atomic(new_plans, out_file)
     return out_file

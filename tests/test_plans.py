@@ -122,6 +122,19 @@ def test_preset_from_json_path_and_unknown_keys(tmp_path):
         load_preset(str(path))
 
 
+def test_too_small_patch_is_an_error(nnunet_dirs):
+    plans = _stock_like_plans()
+    plans['configurations']['3d_fullres']['patch_size'] = [6, 6, 6]
+    with pytest.raises(ValueError, match="configuration '3d_fullres': patch .* too small"):
+        preset_plans(plans, load_preset('cpu'), 'x')
+    folder = nnunet_dirs['nnUNet_preprocessed'] / 'Dataset997_X'
+    folder.mkdir()
+    (folder / 'nnUNetPlans.json').write_text(json.dumps(plans))
+    with pytest.raises(ValueError, match=r"nnUNetPlans\.json: configuration '3d_fullres'"):
+        apply_plans_preset(997)
+    assert os.listdir(folder) == ['nnUNetPlans.json']
+
+
 def test_unknown_preset_and_missing_plans(nnunet_dirs):
     with pytest.raises(ValueError, match="unknown plans preset 'gpu'.*cpu"):
         apply_plans_preset(4, preset='gpu')
