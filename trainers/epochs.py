@@ -2,6 +2,7 @@
 import torch
 
 from nnunetv2_voxshield.trainers.baselines import nnUNetTrainerEM, nnUNetTrainerUMed
+from nnunetv2_voxshield.trainers.eot import nnUNetTrainerVoxShieldEOT
 from nnunetv2_voxshield.trainers.voxshield import nnUNetTrainerVoxShield
 
 
@@ -35,3 +36,10 @@ class nnUNetTrainerUMed_10epochs(FixedEpochs, nnUNetTrainerUMed): epochs = 10
 class nnUNetTrainerUMed_20epochs(FixedEpochs, nnUNetTrainerUMed): epochs = 20
 class nnUNetTrainerUMed_50epochs(FixedEpochs, nnUNetTrainerUMed): epochs = 50
 class nnUNetTrainerUMed_100epochs(FixedEpochs, nnUNetTrainerUMed): epochs = 100
+
+class nnUNetTrainerVoxShieldEOT_1epochs(FixedEpochs, nnUNetTrainerVoxShieldEOT): epochs = 1
+class nnUNetTrainerVoxShieldEOT_5epochs(FixedEpochs, nnUNetTrainerVoxShieldEOT): epochs = 5
+class nnUNetTrainerVoxShieldEOT_10epochs(FixedEpochs, nnUNetTrainerVoxShieldEOT): epochs = 10
+class nnUNetTrainerVoxShieldEOT_20epochs(FixedEpochs, nnUNetTrainerVoxShieldEOT): epochs = 20
+class nnUNetTrainerVoxShieldEOT_50epochs(FixedEpochs, nnUNetTrainerVoxShieldEOT): epochs = 50
+class nnUNetTrainerVoxShieldEOT_100epochs(FixedEpochs, nnUNetTrainerVoxShieldEOT): epochs = 100

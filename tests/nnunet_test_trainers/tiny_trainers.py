@@ -44,3 +44,15 @@ class nnUNetTrainerUMed_tiny(nnUNetTrainerUMed):
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 1, 5, 1
+
+
+from nnunetv2_voxshield.trainers import nnUNetTrainerVoxShieldEOT  # noqa: E402
+
+
+class nnUNetTrainerVoxShieldEOT_tiny(nnUNetTrainerVoxShieldEOT):
+    """nnUNetTrainerVoxShieldEOT, 1 epoch of 2 training (1 surrogate + 1 generator) and 1 validation iterations."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 1, 2, 1
