@@ -12,6 +12,8 @@ from conftest import requires_hippocampus, run_cli
 from nnunetv2_voxshield.budget import roi_mask
 from nnunetv2_voxshield.diff_augment import (DiffContrastTransform, DiffGammaTransform, DiffGaussianBlurTransform,
                                              augment_batch, differentiable, replay_rng)
+from nnunetv2_voxshield.defences import gaussian_blur, z_median, z_resample
+from nnunetv2_voxshield.diff_defences import GaussianBlur3DTransform, ZMedianTransform, ZResampleTransform
 from test_trainer import make_trainer, same, snapshot
 
 SHAPE = (10, 12, 10)
@@ -135,6 +137,44 @@ def test_replay_rng_applies_the_same_transform_to_x_plus_delta_and_x():
     torch.testing.assert_close(first[0], second[0])
     assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
     assert first[0].shape == (2, 2, *SHAPE) and [t.shape[2:] for t in first[1]] == [SHAPE, (5, 6, 5)]
+
+
+DEFENCES = [('zmedian', lambda axis: ZMedianTransform(3, axis), lambda v: z_median(v, 3)),
+            ('blur', lambda axis: GaussianBlur3DTransform(1.0), lambda v: gaussian_blur(v, 1.0)),
+            ('zresample', lambda axis: ZResampleTransform(2.0, axis), lambda v: z_resample(v, 2.0))]
+
+
+@pytest.mark.parametrize('axis', [0, 2])
+@pytest.mark.parametrize('name,make,reference', DEFENCES, ids=[d[0] for d in DEFENCES])
+def test_differentiable_defence_matches_purification_and_has_gradients(name, make, reference, axis):
+    volume = np.random.default_rng(0).normal(300, 100, size=(9, 12, 11))  # (z, y, x) as the defences read it
+    x = torch.from_numpy(np.moveaxis(volume, 0, axis).copy())[None].requires_grad_()  # z at spatial ``axis``
+    out = make(axis)(image=x * 1)['image']
+    np.testing.assert_allclose(np.moveaxis(out[0].detach().numpy(), axis, 0), reference(volume), atol=1e-8)
+    w, v = torch.randn_like(out), torch.randn_like(x)
+    (out * w).sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    h = 1e-6
+    diff = ((make(axis)(image=x.detach() + h * v)['image'] - make(axis)(image=x.detach() - h * v)['image']) * w)
+    assert (diff.sum() / (2 * h)).item() == pytest.approx((x.grad * v).sum().item(), rel=1e-4)
+
+
+@requires_hippocampus
+def test_defence_aware_eot_puts_the_defences_first_in_T(hippocampus_env):
+    trainer = make_trainer('nnUNetTrainerVoxShieldEOT_defAware')
+    defence = trainer.eot_transform.transforms[0]
+    assert defence.apply_probability == 0.5
+    options = defence.transform.list_of_transforms
+    assert [type(t).__name__ for t in options] == ['ZMedianTransform', 'GaussianBlur3DTransform', 'ZResampleTransform']
+    assert options[0].axis == options[2].axis == 0  # Hippocampus: transpose_forward is the identity
+    assert trainer.voxshield_state()['eot'] == {'p_defence': 0.5}
+    batch = next(trainer.dataloader_train)
+    defence.apply_probability = 1
+    x = batch['data'].clone().requires_grad_()
+    x_t, y_t = trainer.victim_view(x, batch['target'])
+    assert list(x_t.shape[2:]) == list(trainer.configuration_manager.patch_size) and isinstance(y_t, list)
+    x_t.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
 @requires_hippocampus

@@ -9,6 +9,7 @@ minimises Eq. 6 through T, i.e. E_T[L_seg(F_s(T(x + delta)), T(y))] (expectation
 
 The support does not draw the label: outside the ROI M, delta may use eps_bg (a fraction of the case's range like
 eps), so the noise is small but non-zero there (``support``); saved as ``voxshield_state()['eps_bg']``.
+With ``p_defence`` > 0 the EOT distribution also contains the purification defences (``diff_defences``).
 """
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from nnunetv2.utilities.helpers import dummy_context
 
 from nnunetv2_voxshield.budget import roi_mask
 from nnunetv2_voxshield.diff_augment import augment_batch, differentiable, replay_rng
+from nnunetv2_voxshield.diff_defences import with_defences
 from nnunetv2_voxshield.losses import generator_objective, inter_slice_spectral_loss, spectral_divergence_loss
 from nnunetv2_voxshield.support import background_eps, bounded_delta, support_bound
 from nnunetv2_voxshield.trainers.voxshield import nnUNetTrainerVoxShield, _full_resolution
@@ -28,6 +30,7 @@ from nnunetv2_voxshield.trainers.voxshield import nnUNetTrainerVoxShield, _full_
 class nnUNetTrainerVoxShieldEOT(nnUNetTrainerVoxShield):
     method = 'voxshield_eot'
     eps_bg = 1 / 255                  # budget outside the ROI, fraction of each case's intensity range (0: none)
+    p_defence = 0.0                   # probability of a purification defence D before T (defence-aware EOT)
 
     def get_training_transforms(self, patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
                                 do_dummy_2d_data_aug, **kwargs):
@@ -35,7 +38,16 @@ class nnUNetTrainerVoxShieldEOT(nnUNetTrainerVoxShield):
         stock = nnUNetTrainer.get_training_transforms(patch_size, rotation_for_DA, deep_supervision_scales,
                                                       mirror_axes, do_dummy_2d_data_aug, **kwargs)
         self.eot_transform = differentiable(stock)
+        if self.p_defence > 0:
+            self.eot_transform = with_defences(self.eot_transform, self.p_defence, self._z_axis(len(patch_size)))
         return None
+
+    def _z_axis(self, dims: int):
+        """Spatial axis of the patch that holds the raw image's z axis (None for 2D slices across z)."""
+        axis = list(self.plans_manager.transpose_forward).index(0)
+        if dims == 2:
+            return axis - 1 if axis > 0 else None
+        return axis
 
     def victim_view(self, x: torch.Tensor, seg: torch.Tensor):
         """T(x), T(y): the victim's augmentation per sample (on the CPU, like nnU-Net's loader), then to device."""
@@ -105,9 +117,15 @@ class nnUNetTrainerVoxShieldEOT(nnUNetTrainerVoxShield):
 
     def voxshield_state(self) -> dict:
         """Adds eps_bg: export bounds delta by eps inside M and eps_bg outside (both x the case's range)."""
-        return {**super().voxshield_state(), 'eps_bg': float(self.eps_bg), 'eot': True}
+        return {**super().voxshield_state(), 'eps_bg': float(self.eps_bg),
+                'eot': {'p_defence': float(self.p_defence)}}
 
 
 class nnUNetTrainerVoxShieldEOT_noBG(nnUNetTrainerVoxShieldEOT):
     """Ablation: EOT with the support equal to the ROI (eps_bg = 0, as the faithful trainer)."""
     eps_bg = 0.0
+
+
+class nnUNetTrainerVoxShieldEOT_defAware(nnUNetTrainerVoxShieldEOT):
+    """Defence-aware EOT: with probability 0.5, T starts with z-median 3, Gaussian blur 1 or 2x z down/up."""
+    p_defence = 0.5
