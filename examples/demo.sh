@@ -5,7 +5,7 @@
 set -euo pipefail
 OUT=$(realpath -m "${1:-voxshield_demo}")
 export nnUNet_raw="$OUT/nnUNet_raw" nnUNet_preprocessed="$OUT/nnUNet_preprocessed" nnUNet_results="$OUT/nnUNet_results"
-export nnUNet_def_n_proc=1 nnUNet_compile=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+export nnUNet_def_n_proc=1 nnUNet_compile=false OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 mkdir -p "$nnUNet_raw" "$nnUNet_preprocessed" "$nnUNet_results"
 TRAINER=${VOXSHIELD_DEMO_TRAINER:-nnUNetTrainerVoxShield_1epochs}
 

@@ -15,7 +15,7 @@ import re
 import shutil
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -101,7 +101,7 @@ def parse_plans(plans: str) -> Optional[str]:
 class Workspace:
     """OUT and its private nnU-Net roots; ``state.json`` pins the inputs and the rows' dataset ids."""
 
-    def __init__(self, out: str, clean: str, protected: str):
+    def __init__(self, out: str, clean: str, protected: List[str]):
         self.out = os.path.abspath(out)
         self.raw = os.path.join(self.out, 'nnUNet_raw')
         self.preprocessed = os.path.join(self.out, 'nnUNet_preprocessed')
@@ -219,17 +219,29 @@ def run_victim(ws: Workspace, row: str, config: str, seed: int, trainer: str, pl
     return result
 
 
-def evaluate(clean: str, protected: str, output_dir: str, test_images: Optional[str] = None,
+def evaluate(clean: str, protected: Union[str, Sequence[str]], output_dir: str, test_images: Optional[str] = None,
              test_labels: Optional[str] = None, configurations: Sequence[str] = ('3d_fullres',),
              plans: str = 'nnUNetPlans', epochs: Optional[int] = None, trainer: Optional[str] = None,
              seeds: Sequence[int] = (0,), defences: Sequence[str] = (), device: str = 'cpu',
-             disable_tta: bool = False, method_name: str = 'Protected', figure_case: Optional[str] = None,
-             verbose: bool = False) -> dict:
-    """Run (or resume) every victim and write report.json, report.md and figure.png into ``output_dir``."""
+             disable_tta: bool = False, method_name: Union[str, Sequence[str], None] = None,
+             figure_case: Optional[str] = None, verbose: bool = False) -> dict:
+    """Run (or resume) every victim and write report.json, report.md and figure.png into ``output_dir``.
+
+    ``protected`` may name several protected copies of ``clean`` (one per method, ``method_name`` in the same
+    order); they share the clean victims. Defences apply to each of them.
+    """
     log = lambda msg: print(msg, flush=True)
-    clean_dir, protected_dir = resolve_raw_dataset(clean), resolve_raw_dataset(protected)
-    if clean_dir == protected_dir:
-        raise EvaluationError(f'{clean_dir}: --clean and --protected are the same dataset')
+    protected = [protected] if isinstance(protected, str) else list(protected)
+    names = [method_name] if isinstance(method_name, str) else list(method_name or [])
+    if not names:
+        names = ['Protected'] if len(protected) == 1 else [os.path.basename(resolve_raw_dataset(p)) for p in protected]
+    if len(names) != len(protected):
+        raise EvaluationError(f'--method-name: {len(names)} names for {len(protected)} protected datasets')
+    clean_dir = resolve_raw_dataset(clean)
+    protected_dirs = [resolve_raw_dataset(p) for p in protected]
+    for protected_dir in protected_dirs:
+        if clean_dir == protected_dir:
+            raise EvaluationError(f'{clean_dir}: --clean and --protected are the same dataset')
     ds_json = load_dataset_json(clean_dir)
     ending = ds_json.get('file_ending', '.nii.gz')
     test_images = os.path.abspath(test_images or os.path.join(clean_dir, 'imagesTs'))
@@ -246,9 +258,13 @@ def evaluate(clean: str, protected: str, output_dir: str, test_images: Optional[
     seeds = [int(s) for s in dict.fromkeys(seeds)]
     configurations = list(dict.fromkeys(configurations))
 
-    ws = Workspace(output_dir, clean_dir, protected_dir)
-    rows = [('clean', 'Clean', None, None), ('protected', method_name, None, None)]
-    rows += [(f'protected+{k}', method_name, describe_defence(spec), spec) for k, spec in defence_keys]
+    ws = Workspace(output_dir, clean_dir, protected_dirs)
+    rows, source = [('clean', 'Clean', None, None)], {'clean': clean_dir}
+    for i, (protected_dir, name) in enumerate(zip(protected_dirs, names)):
+        base = 'protected' if len(protected_dirs) == 1 else f'protected{i + 1}'
+        rows += [(base, name, None, None)]
+        rows += [(f'{base}+{k}', name, describe_defence(spec), spec) for k, spec in defence_keys]
+        source.update({row: protected_dir for row, *_ in rows if row.split('+')[0] == base})
 
     # 1. private raw datasets (links or purified copies)
     for row, _, _, spec in rows:
@@ -256,10 +272,10 @@ def evaluate(clean: str, protected: str, output_dir: str, test_images: Optional[
         if os.path.isdir(dst):
             continue
         if spec is None:
-            link_dataset(clean_dir if row == 'clean' else protected_dir, dst)
+            link_dataset(source[row], dst)
         else:
-            log(f'purifying {protected_dir} with {describe_defence(spec)} -> {dst}')
-            purify_dataset(protected_dir, dst, spec, verbose)
+            log(f'purifying {source[row]} with {describe_defence(spec)} -> {dst}')
+            purify_dataset(source[row], dst, spec, verbose)
 
     # 2. the victims' own plan/preprocess (+ plans preset)
     for row, *_ in rows:
@@ -317,13 +333,13 @@ def evaluate(clean: str, protected: str, output_dir: str, test_images: Optional[
     label_names = {str(v) if not isinstance(v, list) else str(tuple(v)): k
                    for k, v in ds_json['labels'].items()}
     report = {
-        'settings': {'clean': clean_dir, 'protected': protected_dir, 'test_images': test_images,
+        'settings': {'clean': clean_dir, 'protected': protected_dirs if len(protected_dirs) > 1 else protected_dirs[0], 'test_images': test_images,
                      'test_labels': test_labels, 'configurations': configurations, 'plans': plans,
                      'trainer': trainer, 'seeds': seeds, 'defences': [spec for _, spec in defence_keys],
                      'device': device, 'disable_tta': disable_tta, 'n_test_cases': len(cases)},
         'labels': list(first), 'label_names': label_names, 'rows': report_rows,
     }
-    report['figure'] = _figure(clean_dir, protected_dir, ending, os.path.join(ws.out, 'figure.png'), figure_case)
+    report['figure'] = _figure(clean_dir, protected_dirs[0], ending, os.path.join(ws.out, 'figure.png'), figure_case)
     write_json_atomic(os.path.join(ws.out, 'report.json'), report)
     write_atomic(os.path.join(ws.out, 'report.md'), markdown_report(report))
     log(f'wrote {os.path.join(ws.out, "report.md")}, report.json, figure.png')
@@ -350,7 +366,8 @@ def evaluate_entry():
                     'score them on clean held-out cases (Dice, HD95) plus PSNR/SSIM of the protected data. '
                     'Rerunning with the same -o resumes: finished victims are not retrained.')
     parser.add_argument('--clean', required=True, help='clean raw dataset: id, DatasetXXX_Name in $nnUNet_raw, or a folder')
-    parser.add_argument('--protected', required=True, help='protected raw dataset: id, name or folder')
+    parser.add_argument('--protected', required=True, nargs='+',
+                        help='protected raw dataset(s): id, name or folder; several = one row per method')
     parser.add_argument('--test-images', default=None, help='clean held-out images (CASE_0000 files). '
                                                             'Default: imagesTs of --clean')
     parser.add_argument('--test-labels', default=None, help='their labels. Default: labelsTs of --clean')
@@ -367,7 +384,9 @@ def evaluate_entry():
     parser.add_argument('-o', required=True, help='output folder (private nnU-Net folders, report.*, figure.png)')
     parser.add_argument('-device', default='cpu', choices=('cpu', 'cuda', 'mps'), help='Default: cpu')
     parser.add_argument('--disable-tta', action='store_true', help='predict without mirroring (faster)')
-    parser.add_argument('--method-name', default='Protected', help='name of the protected row in the table')
+    parser.add_argument('--method-name', nargs='+', default=None,
+                        help='name of each protected row in the table. Default: Protected (one dataset) or the '
+                             'datasets\' names')
     parser.add_argument('--figure-case', default=None, help='training case shown in figure.png. Default: the first')
     parser.add_argument('--verbose', action='store_true', help='echo the nnU-Net output')
     args = parser.parse_args()

@@ -16,6 +16,7 @@ from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compu
 from nnunetv2_voxshield.budget import bound_perturbation, roi_mask
 from nnunetv2_voxshield.dataset_io import InputError
 from nnunetv2_voxshield.generator import NoiseGenerator
+from nnunetv2_voxshield.umed import UMedPerturbator, clip_to_range, lbp_texture_map, umed_perturbation
 
 DEFAULT_ROI = {'dilation': 0, 'soft_edge': 0.0}
 EXPORT_TIME_METHODS = ('random',)  # computed at export time, need no checkpoint (issue 5 adds lsp, tap)
@@ -96,6 +97,45 @@ class GeneratorSource:
         return _bounded(g, seg_pre, eps_norm, self.roi, self.dims)
 
 
+class UMedSource:
+    """UMed-3D checkpoint: contour pattern on the ROI's contour band + LBP-bounded texture pattern inside the ROI."""
+    method = 'umed'
+
+    def __init__(self, state: dict, patch_size: Sequence[int], device: torch.device):
+        options = {'band_width': 2, 'use_contour': True, 'use_texture': True, **(state.get('umed') or {})}
+        self.band_width, self.use_contour, self.use_texture = (options['band_width'], options['use_contour'],
+                                                               options['use_texture'])
+        dilation = int((state.get('roi') or {}).get('dilation', 0))
+        self.roi = {'dilation': dilation + int(self.band_width), 'soft_edge': 0.0}  # support: ROI + outer band
+        self.eps_bg = 0.0
+        self.slice_axis = int(state.get('slice_axis', 0))
+        self.model = UMedPerturbator(state['generator_kwargs'])
+        self.model.load_state_dict(state['generator_weights'])
+        self.model.to(device).eval()
+        self.dims = self.model.dims
+        self.roi_of_training = {'dilation': dilation, 'soft_edge': 0.0}
+        self.patch_size = [int(p) for p in patch_size]
+        self.device = device
+
+    def compute_delta(self, data_norm, seg_pre, eps_norm, case):
+        contour = sliding_window(self.model.contour, data_norm, self.patch_size, self.device)
+        texture = sliding_window(self.model.texture, data_norm, self.patch_size, self.device)
+        lbp = np.stack([lbp_texture_map(channel, self.slice_axis) for channel in data_norm])
+        roi = roi_mask_np(seg_pre, self.roi_of_training, self.dims)
+        x = torch.from_numpy(np.ascontiguousarray(data_norm, dtype=np.float32))
+        eps = torch.as_tensor(np.asarray(eps_norm, dtype=np.float32)).view(-1, *([1] * (x.ndim - 1)))
+        tensors = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in (contour, texture, roi, lbp)]
+        if self.dims == 2:  # the trainer worked on 2D slices: slices along axis 0 become the batch
+            batch = [t.transpose(0, 1) for t in tensors]
+            delta = umed_perturbation(*batch[:3], batch[3], eps.transpose(0, 1), self.band_width, self.use_contour,
+                                      self.use_texture).transpose(0, 1)
+        else:
+            batch = [t[None] for t in tensors]
+            delta = umed_perturbation(*batch[:3], batch[3], eps[None], self.band_width, self.use_contour,
+                                      self.use_texture)[0]
+        return clip_to_range(x[None], delta[None])[0].numpy()
+
+
 class RandomSource:
     """Uniform noise U(-eps, eps) inside the ROI, seeded by (seed, case) so results do not depend on -np."""
     method = 'random'
@@ -136,5 +176,7 @@ def make_source(method: str, state: Optional[dict], configuration_manager, devic
         return RandomSource(seed, dims)
     if state is None:
         raise InputError(f'method {method!r} needs a trained checkpoint')
+    if state.get('method') == 'umed':
+        return UMedSource(state, configuration_manager.patch_size, device)
     return GeneratorSource(state, configuration_manager.patch_size, device)
 

@@ -16,6 +16,7 @@ os.environ.setdefault('nnUNet_n_proc_DA', '0')
 os.environ.setdefault('nnUNet_def_n_proc', '1')
 os.environ.setdefault('nnUNet_compile', 'false')
 os.environ.setdefault('OMP_NUM_THREADS', '2')
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # busy-waiting OpenMP threads crawl on a loaded 2-core machine
 
 
 @pytest.fixture

@@ -130,6 +130,10 @@ def test_user_errors_are_one_line(clean_and_protected, tmp_path):
         evaluate('101', '102', str(tmp_path / 'o1'))
     with pytest.raises(EvaluationError, match='no dataset with id 7'):
         evaluate('101', '7', str(tmp_path / 'o2'))
+    with pytest.raises(EvaluationError, match='2 names for 1 protected datasets'):
+        evaluate('101', ['102'], str(tmp_path / 'o2'), method_name=['A', 'B'])
+    with pytest.raises(EvaluationError, match='--clean and --protected are the same dataset'):
+        evaluate('101', ['102', '101'], str(tmp_path / 'o2'))
     cmd = [sys.executable, '-m', 'nnunetv2_voxshield.evaluate', '--clean', '101', '--protected', '102',
            '--test-images', str(clean / 'imagesTs'), '--test-labels', str(labels), '-o', str(tmp_path / 'o3')]
     for extra, message in ((['--defence', 'zmedian', 'sharpen'], 'unknown defence'),

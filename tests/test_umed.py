@@ -1,4 +1,6 @@
 """UMed-3D building blocks and the trainer-based baselines (EM, UMed)."""
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -98,8 +100,26 @@ def test_umed_trainer_step_holds_support_and_trains_both_generators(hippocampus_
 
 @requires_hippocampus
 @pytest.mark.parametrize('trainer, method', [('nnUNetTrainerEM_tiny', 'em'), ('nnUNetTrainerUMed_tiny', 'umed')])
-def test_baseline_trainers_run_through_stock_nnunet(hippocampus_env, test_trainers_env, trainer, method):
+def test_baseline_trainers_run_through_stock_nnunet_and_export(hippocampus_env, test_trainers_env, trainer, method):
+    import SimpleITK as sitk
     run_cli(['nnUNetv2_train', '4', '3d_fullres', '0', '-tr', trainer, '-device', 'cpu'])
     fold = hippocampus_env['nnUNet_results'] / 'Dataset004_Hippocampus' / f'{trainer}__nnUNetPlans__3d_fullres' / 'fold_0'
     state = torch.load(fold / 'checkpoint_final.pth', weights_only=False)['voxshield']
     assert state['method'] == method and state['lambda_isc'] == 0.0 and state['lambda_spd'] == 0.0
+
+    run_cli(['voxshield_export', '-d', '4', '-o', '44', '-tr', trainer, '-f', '0', '-device', 'cpu'])
+    raw = hippocampus_env['nnUNet_raw']
+    clean, protected = raw / 'Dataset004_Hippocampus', raw / 'Dataset044_HippocampusProtected'
+    try:
+        run_cli(['voxshield_verify', clean, protected])
+        if method == 'umed':  # support: the ROI and its outer contour band, nothing else
+            from scipy.ndimage import binary_dilation
+            for label_file in sorted((clean / 'labelsTr').glob('*.nii.gz')):
+                case = label_file.name[:-len('.nii.gz')]
+                read = lambda f: sitk.GetArrayFromImage(sitk.ReadImage(str(f))).astype(np.float64)
+                diff = read(protected / 'imagesTr' / f'{case}_0000.nii.gz') - read(clean / 'imagesTr' / f'{case}_0000.nii.gz')
+                support = binary_dilation(read(label_file) > 0, np.ones((5, 5, 5)))
+                assert np.all(diff[~support] == 0) and np.any(diff != 0)
+    finally:
+        shutil.rmtree(protected)  # the raw folder is shared by the session
+    assert (fold / 'export_Dataset044_HippocampusProtected' / 'report.json').is_file()
