@@ -12,12 +12,12 @@ TRAINER=${VOXSHIELD_DEMO_TRAINER:-nnUNetTrainerVoxShield_1epochs}
 [ -d "$nnUNet_raw/Dataset990_VoxShieldPhantom" ] || voxshield_phantom -d 990 -n 12
 nnUNetv2_plan_and_preprocess -d 990 -c 3d_fullres -np 1
 voxshield_plans -d 990 --preset cpu
-nnUNet_n_proc_DA=0 nnUNetv2_train 990 3d_fullres all -p nnUNetPlans_cpu -tr "$TRAINER" -device cpu
-voxshield_export -d 990 -o 991 -tr "$TRAINER" -p nnUNetPlans_cpu -c 3d_fullres -f all -device cpu --overwrite
+nnUNet_n_proc_DA=0 nnUNetv2_train 990 3d_fullres 0 -p nnUNetPlans_cpu -tr "$TRAINER" -device cpu
+voxshield_export -d 990 -o 991 -tr "$TRAINER" -p nnUNetPlans_cpu -c 3d_fullres -f 0 -device cpu --overwrite
 voxshield_verify "$nnUNet_raw/Dataset990_VoxShieldPhantom" "$nnUNet_raw/Dataset991_VoxShieldPhantomProtected" \
     -o "$OUT/verify_report.json"
 
-FOLD="$nnUNet_results/Dataset990_VoxShieldPhantom/${TRAINER}__nnUNetPlans_cpu__3d_fullres/fold_all"
+FOLD="$nnUNet_results/Dataset990_VoxShieldPhantom/${TRAINER}__nnUNetPlans_cpu__3d_fullres/fold_0"
 echo
 echo "checkpoint:        $FOLD/checkpoint_final.pth"
 echo "training log:      $(ls "$FOLD"/training_log_*.txt | tail -n 1)"

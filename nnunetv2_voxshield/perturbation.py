@@ -3,7 +3,8 @@
 All sources work on one preprocessed case (nnU-Net's normalised units, (c, *spatial)) and return a delta of the
 same shape with |delta| <= eps_norm per channel, zero outside the label ROI (Eq. 3). ``generator``: the VoxShield
 family's noise generator from a trainer checkpoint (sliding window with nnU-Net's Gaussian blending); ``random``:
-uniform noise in the ROI at the full budget, computed at export time, seeded per case. Baselines register here.
+uniform noise in the ROI at the full budget, computed at export time, seeded per case. The export-time baselines
+``lsp`` and ``tap`` live in ``baselines.py`` and register here.
 """
 import zlib
 from typing import Optional, Protocol, Sequence
@@ -13,13 +14,14 @@ import torch
 from acvl_utils.cropping_and_padding.padding import pad_nd_image
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
 
+from nnunetv2_voxshield.baselines import DEFAULT_LSP_PATCH, DEFAULT_TAP_STEPS, LSPSource, TAPSource
 from nnunetv2_voxshield.budget import bound_perturbation, roi_mask
 from nnunetv2_voxshield.dataset_io import InputError
 from nnunetv2_voxshield.generator import NoiseGenerator
 from nnunetv2_voxshield.umed import UMedPerturbator, clip_to_range, lbp_texture_map, umed_perturbation
 
 DEFAULT_ROI = {'dilation': 0, 'soft_edge': 0.0}
-EXPORT_TIME_METHODS = ('random',)  # computed at export time, need no checkpoint (issue 5 adds lsp, tap)
+EXPORT_TIME_METHODS = ('random', 'lsp', 'tap')  # computed at export time, need no VoxShield checkpoint
 
 
 class DeltaSource(Protocol):
@@ -39,11 +41,13 @@ def roi_mask_np(seg: np.ndarray, roi: dict, dims: int) -> np.ndarray:
     return roi_mask(t[None], **roi)[0].numpy()
 
 
-def _bounded(raw: np.ndarray, seg_pre: np.ndarray, eps_norm: np.ndarray, roi: dict, dims: int) -> np.ndarray:
-    """Eq. 3 with the trainer's scaling: clamp(raw * eps * M, -eps, eps)."""
+def _bounded(raw: np.ndarray, seg_pre: np.ndarray, eps_norm: np.ndarray, roi: dict, dims: int,
+             bg_weight: float = 0.0) -> np.ndarray:
+    """Eq. 3 with the trainer's scaling: clamp(raw * b, -b, b), b = eps * max(M, bg_weight)."""
     eps = torch.as_tensor(np.asarray(eps_norm, dtype=np.float32)).view(-1, *([1] * (raw.ndim - 1)))
-    mask = torch.from_numpy(roi_mask_np(seg_pre, roi, dims))
-    return bound_perturbation(torch.from_numpy(raw) * eps, mask, eps).numpy()
+    weight = torch.from_numpy(roi_mask_np(seg_pre, roi, dims)).clamp_min(bg_weight)
+    bound = eps * weight
+    return bound_perturbation(torch.from_numpy(raw) * bound, torch.ones_like(weight), bound).numpy()
 
 
 @torch.inference_mode()
@@ -84,7 +88,9 @@ class GeneratorSource:
     def __init__(self, state: dict, patch_size: Sequence[int], device: torch.device):
         self.method = state.get('method', 'voxshield')
         self.roi = dict(DEFAULT_ROI, **(state.get('roi') or {}))
-        self.eps_bg = float(state.get('eps_bg', 0.0))
+        eps = float(state.get('eps') or 0.0)
+        # eps_bg is a fraction of the case's range like eps; as a weight of the ROI budget it bounds delta outside M
+        self.eps_bg = float(state.get('eps_bg') or 0.0) / eps if eps > 0 else 0.0
         self.generator = NoiseGenerator(**state['generator_kwargs'])
         self.generator.load_state_dict(state['generator_weights'])
         self.generator.to(device).eval()
@@ -94,7 +100,7 @@ class GeneratorSource:
 
     def compute_delta(self, data_norm, seg_pre, eps_norm, case):
         g = sliding_window(self.generator, data_norm, self.patch_size, self.device)
-        return _bounded(g, seg_pre, eps_norm, self.roi, self.dims)
+        return _bounded(g, seg_pre, eps_norm, self.roi, self.dims, self.eps_bg)
 
 
 class UMedSource:
@@ -169,11 +175,21 @@ def load_voxshield_state(checkpoint_file: str) -> dict:
 
 
 def make_source(method: str, state: Optional[dict], configuration_manager, device: torch.device,
-                seed: int = 0) -> DeltaSource:
-    """The perturbation source for ``method`` (a checkpoint's own method uses its generator)."""
+                seed: int = 0, options: Optional[dict] = None) -> DeltaSource:
+    """The perturbation source for ``method`` (a checkpoint's own method uses its generator); ``options``: the
+    baselines' settings (lsp: patch; tap: surrogate folder, fold, checkpoint, steps)."""
     dims = len(configuration_manager.patch_size)
+    options = options or {}
     if method == 'random':
         return RandomSource(seed, dims)
+    if method == 'lsp':
+        return LSPSource(seed, dims, options.get('patch', DEFAULT_LSP_PATCH))
+    if method == 'tap':
+        if not options.get('surrogate'):
+            raise InputError('method \'tap\' needs a surrogate model folder (--surrogate-tr)')
+        return TAPSource(options['surrogate'], str(options.get('fold', '0')),
+                         options.get('checkpoint', 'checkpoint_final.pth'), configuration_manager, device,
+                         options.get('steps', DEFAULT_TAP_STEPS))
     if state is None:
         raise InputError(f'method {method!r} needs a trained checkpoint')
     if state.get('method') == 'umed':

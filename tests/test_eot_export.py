@@ -1,0 +1,42 @@
+"""Export of an EOT checkpoint honours its per-voxel support: eps inside the ROI, eps_bg outside."""
+import shutil
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from conftest import requires_hippocampus, run_cli
+from nnunetv2_voxshield.budget import raw_budget
+
+pytestmark = requires_hippocampus
+
+
+def test_eot_checkpoint_exports_with_background_support(hippocampus_env, test_trainers_env):
+    trainer = 'nnUNetTrainerVoxShieldEOT_tiny'
+    run_cli(['nnUNetv2_train', '4', '3d_fullres', '0', '-tr', trainer, '-device', 'cpu'])
+    fold = hippocampus_env['nnUNet_results'] / 'Dataset004_Hippocampus' / f'{trainer}__nnUNetPlans__3d_fullres' / 'fold_0'
+    state = torch.load(fold / 'checkpoint_final.pth', weights_only=False)['voxshield']
+    assert state['eps_bg'] == 1 / 255 and state['method'] == 'voxshield_eot'
+
+    raw = hippocampus_env['nnUNet_raw']
+    clean, protected = raw / 'Dataset004_Hippocampus', raw / 'Dataset045_HippocampusProtected'
+    run_cli(['voxshield_export', '-d', '4', '-o', '45', '-tr', trainer, '-f', '0', '-device', 'cpu'])
+    try:
+        run_cli(['voxshield_verify', clean, protected])
+        checked_float = 0
+        for label_file in sorted((clean / 'labelsTr').glob('*.nii.gz')):
+            case = label_file.name[:-len('.nii.gz')]
+            image = sitk.ReadImage(str(clean / 'imagesTr' / f'{case}_0000.nii.gz'))
+            x = sitk.GetArrayFromImage(image).astype(np.float64)
+            xp = sitk.GetArrayFromImage(sitk.ReadImage(str(protected / 'imagesTr' / f'{case}_0000.nii.gz')))
+            diff = np.abs(xp.astype(np.float64) - x)
+            outside = sitk.GetArrayFromImage(sitk.ReadImage(str(label_file))) == 0
+            if image.GetPixelID() == sitk.sitkFloat32:  # integer images round to whole units
+                bg_budget = raw_budget(x[None], eps=1 / 255)[0]
+                assert diff[outside].max() <= bg_budget * (1 + 1e-5)
+                assert np.count_nonzero(diff[outside]) > 0.5 * outside.sum()  # the support is not the label
+                assert diff[~outside].max() > bg_budget  # inside the ROI the full budget is used
+                checked_float += 1
+        assert checked_float > 0
+    finally:
+        shutil.rmtree(protected)  # the raw folder is shared by the session
