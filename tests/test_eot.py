@@ -233,3 +233,32 @@ def test_stock_nnunetv2_train_runs_the_eot_trainer(hippocampus_env, test_trainer
     state = checkpoint['voxshield']
     assert state['method'] == 'voxshield_eot' and state['eps_bg'] == pytest.approx(1 / 255)
     assert state['iteration'] == 2 and (folder / 'validation' / 'summary.json').is_file()
+
+
+@requires_hippocampus
+def test_2d_aware_eot_trains_a_2d_surrogate_and_the_generator_through_it(hippocampus_env, tmp_path):
+    trainer = make_trainer('nnUNetTrainerVoxShieldEOT_2DAware')
+    batch = next(trainer.dataloader_train)
+    batch = {'data': batch['data'][:1], 'target': batch['target'][:1], 'keys': batch['keys'][:1]}  # CPU time
+    x2, y2 = trainer.victim_view_2d(batch['data'], batch['target'])
+    assert x2.shape == (trainer.slices_per_sample, 1, *trainer.configuration_manager_2d.patch_size)
+    assert y2.shape == (trainer.slices_per_sample, 1, *trainer.configuration_manager_2d.patch_size)
+    net2d0, gen0 = snapshot(trainer.network_2d), snapshot(trainer.generator)
+    trainer.train_step(batch)  # surrogate step: both surrogates learn, G does not
+    net2d1 = snapshot(trainer.network_2d)
+    assert not same(net2d0, net2d1) and same(gen0, snapshot(trainer.generator))
+    with torch.no_grad():
+        delta, _ = trainer.perturbation(batch['data'], batch['target'], batch['keys'])
+    x = (batch['data'] + delta).requires_grad_()
+    trainer.optimizer_2d.zero_grad(set_to_none=True)
+    trainer.extra_surrogate_loss(x, batch['target']).backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in trainer.network_2d.parameters())  # frozen in the generator's loss
+    out = trainer.train_step(batch)  # generator step: the 2D surrogate is untouched
+    assert same(net2d1, snapshot(trainer.network_2d)) and not same(gen0, snapshot(trainer.generator))
+    assert np.isfinite(out['l_seg'])
+    ckpt = str(tmp_path / 'ckpt.pth')
+    trainer.save_checkpoint(ckpt)
+    resumed = make_trainer('nnUNetTrainerVoxShieldEOT_2DAware')
+    resumed.load_checkpoint(ckpt)
+    assert same(net2d1, snapshot(resumed.network_2d))

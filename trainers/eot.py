@@ -79,6 +79,7 @@ class nnUNetTrainerVoxShieldEOT(nnUNetTrainerVoxShield):
             l_isc = inter_slice_spectral_loss(delta, self.slice_axis).item()
             x_t, y_t = self.victim_view(data + delta, target)
         out = nnUNetTrainer.train_step(self, {'data': x_t, 'target': y_t})
+        self.train_extra_surrogates(data + delta, target)
         return {**out, 'l_seg': float(out['loss']), 'l_isc': l_isc, 'l_spd': np.nan,
                 'delta_over_budget': self._delta_over_budget(delta, bound)}
 
@@ -99,7 +100,8 @@ class nnUNetTrainerVoxShieldEOT(nnUNetTrainerVoxShield):
                 l_seg = self.loss(output, y_t)
                 l_spd = spectral_divergence_loss(_full_resolution(output), _full_resolution(clean_output))
                 l_isc = inter_slice_spectral_loss(delta.float(), self.slice_axis)
-                l_g = generator_objective(l_seg, l_isc, l_spd, self.lambda_isc, self.lambda_spd)
+                l_g = generator_objective(l_seg + self.extra_surrogate_loss(data + delta, target), l_isc, l_spd,
+                                          self.lambda_isc, self.lambda_spd)
             if self.generator_grad_scaler is not None:
                 self.generator_grad_scaler.scale(l_g).backward()
                 self.generator_grad_scaler.unscale_(self.generator_optimizer)
@@ -114,6 +116,13 @@ class nnUNetTrainerVoxShieldEOT(nnUNetTrainerVoxShield):
             self.network.requires_grad_(True)
         return {'loss': l_seg.detach().cpu().numpy(), 'l_seg': l_seg.item(), 'l_isc': l_isc.item(),
                 'l_spd': l_spd.item(), 'delta_over_budget': self._delta_over_budget(delta, bound)}
+
+    def train_extra_surrogates(self, x_perturbed: torch.Tensor, target) -> None:
+        """Hook: train further surrogates on the un-augmented x + delta (detached) after the 3D step (none here)."""
+
+    def extra_surrogate_loss(self, x_perturbed: torch.Tensor, target) -> torch.Tensor:
+        """Hook: further surrogates' L_seg on x + delta, added to Eq. 6's L_seg (none here)."""
+        return x_perturbed.new_zeros(())
 
     def voxshield_state(self) -> dict:
         """Adds eps_bg: export bounds delta by eps inside M and eps_bg outside (both x the case's range)."""
