@@ -93,6 +93,16 @@ def plan_and_preprocess(dataset_id: int, roots: dict, configurations=('3d_fullre
             {**{k: str(v) for k, v in roots.items()}, 'nnUNet_n_proc_DA': None})
 
 
+def use_cpu_preset_as_default_plans(preprocessed_dataset: Path):
+    """Rewrite nnUNetPlans.json with the CPU preset's small networks (same data_identifier, same name), so that every
+    test trains and predicts small networks; test_plans.py tests the preset itself."""
+    import json
+    from nnunetv2_voxshield.plans import load_preset, preset_plans
+    plans_file = preprocessed_dataset / 'nnUNetPlans.json'
+    plans = preset_plans(json.loads(plans_file.read_text()), load_preset('cpu'), 'nnUNetPlans')
+    plans_file.write_text(json.dumps(plans, indent=2))
+
+
 @pytest.fixture(scope='session')
 def planned_hippocampus(tmp_path_factory):
     """8 real Hippocampus cases, planned and preprocessed (3d_fullres, 2d) once per session. Treat as read-only:
@@ -105,6 +115,7 @@ def planned_hippocampus(tmp_path_factory):
         d.mkdir()
     cases = copy_hippocampus_cases(roots['nnUNet_raw'] / 'Dataset004_Hippocampus', 8)
     plan_and_preprocess(4, roots, ('3d_fullres', '2d'))
+    use_cpu_preset_as_default_plans(roots['nnUNet_preprocessed'] / 'Dataset004_Hippocampus')
     return {**roots, 'dataset_id': 4, 'dataset_name': 'Dataset004_Hippocampus', 'cases': cases}
 
 

@@ -200,13 +200,14 @@ def test_preset_on_planned_phantom(planned_phantom):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize('trainer', ['nnUNetTrainer_tiny', 'nnUNetTrainerVoxShield_tiny'])
 @pytest.mark.parametrize('configuration', ['3d_fullres', '2d'])
-def test_stock_training_with_cpu_plans(planned_phantom, configuration):
+def test_stock_training_with_cpu_plans(planned_phantom, configuration, trainer):
     env, _ = planned_phantom
-    r = subprocess.run(['nnUNetv2_train', '993', configuration, '0', '-p', 'nnUNetPlans_cpu', '-tr', 'nnUNetTrainer_tiny',
+    r = subprocess.run(['nnUNetv2_train', '993', configuration, '0', '-p', 'nnUNetPlans_cpu', '-tr', trainer,
                         '-device', 'cpu'], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    out = Path(env['nnUNet_results']) / DATASET / f'nnUNetTrainer_tiny__nnUNetPlans_cpu__{configuration}' / 'fold_0'
+    out = Path(env['nnUNet_results']) / DATASET / f'{trainer}__nnUNetPlans_cpu__{configuration}' / 'fold_0'
     assert (out / 'checkpoint_final.pth').is_file()
     summary = json.loads((out / 'validation' / 'summary.json').read_text())
     assert set(summary['mean']) == {'1', '2'}

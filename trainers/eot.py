@@ -102,16 +102,7 @@ class nnUNetTrainerVoxShieldEOT(nnUNetTrainerVoxShield):
                 l_isc = inter_slice_spectral_loss(delta.float(), self.slice_axis)
                 l_g = generator_objective(l_seg + self.extra_surrogate_loss(data + delta, target), l_isc, l_spd,
                                           self.lambda_isc, self.lambda_spd)
-            if self.generator_grad_scaler is not None:
-                self.generator_grad_scaler.scale(l_g).backward()
-                self.generator_grad_scaler.unscale_(self.generator_optimizer)
-                torch.nn.utils.clip_grad_norm_(self.generator.parameters(), 12)
-                self.generator_grad_scaler.step(self.generator_optimizer)
-                self.generator_grad_scaler.update()
-            else:
-                l_g.backward()
-                torch.nn.utils.clip_grad_norm_(self.generator.parameters(), 12)
-                self.generator_optimizer.step()
+            self.update_generator(l_g)
         finally:
             self.network.requires_grad_(True)
         return {'loss': l_seg.detach().cpu().numpy(), 'l_seg': l_seg.item(), 'l_isc': l_isc.item(),

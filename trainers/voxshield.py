@@ -137,20 +137,24 @@ class nnUNetTrainerVoxShield(nnUNetTrainer):
                 l_spd = spectral_divergence_loss(_full_resolution(output), _full_resolution(clean_output))
                 l_isc = inter_slice_spectral_loss(delta.float(), self.slice_axis)
                 l_g = generator_objective(l_seg, l_isc, l_spd, self.lambda_isc, self.lambda_spd)
-            if self.generator_grad_scaler is not None:
-                self.generator_grad_scaler.scale(l_g).backward()
-                self.generator_grad_scaler.unscale_(self.generator_optimizer)
-                torch.nn.utils.clip_grad_norm_(self.generator.parameters(), 12)
-                self.generator_grad_scaler.step(self.generator_optimizer)
-                self.generator_grad_scaler.update()
-            else:
-                l_g.backward()
-                torch.nn.utils.clip_grad_norm_(self.generator.parameters(), 12)
-                self.generator_optimizer.step()
+            self.update_generator(l_g)
         finally:
             self.network.requires_grad_(True)
         return {'loss': l_seg.detach().cpu().numpy(), 'l_seg': l_seg.item(), 'l_isc': l_isc.item(),
                 'l_spd': l_spd.item(), 'delta_over_budget': self._delta_over_budget(delta, eps)}
+
+    def update_generator(self, l_g: torch.Tensor) -> None:
+        """Backward of the generator objective and one Adam step on G (nnU-Net's grad clipping and scaling)."""
+        if self.generator_grad_scaler is not None:
+            self.generator_grad_scaler.scale(l_g).backward()
+            self.generator_grad_scaler.unscale_(self.generator_optimizer)
+            torch.nn.utils.clip_grad_norm_(self.generator.parameters(), 12)
+            self.generator_grad_scaler.step(self.generator_optimizer)
+            self.generator_grad_scaler.update()
+        else:
+            l_g.backward()
+            torch.nn.utils.clip_grad_norm_(self.generator.parameters(), 12)
+            self.generator_optimizer.step()
 
     @staticmethod
     def _delta_over_budget(delta: torch.Tensor, eps: torch.Tensor) -> float:
