@@ -25,6 +25,7 @@ from nnunetv2_voxshield.dataset_io import (TEMP_PREFIX, InputError, check_case_h
                                            copy_atomic, dataset_id_and_name, env_folder, find_dataset_folder,
                                            list_training_cases, load_dataset_json, num_channels, sha256_of,
                                            write_json_atomic)
+from nnunetv2_voxshield.baselines import DEFAULT_LSP_PATCH, DEFAULT_TAP_STEPS, check_surrogate, surrogate_folder
 from nnunetv2_voxshield.perturbation import EXPORT_TIME_METHODS, load_voxshield_state, make_source
 
 PARTIAL_SUFFIX = '.partial'
@@ -47,7 +48,8 @@ def _make_ctx(spec: dict) -> dict:
     torch.set_num_threads(1)  # identical results whatever -np is
     plans_manager, configuration_manager = _load_plans(spec['plans_file'], spec['configuration'])
     state = load_voxshield_state(spec['checkpoint']) if spec['checkpoint'] else None
-    source = make_source(spec['method'], state, configuration_manager, torch.device(spec['device']), spec['seed'])
+    source = make_source(spec['method'], state, configuration_manager, torch.device(spec['device']), spec['seed'],
+                         spec.get('method_options'))
     return dict(spec, source=source, plans_manager=plans_manager, configuration_manager=configuration_manager)
 
 
@@ -104,8 +106,10 @@ def export_dataset(source_folder: str, output_folder: str, plans_file: str, conf
                    report_folder: str, checkpoint: Optional[str] = None, method: Optional[str] = None,
                    eps: Optional[float] = None, eps_abs: Optional[float] = None, seed: int = 0,
                    num_processes: int = 1, overwrite: bool = False, device: str = 'cpu',
-                   progress: bool = True) -> dict:
-    """Protect every training case of ``source_folder`` into ``output_folder``; returns the summary report."""
+                   progress: bool = True, method_options: Optional[dict] = None) -> dict:
+    """Protect every training case of ``source_folder`` into ``output_folder``; returns the summary report.
+
+    ``method_options``: settings of the export-time baselines (``perturbation.make_source``)."""
     dataset_json = load_dataset_json(source_folder)
     cases = list_training_cases(source_folder, dataset_json)
     for files in cases.values():
@@ -120,6 +124,14 @@ def export_dataset(source_folder: str, output_folder: str, plans_file: str, conf
         raise InputError('no perturbation source: give a VoxShield checkpoint or --method random')
     if state is None and method not in EXPORT_TIME_METHODS:
         raise InputError(f'method {method!r} needs a trained checkpoint')
+    method_options = dict(method_options or {})
+    surrogate_sha256 = None
+    if method == 'tap':
+        if not method_options.get('surrogate'):
+            raise InputError('method \'tap\' needs a surrogate model folder (--surrogate-tr)')
+        method_options['surrogate'] = os.path.abspath(method_options['surrogate'])
+        surrogate_sha256 = sha256_of(check_surrogate(method_options['surrogate'], method_options.get('fold', '0'),
+                                                     method_options.get('checkpoint', 'checkpoint_final.pth')))
     if state is not None and state['generator_kwargs']['in_channels'] != num_channels(dataset_json):
         raise InputError(f'{checkpoint}: generator has {state["generator_kwargs"]["in_channels"]} input channels, '
                          f'{os.path.join(source_folder, "dataset.json")} declares {num_channels(dataset_json)}')
@@ -132,10 +144,12 @@ def export_dataset(source_folder: str, output_folder: str, plans_file: str, conf
     spec = {'plans_file': os.path.abspath(plans_file), 'configuration': configuration, 'method': method,
             'checkpoint': os.path.abspath(checkpoint) if state is not None else None, 'device': device,
             'seed': int(seed), 'dataset_json': dataset_json, 'eps': None if eps_abs is not None else float(eps),
-            'eps_abs': None if eps_abs is None else float(eps_abs), 'percentiles': percentiles}
+            'eps_abs': None if eps_abs is None else float(eps_abs), 'percentiles': percentiles,
+            'method_options': method_options}
     settings = dict(spec, source=os.path.abspath(source_folder), output=os.path.abspath(output_folder),
                     plans_sha256=sha256_of(plans_file), device=None,
-                    checkpoint_sha256=sha256_of(checkpoint) if state is not None else None)
+                    checkpoint_sha256=sha256_of(checkpoint) if state is not None else None,
+                    surrogate_sha256=surrogate_sha256)
     settings.pop('dataset_json')
 
     output_folder = os.path.abspath(output_folder)
@@ -222,7 +236,19 @@ def export_entry(argv=None):
     parser.add_argument('-f', default='0', help='fold of the protector model')
     parser.add_argument('--chk', default='checkpoint_final.pth', help='checkpoint file name in the fold folder')
     parser.add_argument('--method', default=None, choices=list(EXPORT_TIME_METHODS),
-                        help='perturbation computed at export time instead of the checkpoint\'s generator')
+                        help='perturbation computed at export time instead of the checkpoint\'s generator: random '
+                             'noise, lsp (linearly separable perturbations, Yu et al. 2022) or tap (targeted '
+                             'adversarial poisoning, Fowl et al. 2021)')
+    parser.add_argument('--lsp-patch', type=int, default=DEFAULT_LSP_PATCH,
+                        help='lsp: edge length in voxels of the per-class pattern tiled over the volume')
+    parser.add_argument('--surrogate-tr', default='nnUNetTrainer',
+                        help='tap: trainer of the clean surrogate model ($nnUNet_results/<dataset>/<tr>__<p>__<c>, '
+                             'same -p and -c as the export)')
+    parser.add_argument('--surrogate-f', default='0', help='tap: fold of the surrogate model')
+    parser.add_argument('--surrogate-chk', default='checkpoint_final.pth',
+                        help='tap: checkpoint file name in the surrogate\'s fold folder')
+    parser.add_argument('--tap-steps', type=int, default=DEFAULT_TAP_STEPS,
+                        help='tap: PGD steps (step size 2.5 x eps / steps)')
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument('--eps', default=None, help='budget as a fraction of each case\'s p0.5-p99.5 range per '
                                                     'channel, e.g. 4/255 (default: the checkpoint\'s, else 4/255)')
@@ -237,15 +263,25 @@ def export_entry(argv=None):
         eps_abs = parse_eps(args.eps_abs) if args.eps_abs is not None else None
     except ValueError as e:
         parser.error(str(e))
+    if args.lsp_patch < 1 or args.tap_steps < 1:
+        parser.error('--lsp-patch and --tap-steps must be >= 1')
     try:
         raw = env_folder('nnUNet_raw')
         source = find_dataset_folder(raw, args.d)
         source_name = os.path.basename(source)
         name = args.name or f'{dataset_id_and_name(source)[1]}Protected'
         output = os.path.join(raw, name if name.startswith('Dataset') else f'Dataset{args.o:03d}_{name}')
-        if args.method in EXPORT_TIME_METHODS:
+        options, checkpoint = None, None
+        if args.method == 'tap':  # preprocessing as the surrogate was trained: its own plans
+            surrogate = surrogate_folder(env_folder('nnUNet_results'), source_name, args.surrogate_tr, args.p, args.c)
+            check_surrogate(surrogate, args.surrogate_f, args.surrogate_chk)
+            options = {'surrogate': surrogate, 'fold': args.surrogate_f, 'checkpoint': args.surrogate_chk,
+                       'steps': args.tap_steps}
+            plans_file = os.path.join(surrogate, 'plans.json')
+        elif args.method in EXPORT_TIME_METHODS:
+            options = {'patch': args.lsp_patch} if args.method == 'lsp' else None
             plans_file = os.path.join(env_folder('nnUNet_preprocessed'), source_name, args.p + '.json')
-            checkpoint = None
+        if args.method in EXPORT_TIME_METHODS:
             report_folder = os.path.join(env_folder('nnUNet_results'), source_name,
                                          f'voxshield_{args.method}__{args.p}__{args.c}')
         else:
@@ -255,7 +291,8 @@ def export_entry(argv=None):
             checkpoint = os.path.join(report_folder, args.chk)
         summary = export_dataset(source, output, plans_file, args.c,
                                  os.path.join(report_folder, f'export_{os.path.basename(output)}'), checkpoint,
-                                 args.method, eps, eps_abs, args.seed, args.np, args.overwrite, args.device)
+                                 args.method, eps, eps_abs, args.seed, args.np, args.overwrite, args.device,
+                                 method_options=options)
     except InputError as e:
         print(f'voxshield_export: error: {e}', file=sys.stderr)
         sys.exit(1)
