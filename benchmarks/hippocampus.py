@@ -3,7 +3,8 @@ victims on clean / protected / purified data, scored on 48 clean held-out cases.
 
     python benchmarks/hippocampus.py -o benchmarks/out/hippocampus [--protector-epochs 5] [--victim-epochs 5]
 
-Reads ../shared/data/Dataset004_Hippocampus (or --data) with the committed split (160 train / 48 test); everything
+Protectors train with nnU-Net's own trainer API on fold all (as `nnUNetv2_train D 3d_fullres all -tr ...` does, minus
+its end-of-training validation on the training cases). Reads ../shared/data/Dataset004_Hippocampus (or --data) with the committed split (160 train / 48 test); everything
 is written under -o (private nnUNet_raw/_preprocessed/_results). Rerunning resumes. Prints a table and writes
 benchmark.json; the victims' full reports are in -o/eval_main and -o/eval_baselines (report.md, figure.png).
 """
@@ -141,8 +142,11 @@ def main():
             trainer = f'{trainer}_{args.protector_epochs}epochs'
             fold = roots['nnUNet_results'] / 'Dataset004_Hippocampus' / f'{trainer}__{PLANS}__3d_fullres' / 'fold_all'
             if not (fold / 'checkpoint_final.pth').is_file():
-                log(f'{name}: training protector {trainer} (stock nnUNetv2_train, fold all)')
-                entry['train_seconds'] = run(['nnUNetv2_train', '4', '3d_fullres', 'all', '-p', PLANS, '-tr', trainer,
+                # nnU-Net's own training on fold all, seeded, without the end-of-training validation (on fold all it
+                # predicts all 160 training cases with mirroring: ~20 min on CPU, and no protection number needs it)
+                log(f'{name}: training protector {trainer} (nnU-Net training API, fold all, seed 0)')
+                entry['train_seconds'] = run([sys.executable, '-m', 'nnunetv2_voxshield.victims', 'run', '4',
+                                              '3d_fullres', '--seed', '0', '-tr', trainer, '-p', PLANS,
                                               '-device', 'cpu'], train_env, logs / f'train_{name}.log')
                 save()
             export_cmd += ['-tr', trainer, '-f', 'all']
