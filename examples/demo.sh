@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded phantom, on CPU: write the phantom, plan it with stock nnU-Net, apply the CPU
 # preset, train nnUNetTrainerVoxShield briefly with stock nnUNetv2_train, export the protected copy and verify it.
-# Everything goes to ./voxshield_demo (or $1). Takes ~5 minutes on 2 cores.
+# Everything goes to ./voxshield_demo (or $1). Took 2.5 minutes on 2 idle cores.
 set -euo pipefail
 OUT=$(realpath -m "${1:-voxshield_demo}")
 export nnUNet_raw="$OUT/nnUNet_raw" nnUNet_preprocessed="$OUT/nnUNet_preprocessed" nnUNet_results="$OUT/nnUNet_results"
