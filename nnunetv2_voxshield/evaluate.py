@@ -219,16 +219,49 @@ def run_victim(ws: Workspace, row: str, config: str, seed: int, trainer: str, pl
     return result
 
 
+def victim_jobs(rows: Sequence[tuple], configurations: Sequence[str], defence_configurations: Sequence[str],
+                seeds: Sequence[int]) -> List[tuple]:
+    """(row, configuration, seed) of every victim: purified rows (a defence spec) only in defence_configurations."""
+    return [(row, c, s) for row, _, _, spec in rows for c in configurations
+            if spec is None or c in defence_configurations for s in seeds]
+
+
+def reuse_clean_victim(ws: Workspace, config: str, seed: int, trainer: str, plans: str, cases: Sequence[str],
+                       sources: Sequence[str]) -> Optional[dict]:
+    """Copy the scores of an identical clean victim from an earlier evaluation folder (same clean dataset, trainer,
+    plans, configuration, seed and test cases) instead of training it again; None if no folder has one."""
+    for other in sources:
+        state_file = os.path.join(other, 'state.json')
+        scores_file = os.path.join(other, 'victims', 'clean', config, f'seed_{seed}', 'scores.json')
+        if not (os.path.isfile(state_file) and os.path.isfile(scores_file)):
+            continue
+        if json.load(open(state_file)).get('clean') != ws.state['clean']:
+            continue
+        scores = json.load(open(scores_file))
+        if (scores.get('trainer'), scores.get('plans')) != (trainer, plans) or \
+                [c['case'] for c in scores['cases']] != list(cases):
+            continue
+        scores['reused_from'] = os.path.abspath(scores_file)
+        os.makedirs(ws.victim_dir('clean', config, seed), exist_ok=True)
+        write_json_atomic(os.path.join(ws.victim_dir('clean', config, seed), 'scores.json'), scores)
+        return scores
+    return None
+
+
 def evaluate(clean: str, protected: Union[str, Sequence[str]], output_dir: str, test_images: Optional[str] = None,
              test_labels: Optional[str] = None, configurations: Sequence[str] = ('3d_fullres',),
              plans: str = 'nnUNetPlans', epochs: Optional[int] = None, trainer: Optional[str] = None,
              seeds: Sequence[int] = (0,), defences: Sequence[str] = (), device: str = 'cpu',
              disable_tta: bool = False, method_name: Union[str, Sequence[str], None] = None,
-             figure_case: Optional[str] = None, verbose: bool = False) -> dict:
+             figure_case: Optional[str] = None, verbose: bool = False,
+             defence_configurations: Optional[Sequence[str]] = None,
+             reuse_clean_from: Sequence[str] = ()) -> dict:
     """Run (or resume) every victim and write report.json, report.md and figure.png into ``output_dir``.
 
     ``protected`` may name several protected copies of ``clean`` (one per method, ``method_name`` in the same
-    order); they share the clean victims. Defences apply to each of them.
+    order); they share the clean victims. Defences apply to each of them, in ``defence_configurations`` (default:
+    all ``configurations``). ``reuse_clean_from``: earlier evaluation folders whose identical clean victims are
+    reused (see ``reuse_clean_victim``).
     """
     log = lambda msg: print(msg, flush=True)
     protected = [protected] if isinstance(protected, str) else list(protected)
@@ -257,6 +290,15 @@ def evaluate(clean: str, protected: Union[str, Sequence[str]], output_dir: str, 
             raise EvaluationError(str(e)) from None
     seeds = [int(s) for s in dict.fromkeys(seeds)]
     configurations = list(dict.fromkeys(configurations))
+    defence_configurations = configurations if defence_configurations is None else list(defence_configurations)
+    unknown = [c for c in defence_configurations if c not in configurations]
+    if unknown:
+        raise EvaluationError(f'defence configuration(s) {", ".join(unknown)} not among the victim configurations '
+                              f'{", ".join(configurations)}')
+    reuse_clean_from = [os.path.abspath(d) for d in reuse_clean_from]
+    for d in reuse_clean_from:
+        if not os.path.isfile(os.path.join(d, 'state.json')):
+            raise EvaluationError(f'{d}: no state.json (not a voxshield_evaluate output folder)')
 
     ws = Workspace(output_dir, clean_dir, protected_dirs)
     rows, source = [('clean', 'Clean', None, None)], {'clean': clean_dir}
@@ -278,10 +320,13 @@ def evaluate(clean: str, protected: Union[str, Sequence[str]], output_dir: str, 
             purify_dataset(source[row], dst, spec, verbose)
 
     # 2. the victims' own plan/preprocess (+ plans preset)
+    jobs = victim_jobs(rows, configurations, defence_configurations, seeds)
     for row, *_ in rows:
         did = ws.dataset_id(row)
         marker_dir = os.path.join(ws.out, 'victims', row)
-        todo = [c for c in configurations if not os.path.isfile(os.path.join(marker_dir, f'.preprocessed_{c}'))]
+        row_configurations = [c for c in configurations if (row, c, seeds[0]) in jobs]
+        todo = [c for c in row_configurations
+                if not os.path.isfile(os.path.join(marker_dir, f'.preprocessed_{c}'))]
         if not todo:
             continue
         log(f'[{row}] plan and preprocess (dataset {did}, {" ".join(todo)}, {plans}) ...')
@@ -295,7 +340,6 @@ def evaluate(clean: str, protected: Union[str, Sequence[str]], output_dir: str, 
             write_atomic(os.path.join(marker_dir, f'.preprocessed_{c}'), '')
 
     # 3. victims
-    jobs = [(row, c, s) for row, *_ in rows for c in configurations for s in seeds]
     results = {}
     for i, (row, c, s) in enumerate(jobs, 1):
         marker = os.path.join(ws.victim_dir(row, c, s), 'scores.json')
@@ -303,6 +347,11 @@ def evaluate(clean: str, protected: Union[str, Sequence[str]], output_dir: str, 
         if os.path.isfile(marker):
             results[(row, c, s)] = json.load(open(marker))
             log(f'{tag}: done before, skipped')
+            continue
+        reused = reuse_clean_victim(ws, c, s, trainer, plans, cases, reuse_clean_from) if row == 'clean' else None
+        if reused is not None:
+            results[(row, c, s)] = reused
+            log(f'{tag}: reused {reused["reused_from"]}: DSC {reused["summary"]["dice"]:.4f}')
             continue
         log(f'{tag}: training {trainer} ({plans}, fold all) and predicting {len(cases)} test cases ...')
         t0 = time.time()
@@ -323,12 +372,13 @@ def evaluate(clean: str, protected: Union[str, Sequence[str]], output_dir: str, 
     # 5. report
     report_rows = []
     for row, method, defence, spec in rows:
+        row_configurations = [c for c in configurations if (row, c, seeds[0]) in results]
         victims_summary = {c: summarise_seeds({s: results[(row, c, s)]['summary'] for s in seeds})
-                           for c in configurations}
+                           for c in row_configurations}
         report_rows.append({'row': row, 'method': method, 'defence': defence, 'defence_spec': spec,
                             'dataset': ws.dataset_dir(row), 'quality': quality.get(row), 'victims': victims_summary,
                             'per_seed': {c: {str(s): results[(row, c, s)]['summary'] for s in seeds}
-                                         for c in configurations}})
+                                         for c in row_configurations}})
     first = results[jobs[0]]['cases'][0]['labels']
     label_names = {str(v) if not isinstance(v, list) else str(tuple(v)): k
                    for k, v in ds_json['labels'].items()}
@@ -336,6 +386,7 @@ def evaluate(clean: str, protected: Union[str, Sequence[str]], output_dir: str, 
         'settings': {'clean': clean_dir, 'protected': protected_dirs if len(protected_dirs) > 1 else protected_dirs[0], 'test_images': test_images,
                      'test_labels': test_labels, 'configurations': configurations, 'plans': plans,
                      'trainer': trainer, 'seeds': seeds, 'defences': [spec for _, spec in defence_keys],
+                     'defence_configurations': defence_configurations,
                      'device': device, 'disable_tta': disable_tta, 'n_test_cases': len(cases)},
         'labels': list(first), 'label_names': label_names, 'rows': report_rows,
     }
@@ -381,6 +432,11 @@ def evaluate_entry():
     parser.add_argument('--defence', '--defences', nargs='*', default=[], dest='defence',
                         help='purify the protected data first; one row each: blur, zmedian, zresample, quantise '
                              '(NAME:PARAM, e.g. blur:2, quantise:6)')
+    parser.add_argument('--defence-c', nargs='+', default=None,
+                        help='victim configurations of the purified rows. Default: all of -c')
+    parser.add_argument('--reuse-clean', nargs='+', default=[], metavar='OUT',
+                        help='earlier voxshield_evaluate folders: reuse their clean victims when clean dataset, '
+                             'trainer, plans, configuration, seed and test cases are the same')
     parser.add_argument('-o', required=True, help='output folder (private nnU-Net folders, report.*, figure.png)')
     parser.add_argument('-device', default='cpu', choices=('cpu', 'cuda', 'mps'), help='Default: cpu')
     parser.add_argument('--disable-tta', action='store_true', help='predict without mirroring (faster)')
@@ -393,7 +449,7 @@ def evaluate_entry():
     try:
         evaluate(args.clean, args.protected, args.o, args.test_images, args.test_labels, args.c, args.p,
                  args.epochs, args.tr, args.seeds, args.defence, args.device, args.disable_tta, args.method_name,
-                 args.figure_case, args.verbose)
+                 args.figure_case, args.verbose, args.defence_c, args.reuse_clean)
     except (EvaluationError, V.VictimError, OSError) as e:
         sys.exit(f'voxshield_evaluate: error: {e}')
     except KeyboardInterrupt:

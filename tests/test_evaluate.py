@@ -12,7 +12,8 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import copy_hippocampus_cases, requires_hippocampus
-from nnunetv2_voxshield.evaluate import EvaluationError, evaluate, parse_plans
+from nnunetv2_voxshield.evaluate import (EvaluationError, Workspace, evaluate, parse_plans, reuse_clean_victim,
+                                         victim_jobs)
 from nnunetv2_voxshield.victims import victim_trainer_name
 
 
@@ -114,6 +115,17 @@ def test_pipeline_outputs_and_resume(clean_and_protected, nnunet_dirs, test_trai
     b = sitk.ReadImage(str(Path(purified['dataset']) / 'imagesTr' / case))
     assert a.GetSize() == b.GetSize() and a.GetSpacing() == b.GetSpacing() and a.GetPixelID() == b.GetPixelID()
 
+    # a second evaluation of the same clean data reuses the identical clean victim instead of training it again
+    out2 = tmp_path / 'OUT2'
+    capsys.readouterr()
+    report2 = evaluate('101', 'Dataset102_Protected', str(out2), reuse_clean_from=[str(out)], **kwargs)
+    assert 'reused ' in capsys.readouterr().out
+    assert report2['rows'][0]['victims'] == report['rows'][0]['victims']
+    assert not (out2 / 'victims' / 'clean' / '3d_fullres' / 'seed_0' / 'victim.log').exists()
+    assert (out2 / 'victims' / 'protected' / '3d_fullres' / 'seed_0' / 'victim.log').is_file()
+    scores = json.loads((out2 / 'victims' / 'clean' / '3d_fullres' / 'seed_0' / 'scores.json').read_text())
+    assert scores['reused_from'] == str(out / 'victims' / 'clean' / '3d_fullres' / 'seed_0' / 'scores.json')
+
     # OUT is pinned to its inputs
     with pytest.raises(EvaluationError, match='use another -o'):
         evaluate('102', '101', str(out), test_images=str(clean / 'imagesTs'), test_labels=str(clean / 'labelsTs'),
@@ -137,9 +149,43 @@ def test_user_errors_are_one_line(clean_and_protected, tmp_path):
     cmd = [sys.executable, '-m', 'nnunetv2_voxshield.evaluate', '--clean', '101', '--protected', '102',
            '--test-images', str(clean / 'imagesTs'), '--test-labels', str(labels), '-o', str(tmp_path / 'o3')]
     for extra, message in ((['--defence', 'zmedian', 'sharpen'], 'unknown defence'),
-                           (['-p', 'nnUNetPlans_gpu'], 'nnUNetPlans_cpu')):
+                           (['-p', 'nnUNetPlans_gpu'], 'nnUNetPlans_cpu'),
+                           (['--defence', 'blur', '--defence-c', '2d'], 'defence configuration(s) 2d not among'),
+                           (['--reuse-clean', str(tmp_path / 'nowhere')], 'nowhere: no state.json')):
         res = subprocess.run(cmd + extra, capture_output=True, text=True, env=os.environ)
         assert res.returncode != 0
         assert res.stderr.startswith('voxshield_evaluate: error:') and message in res.stderr, res.stderr
         assert len(res.stderr.strip().splitlines()) == 1
         assert not (tmp_path / 'o3').exists()
+
+
+def test_victim_jobs_defences_only_in_their_configurations():
+    rows = [('clean', 'Clean', None, None), ('protected', 'P', None, None),
+            ('protected+blur', 'P', 'Gaussian blur', {'name': 'blur'})]
+    jobs = victim_jobs(rows, ['3d_fullres', '2d'], ['3d_fullres'], [0, 1])
+    assert ('protected+blur', '2d', 0) not in jobs and ('protected+blur', '3d_fullres', 1) in jobs
+    assert len(jobs) == 2 * 2 * 2 + 2
+    assert len(victim_jobs(rows, ['3d_fullres', '2d'], ['3d_fullres', '2d'], [0])) == 6
+
+
+def test_reuse_clean_victim_only_when_everything_matches(tmp_path):
+    earlier = tmp_path / 'earlier'
+    vdir = earlier / 'victims' / 'clean' / '3d_fullres' / 'seed_0'
+    vdir.mkdir(parents=True)
+    (earlier / 'state.json').write_text(json.dumps({'clean': '/data/clean', 'protected': ['/data/p1']}))
+    scores = {'trainer': 'nnUNetTrainer_5epochs', 'plans': 'nnUNetPlans_cpu', 'summary': {'dice': 0.8},
+              'cases': [{'case': 'a'}, {'case': 'b'}]}
+    (vdir / 'scores.json').write_text(json.dumps(scores))
+    ws = Workspace(str(tmp_path / 'now'), '/data/clean', ['/data/p2'])
+    args = ('nnUNetTrainer_5epochs', 'nnUNetPlans_cpu', ['a', 'b'])
+    for config, seed, trainer, plans, cases in (('2d', 0, *args), ('3d_fullres', 1, *args),
+                                                ('3d_fullres', 0, 'nnUNetTrainer', *args[1:]),
+                                                ('3d_fullres', 0, args[0], 'nnUNetPlans', args[2]),
+                                                ('3d_fullres', 0, *args[:2], ['a', 'c'])):
+        assert reuse_clean_victim(ws, config, seed, trainer, plans, cases, [str(earlier)]) is None
+    other_clean = Workspace(str(tmp_path / 'other'), '/data/other', ['/data/p2'])
+    assert reuse_clean_victim(other_clean, '3d_fullres', 0, *args, [str(earlier)]) is None
+    got = reuse_clean_victim(ws, '3d_fullres', 0, *args, [str(earlier)])
+    assert got['summary'] == {'dice': 0.8} and got['reused_from'] == str(vdir / 'scores.json')
+    assert json.loads((tmp_path / 'now' / 'victims' / 'clean' / '3d_fullres' / 'seed_0' / 'scores.json')
+                      .read_text()) == got
