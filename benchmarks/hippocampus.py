@@ -6,7 +6,7 @@ victims on clean / protected / purified data, scored on 48 clean held-out cases.
 Protectors train with nnU-Net's own trainer API on fold all (as `nnUNetv2_train D 3d_fullres all -tr ...` does, minus
 its end-of-training validation on the training cases). Reads ../shared/data/Dataset004_Hippocampus (or --data) with the committed split (160 train / 48 test); everything
 is written under -o (private nnUNet_raw/_preprocessed/_results). Rerunning resumes. Prints a table and writes
-benchmark.json; the victims' full reports are in -o/eval_main and -o/eval_baselines (report.md, figure.png).
+benchmark.json; the victims' full reports are in -o/eval_<method> (report.md, figure.png).
 """
 import argparse
 import json
@@ -28,7 +28,10 @@ METHODS = {
     'EM': ('nnUNetTrainerEM', None, 13),
     'UMed-3D': ('nnUNetTrainerUMed', None, 14),
     'VoxShield-EOT': ('nnUNetTrainerVoxShieldEOT', None, 15),
+    'LSP': (None, 'lsp', 16),
+    'TAP': (None, 'tap', 17),  # PGD against a clean stock surrogate (nnUNetTrainer_<protector epochs>epochs)
 }
+EPS_CURVE_IDS = 20  # protected copies at other budgets: dataset ids 20, 21, ...
 
 
 def log(msg):
@@ -83,16 +86,28 @@ def seconds_per_iteration(trainer_name: str, n: int = 20) -> float:
     return (time.time() - t0) / n
 
 
+def deep_update(base: dict, new: dict) -> dict:
+    for k, v in new.items():
+        base[k] = deep_update(base.get(k) or {}, v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return base
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('-o', default=str(HERE / 'out' / 'hippocampus'), help='output folder')
     parser.add_argument('--data', default=str(DEFAULT_DATA), help='Dataset004_Hippocampus raw folder')
     parser.add_argument('--protector-epochs', type=int, default=5, choices=(1, 5, 10, 20, 50, 100))
     parser.add_argument('--victim-epochs', type=int, default=5, choices=(1, 5, 10, 20, 50, 100))
-    parser.add_argument('--methods', nargs='+', default=['VoxShield', 'Random', 'EM', 'UMed-3D'],
-                        choices=list(METHODS))
-    parser.add_argument('--main-method', default='VoxShield', help='the method also evaluated with defences and 2d')
+    parser.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS))
+    parser.add_argument('--main-methods', nargs='*', default=['VoxShield', 'VoxShield-EOT'], choices=list(METHODS),
+                        help='methods also evaluated with defences and the 2d victim (one eval_<method> folder each)')
     parser.add_argument('--defences', nargs='*', default=['blur', 'zmedian', 'zresample', 'quantise'])
+    parser.add_argument('--defence-configs', nargs='+', default=['3d_fullres', '2d'],
+                        help='victim configurations of the defence rows')
+    parser.add_argument('--eps-curve', nargs='*', default=['2/255', '8/255'],
+                        help='other budgets at which the --eps-curve-methods are exported (same trained generator) '
+                             'and scored by a 3d_fullres victim')
+    parser.add_argument('--eps-curve-methods', nargs='*', default=['VoxShield-EOT'], choices=list(METHODS))
     parser.add_argument('--seeds', nargs='+', type=int, default=[0])
     parser.add_argument('--skip-timing', action='store_true')
     args = parser.parse_args()
@@ -109,10 +124,17 @@ def main():
     logs.mkdir(exist_ok=True)
     result_file = out / 'benchmark.json'
     results = json.loads(result_file.read_text()) if result_file.is_file() else {}
-    save = lambda: result_file.write_text(json.dumps(results, indent=2))
-    results['settings'] = {'protector_epochs': args.protector_epochs, 'victim_epochs': args.victim_epochs,
-                           'plans': PLANS, 'methods': args.methods, 'defences': args.defences, 'seeds': args.seeds,
-                           'split': str(SPLIT.relative_to(HERE.parent))}
+
+    def save():
+        """Merge into benchmark.json (partial runs with disjoint --methods may run side by side)."""
+        merged = deep_update(json.loads(result_file.read_text()) if result_file.is_file() else {}, results)
+        tmp = result_file.with_suffix('.json.tmp')
+        tmp.write_text(json.dumps(merged, indent=2))
+        os.replace(tmp, result_file)
+
+    results.setdefault('settings', {}).update(
+        {'protector_epochs': args.protector_epochs, 'victim_epochs': args.victim_epochs, 'plans': PLANS,
+         'seeds': args.seeds, 'split': str(SPLIT.relative_to(HERE.parent)), 'defence_configs': args.defence_configs})
 
     split = json.loads(SPLIT.read_text())
     clean = prepare_raw(Path(args.data), roots['nnUNet_raw'], split)
@@ -128,89 +150,107 @@ def main():
         timing['voxshield_s_per_iteration'] = seconds_per_iteration('nnUNetTrainerVoxShield')
         save()
 
-    protected = {}
+    def train(name, trainer):
+        """nnU-Net's own training on fold all, seeded, without the end-of-training validation (on fold all it
+        predicts all 160 training cases with mirroring: ~20 min on CPU, and no protection number needs it)."""
+        fold = roots['nnUNet_results'] / 'Dataset004_Hippocampus' / f'{trainer}__{PLANS}__3d_fullres' / 'fold_all'
+        if not (fold / 'checkpoint_final.pth').is_file():
+            log(f'{name}: training {trainer} (nnU-Net training API, fold all, seed 0)')
+            seconds = run([sys.executable, '-m', 'nnunetv2_voxshield.victims', 'run', '4', '3d_fullres', '--seed',
+                           '0', '-tr', trainer, '-p', PLANS, '-device', 'cpu'], train_env, logs / f'train_{name}.log')
+            results.setdefault('protectors', {}).setdefault(name, {})['train_seconds'] = seconds
+            save()
 
-    def protect(name):
-        """Train the protector (stock nnUNetv2_train), export and verify; resumable."""
-        trainer, method, dataset_id = METHODS[name]
-        dst_name = f'Dataset{dataset_id:03d}_Hippocampus{name.replace("-", "")}'
-        protected[name] = roots['nnUNet_raw'] / dst_name
-        entry = results.setdefault('protectors', {}).setdefault(name, {})
-        export_cmd = ['voxshield_export', '-d', '4', '-o', dataset_id, '--name', f'Hippocampus{name.replace("-", "")}',
+    def protect(name, eps=None, dataset_id=None):
+        """Train the protector, export (at its own budget or ``eps``) and verify; resumable. Returns the dataset."""
+        trainer, method, default_id = METHODS[name]
+        tag = name if eps is None else f'{name}@{eps}'
+        label = tag.replace('-', '').replace('@', '_eps').replace('/', '_')
+        dataset_id = dataset_id or default_id
+        dst = roots['nnUNet_raw'] / f'Dataset{dataset_id:03d}_Hippocampus{label}'
+        entry = results.setdefault('protectors', {}).setdefault(tag, {})
+        export_cmd = ['voxshield_export', '-d', '4', '-o', dataset_id, '--name', f'Hippocampus{label}',
                       '-p', PLANS, '-c', '3d_fullres', '-device', 'cpu']
+        if eps is not None:
+            export_cmd += ['--eps', eps]
         if trainer is not None:
             trainer = f'{trainer}_{args.protector_epochs}epochs'
-            fold = roots['nnUNet_results'] / 'Dataset004_Hippocampus' / f'{trainer}__{PLANS}__3d_fullres' / 'fold_all'
-            if not (fold / 'checkpoint_final.pth').is_file():
-                # nnU-Net's own training on fold all, seeded, without the end-of-training validation (on fold all it
-                # predicts all 160 training cases with mirroring: ~20 min on CPU, and no protection number needs it)
-                log(f'{name}: training protector {trainer} (nnU-Net training API, fold all, seed 0)')
-                entry['train_seconds'] = run([sys.executable, '-m', 'nnunetv2_voxshield.victims', 'run', '4',
-                                              '3d_fullres', '--seed', '0', '-tr', trainer, '-p', PLANS,
-                                              '-device', 'cpu'], train_env, logs / f'train_{name}.log')
-                save()
+            train(name, trainer)
             export_cmd += ['-tr', trainer, '-f', 'all']
         else:
             export_cmd += ['--method', method]
-        if not protected[name].is_dir():
-            log(f'{name}: export')
-            entry['export_seconds'] = run(export_cmd, env, logs / f'export_{name}.log')
+            if method == 'tap':
+                surrogate = f'nnUNetTrainer_{args.protector_epochs}epochs'
+                train('TAP-surrogate', surrogate)
+                export_cmd += ['--surrogate-tr', surrogate, '--surrogate-f', 'all']
+        if not dst.is_dir():
+            log(f'{tag}: export')
+            entry['export_seconds'] = run(export_cmd, env, logs / f'export_{label}.log')
             entry['export_seconds_per_case'] = entry['export_seconds'] / len(split['train'])
             save()
         if 'verify' not in entry:
-            report = out / f'verify_{name}.json'
-            run(['voxshield_verify', clean, protected[name], '-o', report], env, logs / f'verify_{name}.log')
+            report = out / f'verify_{label}.json'
+            run(['voxshield_verify', clean, dst, '-o', report] + (['--eps', eps] if eps else []), env,
+                logs / f'verify_{label}.log')
             entry['verify'] = json.loads(report.read_text()).get('summary')
             save()
-
-    if args.main_method in args.methods:
-        protect(args.main_method)
-    main_trainer = f'{METHODS[args.main_method][0]}_{args.protector_epochs}epochs'
-    if not args.skip_timing and 'predict_seconds_per_case' not in timing and args.main_method in protected:
-        log('timing nnUNetv2_predict (protector surrogate, no TTA) on the test images')
-        pred_out = out / 'timing_predictions'
-        shutil.rmtree(pred_out, ignore_errors=True)
-        seconds = run(['nnUNetv2_predict', '-i', clean / 'imagesTs', '-o', pred_out, '-d', '4', '-c', '3d_fullres',
-                       '-p', PLANS, '-f', 'all', '-tr', main_trainer, '-device', 'cpu', '--disable_tta',
-                       '-npp', '1', '-nps', '1'], env, logs / 'predict_timing.log')
-        timing['predict_seconds_per_case'] = seconds / len(split['test'])
-        timing['export_seconds_per_case'] = results['protectors'][args.main_method].get('export_seconds_per_case')
-        save()
+        return dst
 
     from nnunetv2_voxshield.evaluate import evaluate
     common = dict(test_images=str(clean / 'imagesTs'), test_labels=str(clean / 'labelsTs'), plans=PLANS,
                   epochs=args.victim_epochs, seeds=args.seeds, device='cpu', disable_tta=True)
-    if args.main_method in protected:
-        log(f'victims: clean vs {args.main_method} (+ defences), 3d_fullres and 2d')
-        results['eval_main'] = evaluate('4', [str(protected[args.main_method])], str(out / 'eval_main'),
-                                        configurations=('3d_fullres', '2d'), defences=args.defences,
-                                        method_name=[args.main_method], **common)
+    evals = results.setdefault('eval', {})
+
+    def evaluation(key, datasets, names, **kwargs):
+        """One voxshield_evaluate folder; clean victims are reused from the other folders of this benchmark."""
+        folder = out / f'eval_{key}'
+        others = [str(d) for d in sorted(out.glob('eval_*')) if d != folder and (d / 'state.json').is_file()]
+        log(f'victims: clean vs {", ".join(names)} -> {folder}')
+        evals[key] = evaluate('4', [str(d) for d in datasets], str(folder), method_name=names,
+                              reuse_clean_from=others, **common, **kwargs)
         save()
-    others = [m for m in args.methods if m != args.main_method]
-    for name in others:
-        protect(name)
+
+    main_methods = [m for m in args.main_methods if m in args.methods]
+    for name in main_methods:
+        dataset = protect(name)
+        if not args.skip_timing and name == 'VoxShield' and 'predict_seconds_per_case' not in timing:
+            log('timing nnUNetv2_predict (protector surrogate, no TTA) on the test images')
+            pred_out = out / 'timing_predictions'
+            shutil.rmtree(pred_out, ignore_errors=True)
+            seconds = run(['nnUNetv2_predict', '-i', clean / 'imagesTs', '-o', pred_out, '-d', '4', '-c',
+                           '3d_fullres', '-p', PLANS, '-f', 'all', '-tr', f'{METHODS[name][0]}_{args.protector_epochs}'
+                           'epochs', '-device', 'cpu', '--disable_tta', '-npp', '1', '-nps', '1'], env,
+                          logs / 'predict_timing.log')
+            timing['predict_seconds_per_case'] = seconds / len(split['test'])
+            timing['export_seconds_per_case'] = results['protectors'][name].get('export_seconds_per_case')
+            save()
+        evaluation(name, [dataset], [name], configurations=('3d_fullres', '2d'), defences=args.defences,
+                   defence_configurations=args.defence_configs)
+    for name in [m for m in args.eps_curve_methods if m in args.methods and METHODS[m][0] and args.eps_curve]:
+        datasets = [protect(name, eps, EPS_CURVE_IDS + i) for i, eps in enumerate(args.eps_curve)]
+        evaluation(f'{name}_eps', datasets, [f'{name} eps {e}' for e in args.eps_curve])
+    others = [m for m in args.methods if m not in main_methods]
     if others:
-        log(f'victims: clean vs {", ".join(others)}, 3d_fullres')
-        results['eval_baselines'] = evaluate('4', [str(protected[m]) for m in others], str(out / 'eval_baselines'),
-                                             configurations=('3d_fullres',), method_name=others, **common)
-        save()
+        datasets = [protect(m) for m in others]
+        evaluation('baselines', datasets, others)
     print_table(results)
 
 
 def print_table(results: dict):
-    rows = []
-    for key in ('eval_main', 'eval_baselines'):
-        for row in (results.get(key) or {}).get('rows', []):
-            if key == 'eval_baselines' and row['row'] == 'clean':
+    rows, clean_done = [], set()
+    for report in (results.get('eval') or {}).values():
+        for row in report.get('rows', []):
+            if row['row'] == 'clean' and frozenset(row['victims']) <= clean_done:
                 continue
+            clean_done |= set(row['victims']) if row['row'] == 'clean' else set()
             q = row.get('quality') or {}
             for config, v in row['victims'].items():
                 rows.append((row['method'], row['defence'] or '-', config, v['dice']['mean'], v['hd95_mm']['mean'],
                              (q.get('psnr') or {}).get('mean'), (q.get('ssim') or {}).get('mean')))
-    print(f'{"method":<15}{"defence":<28}{"config":<12}{"DSC":>8}{"HD95 mm":>10}{"PSNR dB":>10}{"SSIM":>8}')
+    print(f'{"method":<26}{"defence":<28}{"config":<12}{"DSC":>8}{"HD95 mm":>10}{"PSNR dB":>10}{"SSIM":>8}')
     fmt = lambda v, d: f'{v:.{d}f}' if isinstance(v, (int, float)) else '-'
     for m, d, c, dsc, hd, p, s in rows:
-        print(f'{m:<15}{d:<28}{c:<12}{fmt(dsc, 4):>8}{fmt(hd, 2):>10}{fmt(p, 2):>10}{fmt(s, 4):>8}')
+        print(f'{m:<26}{d:<28}{c:<12}{fmt(dsc, 4):>8}{fmt(hd, 2):>10}{fmt(p, 2):>10}{fmt(s, 4):>8}')
     t = results.get('timing') or {}
     if t.get('voxshield_s_per_iteration'):
         print(f'train s/iteration: stock {t["stock_s_per_iteration"]:.3f}, VoxShield {t["voxshield_s_per_iteration"]:.3f}'
