@@ -233,30 +233,54 @@ def main():
     if others:
         datasets = [protect(m) for m in others]
         evaluation('baselines', datasets, others)
-    print_table(results)
+    print_table(results, out / 'benchmark.md')
 
 
-def print_table(results: dict):
-    rows, clean_done = [], set()
+def table_rows(results: dict) -> list:
+    """One row per (method, defence, victim configuration) over all eval folders, each clean victim once, with the
+    Dice ratio to the clean victim of the same configuration."""
+    rows, clean = [], {}
     for report in (results.get('eval') or {}).values():
         for row in report.get('rows', []):
-            if row['row'] == 'clean' and frozenset(row['victims']) <= clean_done:
-                continue
-            clean_done |= set(row['victims']) if row['row'] == 'clean' else set()
-            q = row.get('quality') or {}
             for config, v in row['victims'].items():
-                rows.append((row['method'], row['defence'] or '-', config, v['dice']['mean'], v['hd95_mm']['mean'],
-                             (q.get('psnr') or {}).get('mean'), (q.get('ssim') or {}).get('mean')))
-    print(f'{"method":<26}{"defence":<28}{"config":<12}{"DSC":>8}{"HD95 mm":>10}{"PSNR dB":>10}{"SSIM":>8}')
+                if row['row'] == 'clean':
+                    if config in clean:
+                        continue
+                    clean[config] = v['dice']['mean']
+                q = row.get('quality') or {}
+                rows.append({'method': row['method'], 'defence': row['defence'] or '-', 'config': config,
+                             'dice': v['dice']['mean'], 'hd95': v['hd95_mm']['mean'],
+                             'psnr': (q.get('psnr') or {}).get('mean'), 'psnr_roi': (q.get('psnr_roi') or {}).get('mean'),
+                             'ssim': (q.get('ssim') or {}).get('mean')})
+    for r in rows:
+        r['ratio'] = r['dice'] / clean[r['config']] if clean.get(r['config']) else None
+    return sorted(rows, key=lambda r: r['config'] != '3d_fullres')
+
+
+def print_table(results: dict, markdown_file: Path):
+    rows = table_rows(results)
     fmt = lambda v, d: f'{v:.{d}f}' if isinstance(v, (int, float)) else '-'
-    for m, d, c, dsc, hd, p, s in rows:
-        print(f'{m:<26}{d:<28}{c:<12}{fmt(dsc, 4):>8}{fmt(hd, 2):>10}{fmt(p, 2):>10}{fmt(s, 4):>8}')
+    print(f'{"method":<26}{"defence":<38}{"config":<12}{"DSC":>8}{"/clean":>8}{"HD95 mm":>10}{"PSNR dB":>10}'
+          f'{"SSIM":>8}')
+    for r in rows:
+        print(f'{r["method"]:<26}{r["defence"]:<38}{r["config"]:<12}{fmt(r["dice"], 4):>8}{fmt(r["ratio"], 2):>8}'
+              f'{fmt(r["hd95"], 2):>10}{fmt(r["psnr"], 2):>10}{fmt(r["ssim"], 4):>8}')
+    lines = ['| method | defence | victim | DSC | DSC / clean | HD95 (mm) | PSNR (dB) | PSNR ROI (dB) | SSIM |',
+             '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+    lines += [f'| {r["method"]} | {r["defence"]} | {r["config"]} | {fmt(r["dice"], 3)} | {fmt(r["ratio"], 2)} | '
+              f'{fmt(r["hd95"], 2)} | {fmt(r["psnr"], 1)} | {fmt(r["psnr_roi"], 1)} | {fmt(r["ssim"], 4)} |'
+              for r in rows]
     t = results.get('timing') or {}
     if t.get('voxshield_s_per_iteration'):
-        print(f'train s/iteration: stock {t["stock_s_per_iteration"]:.3f}, VoxShield {t["voxshield_s_per_iteration"]:.3f}'
-              f' (x{t["voxshield_s_per_iteration"] / t["stock_s_per_iteration"]:.2f})')
+        line = (f'train s/iteration: stock {t["stock_s_per_iteration"]:.3f}, VoxShield '
+                f'{t["voxshield_s_per_iteration"]:.3f} (x{t["voxshield_s_per_iteration"] / t["stock_s_per_iteration"]:.2f})')
+        print(line)
+        lines += ['', line]
     if t.get('predict_seconds_per_case') and t.get('export_seconds_per_case'):
-        print(f's/case: export {t["export_seconds_per_case"]:.2f}, nnUNetv2_predict {t["predict_seconds_per_case"]:.2f}')
+        line = f's/case: export {t["export_seconds_per_case"]:.2f}, nnUNetv2_predict {t["predict_seconds_per_case"]:.2f}'
+        print(line)
+        lines += ['', line]
+    markdown_file.write_text('\n'.join(lines) + '\n')
 
 
 if __name__ == '__main__':
