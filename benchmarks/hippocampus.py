@@ -32,6 +32,7 @@ METHODS = {
     'TAP': (None, 'tap', 17),  # PGD against a clean stock surrogate (nnUNetTrainer_<protector epochs>epochs)
 }
 EPS_CURVE_IDS = 20  # protected copies at other budgets: dataset ids 20, 21, ...
+DETECTOR_CONTROL_IDS = 30  # Random at larger budgets, positive controls of the residual-only detector
 
 
 def log(msg):
@@ -108,9 +109,21 @@ def main():
                         help='other budgets at which the --eps-curve-methods are exported (same trained generator) '
                              'and scored by a 3d_fullres victim')
     parser.add_argument('--eps-curve-methods', nargs='*', default=['VoxShield-EOT'], choices=list(METHODS))
+    parser.add_argument('--detector-methods', nargs='*', default=['VoxShield', 'VoxShield-EOT', 'Random'],
+                        choices=list(METHODS), help='protected copies scored by the residual-only detector '
+                                                    '(voxshield_detect), next to the clean data')
+    parser.add_argument('--detector-controls', nargs='*', default=['64/255'],
+                        help='budgets at which Random (noise in the label only) is exported as the detector\'s '
+                             'positive control')
     parser.add_argument('--seeds', nargs='+', type=int, default=[0])
     parser.add_argument('--skip-timing', action='store_true')
+    parser.add_argument('--skip-victims', action='store_true', help='only protectors, exports, verify and detector')
+    parser.add_argument('--table-only', action='store_true', help='print the table of -o/benchmark.json (as written '
+                                                                  'by earlier runs) and write benchmark.md')
     args = parser.parse_args()
+    if args.table_only:
+        result_file = Path(args.o).resolve() / 'benchmark.json'
+        return print_table(json.loads(result_file.read_text()), result_file.with_suffix('.md'))
 
     out = Path(args.o).resolve()
     roots = {k: out / k for k in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results')}
@@ -210,6 +223,24 @@ def main():
                               reuse_clean_from=others, **common, **kwargs)
         save()
 
+    detector_sets = [protect(m) for m in args.detector_methods] + [
+        protect('Random', eps, DETECTOR_CONTROL_IDS + i) for i, eps in enumerate(args.detector_controls)]
+    detector_file = out / 'detector.json'
+    if detector_sets and not (detector_file.is_file() and [d['dataset'] for d in json.loads(
+            detector_file.read_text())['datasets']] == [str(clean)] + [str(d) for d in detector_sets]):
+        log(f'residual-only detector on clean + {len(detector_sets)} protected copies')
+        run(['voxshield_detect', clean, *detector_sets, '-o', detector_file], env, logs / 'detector.log')
+    if detector_file.is_file():
+        report = json.loads(detector_file.read_text())
+        results['detector'] = {'settings': report['settings'], 'n_train': len(report['split']['train_cases']),
+                               'n_test': len(report['split']['test_cases']),
+                               'datasets': {Path(d['dataset']).name: {k: d[k] for k in ('mean_dice', 'union_dice',
+                                                                                       'dice_per_label')}
+                                            for d in report['datasets']}}
+        save()
+    if args.skip_victims:
+        return
+
     main_methods = [m for m in args.main_methods if m in args.methods]
     for name in main_methods:
         dataset = protect(name)
@@ -280,6 +311,15 @@ def print_table(results: dict, markdown_file: Path):
         line = f's/case: export {t["export_seconds_per_case"]:.2f}, nnUNetv2_predict {t["predict_seconds_per_case"]:.2f}'
         print(line)
         lines += ['', line]
+    detector = results.get('detector')
+    if detector:
+        print(f'residual-only detector ({detector["n_train"]} train / {detector["n_test"]} test cases): test Dice')
+        lines += ['', f'Residual-only detector ({detector["n_train"]} train / {detector["n_test"]} test cases, '
+                      f'{detector["settings"]["iterations"]} iterations, sigma {detector["settings"]["sigma"]}):', '',
+                  '| dataset | test Dice | union Dice |', '| --- | --- | --- |']
+        for name, d in detector['datasets'].items():
+            print(f'  {name:<45}{d["mean_dice"]:.4f}  (union {d["union_dice"]:.4f})')
+            lines.append(f'| {name} | {d["mean_dice"]:.3f} | {d["union_dice"]:.3f} |')
     markdown_file.write_text('\n'.join(lines) + '\n')
 
 
