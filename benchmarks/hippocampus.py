@@ -285,11 +285,43 @@ def table_rows(results: dict) -> list:
                              'ssim': (q.get('ssim') or {}).get('mean')})
     for r in rows:
         r['ratio'] = r['dice'] / clean[r['config']] if clean.get(r['config']) else None
-    return sorted(rows, key=lambda r: r['config'] != '3d_fullres')
+    return sorted(rows, key=lambda r: (r['config'] != '3d_fullres', r['defence'] != '-'))
+
+
+def eps_curve_figure(rows: list, methods: list, png: Path) -> None:
+    """3d_fullres victim Dice ratio vs whole-volume PSNR of each method at its budgets (the default budget is the
+    method's own row, the others are rows named '<method> eps <eps>')."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for method in methods:
+        points = []
+        for r in rows:
+            if r['config'] == '3d_fullres' and r['defence'] == '-' and r['psnr'] is not None and (
+                    r['method'] == method or r['method'].startswith(f'{method} eps ')):
+                points.append((r['psnr'], r['ratio'], r['method'][len(method) + 5:] or '4/255'))
+        points.sort()
+        if len(points) < 2:
+            continue
+        ax.plot([p[0] for p in points], [p[1] for p in points], 'o-', label=method)
+        for x, y, eps in points:
+            ax.annotate(eps, (x, y), textcoords='offset points', xytext=(4, 4), fontsize=8)
+    ax.axhline(1.0, color='grey', lw=0.5)
+    ax.axvline(50.0, color='grey', lw=0.5, ls='--')
+    ax.set_xlabel('PSNR of the protected training images (dB)')
+    ax.set_ylabel('3d_fullres victim Dice / clean')
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
 
 
 def print_table(results: dict, markdown_file: Path):
     rows = table_rows(results)
+    curve_methods = sorted({r['method'].split(' eps ')[0] for r in rows if ' eps ' in r['method']})
+    if curve_methods:
+        eps_curve_figure(rows, curve_methods, markdown_file.with_name('eps_curve.png'))
     fmt = lambda v, d: f'{v:.{d}f}' if isinstance(v, (int, float)) else '-'
     print(f'{"method":<26}{"defence":<38}{"config":<12}{"DSC":>8}{"/clean":>8}{"HD95 mm":>10}{"PSNR dB":>10}'
           f'{"SSIM":>8}')
