@@ -34,8 +34,9 @@ def test_residual_is_in_range_units():
     scale = percentile_range(smooth[None])[0] / percentile_range(image)[0]
     assert np.allclose(residual, delta[inner[1:]] / percentile_range(image)[0] * attenuation, rtol=1e-3)
     assert np.allclose(np.abs(residual), DEFAULT_EPS * attenuation * scale, rtol=1e-3)
-    # 4/255 up to the range of x + delta being at most 2 x 4/255 wider than that of x
-    assert 1 / (1 + 2 * DEFAULT_EPS) - 1e-3 < attenuation * scale <= 1
+    # as documented: 4/255, down to 4/255 / (1 + 2 x 4/255) since the range is that of x + delta
+    assert np.all(np.abs(residual) <= DEFAULT_EPS * (1 + 1e-5))
+    assert np.all(np.abs(residual) >= DEFAULT_EPS / (1 + 2 * DEFAULT_EPS) * (1 - 1e-3))
 
 
 def test_foreground_dice_rules():
