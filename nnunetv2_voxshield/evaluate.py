@@ -319,12 +319,20 @@ def evaluate(clean: str, protected: Union[str, Sequence[str]], output_dir: str, 
             log(f'purifying {source[row]} with {describe_defence(spec)} -> {dst}')
             purify_dataset(source[row], dst, spec, verbose)
 
-    # 2. the victims' own plan/preprocess (+ plans preset)
+    # 2. clean victims taken from earlier folders, then the victims' own plan/preprocess (+ plans preset) for
+    # the configurations that still have a victim to train
     jobs = victim_jobs(rows, configurations, defence_configurations, seeds)
+    marker = lambda row, c, s: os.path.join(ws.victim_dir(row, c, s), 'scores.json')
+    reused = {}
+    for c, s in [(c, s) for row, c, s in jobs if row == 'clean' and not os.path.isfile(marker(row, c, s))]:
+        scores = reuse_clean_victim(ws, c, s, trainer, plans, cases, reuse_clean_from)
+        if scores is not None:
+            reused[('clean', c, s)] = scores
     for row, *_ in rows:
         did = ws.dataset_id(row)
         marker_dir = os.path.join(ws.out, 'victims', row)
-        row_configurations = [c for c in configurations if (row, c, seeds[0]) in jobs]
+        row_configurations = [c for c in configurations
+                              if any((row, c, s) in jobs and not os.path.isfile(marker(row, c, s)) for s in seeds)]
         todo = [c for c in row_configurations
                 if not os.path.isfile(os.path.join(marker_dir, f'.preprocessed_{c}'))]
         if not todo:
@@ -342,16 +350,14 @@ def evaluate(clean: str, protected: Union[str, Sequence[str]], output_dir: str, 
     # 3. victims
     results = {}
     for i, (row, c, s) in enumerate(jobs, 1):
-        marker = os.path.join(ws.victim_dir(row, c, s), 'scores.json')
         tag = f'[{i}/{len(jobs)}] {row} {c} seed {s}'
-        if os.path.isfile(marker):
-            results[(row, c, s)] = json.load(open(marker))
-            log(f'{tag}: done before, skipped')
+        if (row, c, s) in reused:
+            results[(row, c, s)] = reused[(row, c, s)]
+            log(f'{tag}: reused {reused[(row, c, s)]["reused_from"]}: DSC {reused[(row, c, s)]["summary"]["dice"]:.4f}')
             continue
-        reused = reuse_clean_victim(ws, c, s, trainer, plans, cases, reuse_clean_from) if row == 'clean' else None
-        if reused is not None:
-            results[(row, c, s)] = reused
-            log(f'{tag}: reused {reused["reused_from"]}: DSC {reused["summary"]["dice"]:.4f}')
+        if os.path.isfile(marker(row, c, s)):
+            results[(row, c, s)] = json.load(open(marker(row, c, s)))
+            log(f'{tag}: done before, skipped')
             continue
         log(f'{tag}: training {trainer} ({plans}, fold all) and predicting {len(cases)} test cases ...')
         t0 = time.time()

@@ -123,6 +123,9 @@ def test_pipeline_outputs_and_resume(clean_and_protected, nnunet_dirs, test_trai
     assert report2['rows'][0]['victims'] == report['rows'][0]['victims']
     assert not (out2 / 'victims' / 'clean' / '3d_fullres' / 'seed_0' / 'victim.log').exists()
     assert (out2 / 'victims' / 'protected' / '3d_fullres' / 'seed_0' / 'victim.log').is_file()
+    # only the row with a victim to train is planned and preprocessed
+    assert [p.parent.name for p in (out2 / 'nnUNet_preprocessed').glob('Dataset*/nnUNetPlans_cpu.json')] == \
+        ['Dataset002_protected']
     scores = json.loads((out2 / 'victims' / 'clean' / '3d_fullres' / 'seed_0' / 'scores.json').read_text())
     assert scores['reused_from'] == str(out / 'victims' / 'clean' / '3d_fullres' / 'seed_0' / 'scores.json')
 
