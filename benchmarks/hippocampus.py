@@ -145,10 +145,9 @@ def main():
 
     def save():
         """Merge into benchmark.json (partial runs with disjoint --methods may run side by side)."""
-        merged = deep_update(json.loads(result_file.read_text()) if result_file.is_file() else {}, results)
-        tmp = result_file.with_suffix('.json.tmp')
-        tmp.write_text(json.dumps(merged, indent=2))
-        os.replace(tmp, result_file)
+        from nnunetv2_voxshield.report import write_json_atomic
+        write_json_atomic(str(result_file),
+                          deep_update(json.loads(result_file.read_text()) if result_file.is_file() else {}, results))
 
     results.setdefault('settings', {}).update(
         {'protector_epochs': args.protector_epochs, 'victim_epochs': args.victim_epochs, 'plans': PLANS,
