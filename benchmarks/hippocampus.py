@@ -32,6 +32,7 @@ METHODS = {
     'TAP': (None, 'tap', 17),  # PGD against a clean stock surrogate (nnUNetTrainer_<protector epochs>epochs)
     'VoxShield-EOT-defAware': ('nnUNetTrainerVoxShieldEOT_defAware', None, 18),
     'VoxShield-EOT-2DAware': ('nnUNetTrainerVoxShieldEOT_2DAware', None, 19),
+    'VoxShield-EOT-noBG': ('nnUNetTrainerVoxShieldEOT_noBG', None, 10),  # 20+: eps curve, 30+: detector
 }
 EPS_CURVE_IDS = 20  # protected copies at other budgets: dataset ids 20, 21, ...
 DETECTOR_CONTROL_IDS = 30  # Random at larger budgets, positive controls of the residual-only detector
@@ -101,9 +102,9 @@ def main():
     parser.add_argument('--data', default=str(DEFAULT_DATA), help='Dataset004_Hippocampus raw folder')
     parser.add_argument('--protector-epochs', type=int, default=5, choices=(1, 5, 10, 20, 50, 100))
     parser.add_argument('--victim-epochs', type=int, default=5, choices=(1, 5, 10, 20, 50, 100))
-    parser.add_argument('--methods', nargs='+', default=list(METHODS)[:7], choices=list(METHODS),
-                        help='default: all but the EOT -defAware/-2DAware variants')
-    parser.add_argument('--main-methods', nargs='*', default=['VoxShield', 'VoxShield-EOT'], choices=list(METHODS),
+    parser.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS))
+    parser.add_argument('--main-methods', nargs='*', choices=list(METHODS),
+                        default=['VoxShield'] + [m for m in METHODS if m.startswith('VoxShield-EOT')],
                         help='methods also evaluated with defences and the 2d victim (one eval_<method> folder each)')
     parser.add_argument('--defences', nargs='*', default=['blur', 'zmedian', 'zresample', 'quantise'])
     parser.add_argument('--defence-configs', nargs='+', default=['3d_fullres', '2d'],
@@ -120,6 +121,8 @@ def main():
                              'positive control')
     parser.add_argument('--others-eval', default='baselines',
                         help='name of the evaluation folder (eval_<name>) of the methods that are not main methods')
+    parser.add_argument('--others-configs', nargs='+', default=['3d_fullres', '2d'], choices=('3d_fullres', '2d'),
+                        help='victim configurations of the methods that are not main methods')
     parser.add_argument('--seeds', nargs='+', type=int, default=[0])
     parser.add_argument('--skip-timing', action='store_true')
     parser.add_argument('--skip-victims', action='store_true', help='only protectors, exports, verify and detector')
@@ -267,7 +270,7 @@ def main():
     others = [m for m in args.methods if m not in main_methods]
     if others:
         datasets = [protect(m) for m in others]
-        evaluation(args.others_eval, datasets, others)
+        evaluation(args.others_eval, datasets, others, configurations=args.others_configs)
     print_table(results, out / 'benchmark.md')
 
 
