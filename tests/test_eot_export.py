@@ -1,7 +1,9 @@
 """Export of an EOT checkpoint honours its per-voxel support: eps inside the ROI, eps_bg outside."""
 import shutil
+from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
 
@@ -40,3 +42,45 @@ def test_eot_checkpoint_exports_with_background_support(hippocampus_env, test_tr
         assert checked_float > 0
     finally:
         shutil.rmtree(protected)  # the raw folder is shared by the session
+
+
+@pytest.mark.parametrize('variant,eps_bg', [('nnUNetTrainerVoxShieldEOT_noBG', 0.0),
+                                            ('nnUNetTrainerVoxShieldEOT_defAware', 1 / 255),
+                                            ('nnUNetTrainerVoxShieldEOT_2DAware', 1 / 255)])
+def test_every_eot_variant_exports_and_verifies(hippocampus_env, variant, eps_bg):
+    """A checkpoint of each EOT variant (saved by the trainer itself) exports and passes voxshield_verify; outside
+    the ROI delta is exactly zero for _noBG and within eps_bg (and mostly non-zero) for the others."""
+    from nnunetv2_voxshield.export import export_entry
+    from nnunetv2_voxshield.verify import verify_datasets
+    from test_trainer import make_trainer
+    trainer = make_trainer(variant)
+    with torch.no_grad():
+        for p in trainer.generator.parameters():  # saturate tanh so that both bounds are reached
+            p.mul_(50)
+    trainer.save_checkpoint(str(Path(trainer.output_folder) / 'checkpoint_final.pth'))
+    assert trainer.voxshield_state()['eps_bg'] == pytest.approx(eps_bg)
+
+    raw = hippocampus_env['nnUNet_raw']
+    clean, protected = raw / 'Dataset004_Hippocampus', raw / 'Dataset046_HippocampusVariant'
+    export_entry(['-d', '4', '-o', '46', '--name', 'HippocampusVariant', '-tr', variant, '-f', '0', '-device', 'cpu'])
+    try:
+        report = verify_datasets(str(clean), str(protected))
+        assert report['violations'] == [] and report['summary']['cases'] == len(hippocampus_env['cases'])
+        assert report['summary']['max_budget_use'] > 0.9
+        for label_file in sorted((clean / 'labelsTr').glob('*.nii.gz')):
+            case = label_file.name[:-len('.nii.gz')]
+            image = sitk.ReadImage(str(clean / 'imagesTr' / f'{case}_0000.nii.gz'))
+            x = sitk.GetArrayFromImage(image).astype(np.float64)
+            xp = sitk.GetArrayFromImage(sitk.ReadImage(str(protected / 'imagesTr' / f'{case}_0000.nii.gz')))
+            diff = np.abs(xp.astype(np.float64) - x)
+            outside = sitk.GetArrayFromImage(sitk.ReadImage(str(label_file))) == 0
+            assert diff[~outside].max() > 0
+            if eps_bg == 0:
+                assert np.all(diff[outside] == 0)  # the support is the ROI
+            elif image.GetPixelID() == sitk.sitkFloat32:  # integer images round to whole units
+                float32_step = np.spacing(np.abs(x).astype(np.float32)).astype(np.float64)  # storage rounding
+                bound = raw_budget(x[None], eps=eps_bg)[0] * (1 + 1e-5) + float32_step
+                assert np.all(diff[outside] <= bound[outside])
+                assert np.count_nonzero(diff[outside]) > 0.5 * outside.sum()
+    finally:
+        shutil.rmtree(protected, ignore_errors=True)  # the raw folder is shared by the session
