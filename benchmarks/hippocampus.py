@@ -146,11 +146,15 @@ def main():
     result_file = out / 'benchmark.json'
     results = json.loads(result_file.read_text()) if result_file.is_file() else {}
 
+    evaluated = set()  # eval folders (re)computed by this run: only these replace their entry in benchmark.json
+
     def save():
-        """Merge into benchmark.json (partial runs with disjoint --methods may run side by side)."""
+        """Merge into benchmark.json (partial runs with disjoint --methods may run side by side; an evaluation
+        another run finished meanwhile is not overwritten by this run's copy from its start)."""
         from nnunetv2_voxshield.report import write_json_atomic
+        mine = {**results, 'eval': {k: v for k, v in results.get('eval', {}).items() if k in evaluated}}
         write_json_atomic(str(result_file),
-                          deep_update(json.loads(result_file.read_text()) if result_file.is_file() else {}, results))
+                          deep_update(json.loads(result_file.read_text()) if result_file.is_file() else {}, mine))
 
     results.setdefault('settings', {}).update(
         {'protector_epochs': args.protector_epochs, 'victim_epochs': args.victim_epochs, 'plans': PLANS,
@@ -228,6 +232,7 @@ def main():
         log(f'victims: clean vs {", ".join(names)} -> {folder}')
         evals[key] = evaluate('4', [str(d) for d in datasets], str(folder), method_name=names,
                               reuse_clean_from=others, **common, **kwargs)
+        evaluated.add(key)
         save()
 
     detector_sets = [protect(m) for m in args.detector_methods] + [
@@ -271,7 +276,7 @@ def main():
     if others:
         datasets = [protect(m) for m in others]
         evaluation(args.others_eval, datasets, others, configurations=args.others_configs)
-    print_table(results, out / 'benchmark.md')
+    print_table(json.loads(result_file.read_text()), out / 'benchmark.md')  # with what parallel runs merged
 
 
 def table_rows(results: dict) -> list:
