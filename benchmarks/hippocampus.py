@@ -131,6 +131,8 @@ def main():
     args = parser.parse_args()
     if args.table_only:
         result_file = Path(args.o).resolve() / 'benchmark.json'
+        if not result_file.is_file():
+            parser.error(f'{result_file}: not found (run the benchmark first)')
         return print_table(json.loads(result_file.read_text()), result_file.with_suffix('.md'))
 
     out = Path(args.o).resolve()
@@ -291,13 +293,38 @@ def table_rows(results: dict) -> list:
                         continue
                     clean[config] = v['dice']['mean']
                 q = row.get('quality') or {}
-                rows.append({'method': row['method'], 'defence': row['defence'] or '-', 'config': config,
+                rows.append({'method': row['method'], 'defence': row['defence'] or '-',
+                             'defence_spec': row.get('defence_spec') or '-', 'config': config,
                              'dice': v['dice']['mean'], 'hd95': v['hd95_mm']['mean'],
                              'psnr': (q.get('psnr') or {}).get('mean'), 'psnr_roi': (q.get('psnr_roi') or {}).get('mean'),
                              'ssim': (q.get('ssim') or {}).get('mean')})
     for r in rows:
         r['ratio'] = r['dice'] / clean[r['config']] if clean.get(r['config']) else None
     return sorted(rows, key=lambda r: (r['config'] != '3d_fullres', r['defence'] != '-'))
+
+
+TARGET = {'3d_fullres': 0.05, '2d': 0.20, 'defence': 0.30}  # issue 6: victim Dice / clean at most this
+
+
+def ratio_matrix(rows: list) -> list:
+    """Markdown lines: one row per method (budget-curve rows left out), one column per victim configuration and per
+    (defence, configuration), each cell the victim's Dice / clean ('-': not measured); the header's second line
+    gives issue 6's target of the column."""
+    rows = [r for r in rows if r['method'] != 'Clean' and ' eps ' not in r['method']]
+    specs = list(dict.fromkeys(r['defence_spec'] for r in rows if r['defence_spec'] != '-'))
+    columns = [c for c in [('-', '3d_fullres'), ('-', '2d')] + [(s, c) for c in ('3d_fullres', '2d') for s in specs]
+               if any((r['defence_spec'], r['config']) == c for r in rows)]
+    cells = {(r['method'], r['defence_spec'], r['config']): r['ratio'] for r in rows}
+    methods = list(dict.fromkeys(r['method'] for r in rows))
+    name = lambda spec, config: config if spec == '-' else f'{config} + {spec}'
+    target = lambda spec, config: TARGET[config] if spec == '-' else TARGET['defence']
+    lines = ['| method | ' + ' | '.join(name(*c) for c in columns) + ' |',
+             '| --- |' + ' --- |' * len(columns),
+             '| *target* | ' + ' | '.join(f'*<= {target(*c):.2f}*' for c in columns) + ' |']
+    for m in methods:
+        values = [cells.get((m, *c)) for c in columns]
+        lines.append(f'| {m} | ' + ' | '.join('-' if v is None else f'{v:.2f}' for v in values) + ' |')
+    return lines
 
 
 def eps_curve_figure(rows: list, methods: list, png: Path) -> None:
@@ -345,6 +372,9 @@ def print_table(results: dict, markdown_file: Path):
     lines += [f'| {r["method"]} | {r["defence"]} | {r["config"]} | {fmt(r["dice"], 3)} | {fmt(r["ratio"], 2)} | '
               f'{fmt(r["hd95"], 2)} | {fmt(r["psnr"], 1)} | {fmt(r["psnr_roi"], 1)} | {fmt(r["ssim"], 4)} |'
               for r in rows]
+    matrix = ratio_matrix(rows)
+    print('\n'.join(matrix))
+    lines += ['', 'Victim Dice / clean, per victim configuration and defence:', ''] + matrix
     t = results.get('timing') or {}
     if t.get('voxshield_s_per_iteration'):
         line = (f'train s/iteration: stock {t["stock_s_per_iteration"]:.3f}, VoxShield '
