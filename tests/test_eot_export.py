@@ -13,6 +13,22 @@ from nnunetv2_voxshield.budget import raw_budget
 pytestmark = requires_hippocampus
 
 
+def case_differences(clean, protected):
+    """Per training case: (image is float32, clean image, |protected - clean|, voxels outside the ROI)."""
+    for label_file in sorted((clean / 'labelsTr').glob('*.nii.gz')):
+        case = label_file.name[:-len('.nii.gz')]
+        image = sitk.ReadImage(str(clean / 'imagesTr' / f'{case}_0000.nii.gz'))
+        x = sitk.GetArrayFromImage(image).astype(np.float64)
+        xp = sitk.GetArrayFromImage(sitk.ReadImage(str(protected / 'imagesTr' / f'{case}_0000.nii.gz')))
+        outside = sitk.GetArrayFromImage(sitk.ReadImage(str(label_file))) == 0
+        yield image.GetPixelID() == sitk.sitkFloat32, x, np.abs(xp.astype(np.float64) - x), outside
+
+
+def background_bound(x, eps_bg):
+    """Per voxel: eps_bg of the case's range, plus float32 storage rounding of the protected value."""
+    return raw_budget(x[None], eps=eps_bg)[0] * (1 + 1e-5) + np.spacing(np.abs(x).astype(np.float32))
+
+
 def test_eot_checkpoint_exports_with_background_support(hippocampus_env, test_trainers_env):
     trainer = 'nnUNetTrainerVoxShieldEOT_tiny'
     run_cli(['nnUNetv2_train', '4', '3d_fullres', '0', '-tr', trainer, '-device', 'cpu'])
@@ -26,18 +42,11 @@ def test_eot_checkpoint_exports_with_background_support(hippocampus_env, test_tr
     try:
         run_cli(['voxshield_verify', clean, protected])
         checked_float = 0
-        for label_file in sorted((clean / 'labelsTr').glob('*.nii.gz')):
-            case = label_file.name[:-len('.nii.gz')]
-            image = sitk.ReadImage(str(clean / 'imagesTr' / f'{case}_0000.nii.gz'))
-            x = sitk.GetArrayFromImage(image).astype(np.float64)
-            xp = sitk.GetArrayFromImage(sitk.ReadImage(str(protected / 'imagesTr' / f'{case}_0000.nii.gz')))
-            diff = np.abs(xp.astype(np.float64) - x)
-            outside = sitk.GetArrayFromImage(sitk.ReadImage(str(label_file))) == 0
-            if image.GetPixelID() == sitk.sitkFloat32:  # integer images round to whole units
-                bg_budget = raw_budget(x[None], eps=1 / 255)[0]
-                assert diff[outside].max() <= bg_budget * (1 + 1e-5)
+        for is_float, x, diff, outside in case_differences(clean, protected):
+            if is_float:  # integer images round to whole units
+                assert np.all(diff[outside] <= background_bound(x, 1 / 255)[outside])
                 assert np.count_nonzero(diff[outside]) > 0.5 * outside.sum()  # the support is not the label
-                assert diff[~outside].max() > bg_budget  # inside the ROI the full budget is used
+                assert diff[~outside].max() > raw_budget(x[None], eps=1 / 255)[0]  # the ROI uses the full budget
                 checked_float += 1
         assert checked_float > 0
     finally:
@@ -67,20 +76,12 @@ def test_every_eot_variant_exports_and_verifies(hippocampus_env, variant, eps_bg
         report = verify_datasets(str(clean), str(protected))
         assert report['violations'] == [] and report['summary']['cases'] == len(hippocampus_env['cases'])
         assert report['summary']['max_budget_use'] > 0.9
-        for label_file in sorted((clean / 'labelsTr').glob('*.nii.gz')):
-            case = label_file.name[:-len('.nii.gz')]
-            image = sitk.ReadImage(str(clean / 'imagesTr' / f'{case}_0000.nii.gz'))
-            x = sitk.GetArrayFromImage(image).astype(np.float64)
-            xp = sitk.GetArrayFromImage(sitk.ReadImage(str(protected / 'imagesTr' / f'{case}_0000.nii.gz')))
-            diff = np.abs(xp.astype(np.float64) - x)
-            outside = sitk.GetArrayFromImage(sitk.ReadImage(str(label_file))) == 0
+        for is_float, x, diff, outside in case_differences(clean, protected):
             assert diff[~outside].max() > 0
             if eps_bg == 0:
                 assert np.all(diff[outside] == 0)  # the support is the ROI
-            elif image.GetPixelID() == sitk.sitkFloat32:  # integer images round to whole units
-                float32_step = np.spacing(np.abs(x).astype(np.float32)).astype(np.float64)  # storage rounding
-                bound = raw_budget(x[None], eps=eps_bg)[0] * (1 + 1e-5) + float32_step
-                assert np.all(diff[outside] <= bound[outside])
+            elif is_float:  # integer images round to whole units
+                assert np.all(diff[outside] <= background_bound(x, eps_bg)[outside])
                 assert np.count_nonzero(diff[outside]) > 0.5 * outside.sum()
     finally:
         shutil.rmtree(protected, ignore_errors=True)  # the raw folder is shared by the session
