@@ -9,6 +9,9 @@ import torch
 
 from conftest import requires_hippocampus, run_cli
 from nnunetv2_voxshield.budget import raw_budget
+from nnunetv2_voxshield.export import export_entry
+from nnunetv2_voxshield.verify import verify_datasets
+from test_trainer import make_trainer
 
 pytestmark = requires_hippocampus
 
@@ -59,9 +62,6 @@ def test_eot_checkpoint_exports_with_background_support(hippocampus_env, test_tr
 def test_every_eot_variant_exports_and_verifies(hippocampus_env, variant, eps_bg):
     """A checkpoint of each EOT variant (saved by the trainer itself) exports and passes voxshield_verify; outside
     the ROI delta is exactly zero for _noBG and within eps_bg (and mostly non-zero) for the others."""
-    from nnunetv2_voxshield.export import export_entry
-    from nnunetv2_voxshield.verify import verify_datasets
-    from test_trainer import make_trainer
     trainer = make_trainer(variant)
     with torch.no_grad():
         for p in trainer.generator.parameters():  # saturate tanh so that both bounds are reached
