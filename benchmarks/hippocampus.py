@@ -102,7 +102,7 @@ def main():
     parser.add_argument('--data', default=str(DEFAULT_DATA), help='Dataset004_Hippocampus raw folder')
     parser.add_argument('--protector-epochs', type=int, default=5, choices=(1, 5, 10, 20, 50, 100))
     parser.add_argument('--victim-epochs', type=int, default=5, choices=(1, 5, 10, 20, 50, 100))
-    parser.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS))
+    parser.add_argument('--methods', nargs='*', default=list(METHODS), choices=list(METHODS))
     parser.add_argument('--main-methods', nargs='*', choices=list(METHODS),
                         default=['VoxShield'] + [m for m in METHODS if m.startswith('VoxShield-EOT')],
                         help='methods also evaluated with defences and the 2d victim (one eval_<method> folder each)')
@@ -123,6 +123,8 @@ def main():
                         help='name of the evaluation folder (eval_<name>) of the methods that are not main methods')
     parser.add_argument('--others-configs', nargs='+', default=['3d_fullres', '2d'], choices=('3d_fullres', '2d'),
                         help='victim configurations of the methods that are not main methods')
+    parser.add_argument('--clean-defences', action=argparse.BooleanOptionalAction, default=True,
+                        help='victims on the purified clean data (eval_Clean): what each defence costs by itself')
     parser.add_argument('--seeds', nargs='+', type=int, default=[0])
     parser.add_argument('--skip-timing', action='store_true')
     parser.add_argument('--skip-victims', action='store_true', help='only protectors, exports, verify and detector')
@@ -228,12 +230,13 @@ def main():
     evals = results.setdefault('eval', {})
 
     def evaluation(key, datasets, names, **kwargs):
-        """One voxshield_evaluate folder; clean victims are reused from the other folders of this benchmark."""
+        """One voxshield_evaluate folder; identical victims (e.g. the clean ones) are reused from the other folders
+        of this benchmark."""
         folder = out / f'eval_{key}'
         others = [str(d) for d in sorted(out.glob('eval_*')) if d != folder and (d / 'state.json').is_file()]
         log(f'victims: clean vs {", ".join(names)} -> {folder}')
         evals[key] = evaluate('4', [str(d) for d in datasets], str(folder), method_name=names,
-                              reuse_clean_from=others, **common, **kwargs)
+                              reuse_from=others, **common, **kwargs)
         evaluated.add(key)
         save()
 
@@ -278,19 +281,23 @@ def main():
     if others:
         datasets = [protect(m) for m in others]
         evaluation(args.others_eval, datasets, others, configurations=args.others_configs)
+    if args.clean_defences and args.defences:
+        evaluation('Clean', [], [], configurations=args.defence_configs, defences=args.defences, defend_clean=True)
     print_table(json.loads(result_file.read_text()), out / 'benchmark.md')  # with what parallel runs merged
 
 
 def table_rows(results: dict) -> list:
-    """One row per (method, defence, victim configuration) over all eval folders, each clean victim once, with the
-    Dice ratio to the clean victim of the same configuration."""
-    rows, clean = [], {}
+    """One row per (method, defence, victim configuration) over all eval folders, each once (the first found: clean
+    victims, and victims reused from another folder, appear in several), with the Dice ratio to the clean victim of
+    the same configuration."""
+    rows, clean, seen = [], {}, set()
     for report in (results.get('eval') or {}).values():
         for row in report.get('rows', []):
             for config, v in row['victims'].items():
+                if (row['method'], row.get('defence_spec'), config) in seen:
+                    continue
+                seen.add((row['method'], row.get('defence_spec'), config))
                 if row['row'] == 'clean':
-                    if config in clean:
-                        continue
                     clean[config] = v['dice']['mean']
                 q = row.get('quality') or {}
                 rows.append({'method': row['method'], 'defence': row['defence'] or '-',
@@ -309,8 +316,10 @@ TARGET = {'3d_fullres': 0.05, '2d': 0.20, 'defence': 0.30}  # issue 6: victim Di
 def ratio_matrix(rows: list) -> list:
     """Markdown lines: one row per method (budget-curve rows left out), one column per victim configuration and per
     (defence, configuration), each cell the victim's Dice / clean ('-': not measured); the header's second line
-    gives issue 6's target of the column."""
-    rows = [r for r in rows if r['method'] != 'Clean' and ' eps ' not in r['method']]
+    gives issue 6's target of the column. 'Clean' is a row only if it has purified victims (the defence's own
+    cost)."""
+    clean_defended = any(r['method'] == 'Clean' and r['defence_spec'] != '-' for r in rows)
+    rows = [r for r in rows if (r['method'] != 'Clean' or clean_defended) and ' eps ' not in r['method']]
     specs = list(dict.fromkeys(r['defence_spec'] for r in rows if r['defence_spec'] != '-'))
     columns = [c for c in [('-', '3d_fullres'), ('-', '2d')] + [(s, c) for c in ('3d_fullres', '2d') for s in specs]
                if any((r['defence_spec'], r['config']) == c for r in rows)]

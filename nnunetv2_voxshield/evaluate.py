@@ -226,25 +226,50 @@ def victim_jobs(rows: Sequence[tuple], configurations: Sequence[str], defence_co
             if spec is None or c in defence_configurations for s in seeds]
 
 
-def reuse_clean_victim(ws: Workspace, config: str, seed: int, trainer: str, plans: str, cases: Sequence[str],
-                       sources: Sequence[str]) -> Optional[dict]:
-    """Copy the scores of an identical clean victim from an earlier evaluation folder (same clean dataset, trainer,
-    plans, configuration, seed and test cases) instead of training it again; None if no folder has one."""
+def row_source(state: dict, row: str) -> Optional[tuple]:
+    """What the victim of an evaluation folder's ``row`` trains on: (source dataset, defence key or None). Rows are
+    'clean', 'protected' (one --protected) or 'protected<i>' (the i-th of several), each optionally '+<defence key>'
+    (a purified copy); None for a row the folder's ``state`` does not explain."""
+    base, _, key = row.partition('+')
+    protected = state.get('protected') or []
+    if base == 'clean':
+        source = state.get('clean')
+    elif base == 'protected':
+        source = protected[0] if len(protected) == 1 else None
+    elif base.startswith('protected') and base[len('protected'):].isdigit():
+        i = int(base[len('protected'):])
+        source = protected[i - 1] if 1 <= i <= len(protected) else None
+    else:
+        source = None
+    return (source, key or None) if source else None
+
+
+def reuse_victim(ws: Workspace, row: str, config: str, seed: int, trainer: str, plans: str, cases: Sequence[str],
+                 sources: Sequence[str]) -> Optional[dict]:
+    """Copy the scores of an identical victim from an earlier evaluation folder instead of training it again:
+    the same training data (the same clean or protected dataset, purified by the same defence), clean dataset,
+    trainer, plans, configuration, seed and test cases. None if no folder has one."""
+    want = row_source(ws.state, row)
     for other in sources:
-        state_file = os.path.join(other, 'state.json')
-        scores_file = os.path.join(other, 'victims', 'clean', config, f'seed_{seed}', 'scores.json')
-        if not (os.path.isfile(state_file) and os.path.isfile(scores_file)):
+        state_file, victims = os.path.join(other, 'state.json'), os.path.join(other, 'victims')
+        if want is None or not (os.path.isfile(state_file) and os.path.isdir(victims)):
             continue
-        if json.load(open(state_file)).get('clean') != ws.state['clean']:
+        state = json.load(open(state_file))
+        if state.get('clean') != ws.state['clean']:
             continue
-        scores = json.load(open(scores_file))
-        if (scores.get('trainer'), scores.get('plans')) != (trainer, plans) or \
-                [c['case'] for c in scores['cases']] != list(cases):
-            continue
-        scores['reused_from'] = os.path.abspath(scores_file)
-        os.makedirs(ws.victim_dir('clean', config, seed), exist_ok=True)
-        write_json_atomic(os.path.join(ws.victim_dir('clean', config, seed), 'scores.json'), scores)
-        return scores
+        for other_row in sorted(os.listdir(victims)):
+            scores_file = os.path.join(victims, other_row, config, f'seed_{seed}', 'scores.json')
+            if row_source(state, other_row) != want or not os.path.isfile(scores_file):
+                continue
+            scores = json.load(open(scores_file))
+            if (scores.get('trainer'), scores.get('plans')) != (trainer, plans) or \
+                    [c['case'] for c in scores['cases']] != list(cases):
+                continue
+            scores['reused_from'] = scores.get('reused_from') or os.path.abspath(scores_file)
+            scores['row'] = row
+            os.makedirs(ws.victim_dir(row, config, seed), exist_ok=True)
+            write_json_atomic(os.path.join(ws.victim_dir(row, config, seed), 'scores.json'), scores)
+            return scores
     return None
 
 
@@ -255,13 +280,14 @@ def evaluate(clean: str, protected: Union[str, Sequence[str]], output_dir: str, 
              disable_tta: bool = False, method_name: Union[str, Sequence[str], None] = None,
              figure_case: Optional[str] = None, verbose: bool = False,
              defence_configurations: Optional[Sequence[str]] = None,
-             reuse_clean_from: Sequence[str] = ()) -> dict:
+             reuse_from: Sequence[str] = (), defend_clean: bool = False) -> dict:
     """Run (or resume) every victim and write report.json, report.md and figure.png into ``output_dir``.
 
     ``protected`` may name several protected copies of ``clean`` (one per method, ``method_name`` in the same
     order); they share the clean victims. Defences apply to each of them, in ``defence_configurations`` (default:
-    all ``configurations``). ``reuse_clean_from``: earlier evaluation folders whose identical clean victims are
-    reused (see ``reuse_clean_victim``).
+    all ``configurations``), and with ``defend_clean`` also to the clean data: those rows measure what the
+    purification alone costs (``protected`` may then be empty). ``reuse_from``: earlier evaluation folders whose
+    identical victims are reused (see ``reuse_victim``).
     """
     log = lambda msg: print(msg, flush=True)
     protected = [protected] if isinstance(protected, str) else list(protected)
@@ -270,6 +296,9 @@ def evaluate(clean: str, protected: Union[str, Sequence[str]], output_dir: str, 
         names = ['Protected'] if len(protected) == 1 else [os.path.basename(resolve_raw_dataset(p)) for p in protected]
     if len(names) != len(protected):
         raise EvaluationError(f'--method-name: {len(names)} names for {len(protected)} protected datasets')
+    if not protected and not (defend_clean and defences):
+        raise EvaluationError('nothing to compare the clean victims with: give --protected, or --defend-clean '
+                              'with --defence')
     clean_dir = resolve_raw_dataset(clean)
     protected_dirs = [resolve_raw_dataset(p) for p in protected]
     for protected_dir in protected_dirs:
@@ -295,13 +324,16 @@ def evaluate(clean: str, protected: Union[str, Sequence[str]], output_dir: str, 
     if unknown:
         raise EvaluationError(f'defence configuration(s) {", ".join(unknown)} not among the victim configurations '
                               f'{", ".join(configurations)}')
-    reuse_clean_from = [os.path.abspath(d) for d in reuse_clean_from]
-    for d in reuse_clean_from:
+    reuse_from = [os.path.abspath(d) for d in reuse_from]
+    for d in reuse_from:
         if not os.path.isfile(os.path.join(d, 'state.json')):
             raise EvaluationError(f'{d}: no state.json (not a voxshield_evaluate output folder)')
 
     ws = Workspace(output_dir, clean_dir, protected_dirs)
     rows, source = [('clean', 'Clean', None, None)], {'clean': clean_dir}
+    if defend_clean:
+        rows += [(f'clean+{k}', 'Clean', describe_defence(spec), spec) for k, spec in defence_keys]
+        source.update({row: clean_dir for row, *_ in rows})
     for i, (protected_dir, name) in enumerate(zip(protected_dirs, names)):
         base = 'protected' if len(protected_dirs) == 1 else f'protected{i + 1}'
         rows += [(base, name, None, None)]
@@ -319,15 +351,15 @@ def evaluate(clean: str, protected: Union[str, Sequence[str]], output_dir: str, 
             log(f'purifying {source[row]} with {describe_defence(spec)} -> {dst}')
             purify_dataset(source[row], dst, spec, verbose)
 
-    # 2. clean victims taken from earlier folders, then the victims' own plan/preprocess (+ plans preset) for
+    # 2. identical victims taken from earlier folders, then the victims' own plan/preprocess (+ plans preset) for
     # the configurations that still have a victim to train
     jobs = victim_jobs(rows, configurations, defence_configurations, seeds)
     marker = lambda row, c, s: os.path.join(ws.victim_dir(row, c, s), 'scores.json')
     reused = {}
-    for c, s in [(c, s) for row, c, s in jobs if row == 'clean' and not os.path.isfile(marker(row, c, s))]:
-        scores = reuse_clean_victim(ws, c, s, trainer, plans, cases, reuse_clean_from)
+    for job in [job for job in jobs if not os.path.isfile(marker(*job))]:
+        scores = reuse_victim(ws, *job, trainer, plans, cases, reuse_from)
         if scores is not None:
-            reused[('clean', c, s)] = scores
+            reused[job] = scores
     for row, *_ in rows:
         did = ws.dataset_id(row)
         marker_dir = os.path.join(ws.out, 'victims', row)
@@ -396,10 +428,11 @@ def evaluate(clean: str, protected: Union[str, Sequence[str]], output_dir: str, 
                      'device': device, 'disable_tta': disable_tta, 'n_test_cases': len(cases)},
         'labels': list(first), 'label_names': label_names, 'rows': report_rows,
     }
-    report['figure'] = _figure(clean_dir, protected_dirs[0], ending, os.path.join(ws.out, 'figure.png'), figure_case)
+    report['figure'] = _figure(clean_dir, protected_dirs[0], ending, os.path.join(ws.out, 'figure.png'),
+                               figure_case) if protected_dirs else None
     write_json_atomic(os.path.join(ws.out, 'report.json'), report)
     write_atomic(os.path.join(ws.out, 'report.md'), markdown_report(report))
-    log(f'wrote {os.path.join(ws.out, "report.md")}, report.json, figure.png')
+    log(f'wrote {os.path.join(ws.out, "report.md")}, report.json' + (', figure.png' if protected_dirs else ''))
     return report
 
 
@@ -423,7 +456,7 @@ def evaluate_entry():
                     'score them on clean held-out cases (Dice, HD95) plus PSNR/SSIM of the protected data. '
                     'Rerunning with the same -o resumes: finished victims are not retrained.')
     parser.add_argument('--clean', required=True, help='clean raw dataset: id, DatasetXXX_Name in $nnUNet_raw, or a folder')
-    parser.add_argument('--protected', required=True, nargs='+',
+    parser.add_argument('--protected', nargs='*', default=[],
                         help='protected raw dataset(s): id, name or folder; several = one row per method')
     parser.add_argument('--test-images', default=None, help='clean held-out images (CASE_0000 files). '
                                                             'Default: imagesTs of --clean')
@@ -440,9 +473,13 @@ def evaluate_entry():
                              '(NAME:PARAM, e.g. blur:2, quantise:6)')
     parser.add_argument('--defence-c', nargs='+', default=None,
                         help='victim configurations of the purified rows. Default: all of -c')
-    parser.add_argument('--reuse-clean', nargs='+', default=[], metavar='OUT',
-                        help='earlier voxshield_evaluate folders: reuse their clean victims when clean dataset, '
-                             'trainer, plans, configuration, seed and test cases are the same')
+    parser.add_argument('--defend-clean', action='store_true',
+                        help='also purify the clean data with each --defence (rows \'Clean\' + defence): what the '
+                             'purification alone costs the victim')
+    parser.add_argument('--reuse', '--reuse-clean', nargs='+', default=[], metavar='OUT', dest='reuse',
+                        help='earlier voxshield_evaluate folders: reuse their victims that trained on the same data '
+                             '(same clean or protected dataset and defence) with the same clean dataset, trainer, '
+                             'plans, configuration, seed and test cases')
     parser.add_argument('-o', required=True, help='output folder (private nnU-Net folders, report.*, figure.png)')
     parser.add_argument('-device', default='cpu', choices=('cpu', 'cuda', 'mps'), help='Default: cpu')
     parser.add_argument('--disable-tta', action='store_true', help='predict without mirroring (faster)')
@@ -455,7 +492,7 @@ def evaluate_entry():
     try:
         evaluate(args.clean, args.protected, args.o, args.test_images, args.test_labels, args.c, args.p,
                  args.epochs, args.tr, args.seeds, args.defence, args.device, args.disable_tta, args.method_name,
-                 args.figure_case, args.verbose, args.defence_c, args.reuse_clean)
+                 args.figure_case, args.verbose, args.defence_c, args.reuse, args.defend_clean)
     except (EvaluationError, V.VictimError, OSError) as e:
         sys.exit(f'voxshield_evaluate: error: {e}')
     except KeyboardInterrupt:

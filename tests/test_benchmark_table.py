@@ -43,3 +43,20 @@ def test_ratio_matrix_has_a_target_row_and_marks_unmeasured_cells():
     assert lines[0] == '| method | 3d_fullres | 2d | 3d_fullres + blur |'
     assert lines[2] == '| *target* | *<= 0.05* | *<= 0.20* | *<= 0.30* |'
     assert lines[3:] == ['| A | 0.50 | 0.90 | 0.25 |', '| B | 1.00 | - | - |']  # budget-curve rows left out
+
+
+def test_a_victim_reused_in_another_folder_is_listed_once():
+    reused = {'eval': {**RESULTS['eval'], 'A2': {'rows': [row('clean', 'Clean', {'3d_fullres': 0.8}),
+                                                          row('protected', 'A', {'3d_fullres': 0.4}),
+                                                          row('protected+zmedian', 'A', {'3d_fullres': 0.6}, 'zmedian')]}}}
+    rows = bench.table_rows(reused)
+    keys = [(r['method'], r['defence_spec'], r['config']) for r in rows]
+    assert len(keys) == len(set(keys)) == len(bench.table_rows(RESULTS)) + 1
+    assert [r['ratio'] for r in rows if r['defence_spec'] == 'zmedian'] == [pytest.approx(0.75)]
+
+
+def test_purified_clean_victims_make_a_clean_matrix_row():
+    with_clean = {'eval': {**RESULTS['eval'], 'Clean': {'rows': [row('clean', 'Clean', {'3d_fullres': 0.8}),
+                                                                 row('clean+blur', 'Clean', {'3d_fullres': 0.6}, 'blur')]}}}
+    lines = bench.ratio_matrix(bench.table_rows(with_clean))
+    assert lines[3:] == ['| Clean | 1.00 | 1.00 | 0.75 |', '| A | 0.50 | 0.90 | 0.25 |', '| B | 1.00 | - | - |']

@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import copy_hippocampus_cases, requires_hippocampus
-from nnunetv2_voxshield.evaluate import (EvaluationError, Workspace, evaluate, parse_plans, reuse_clean_victim,
+from nnunetv2_voxshield.evaluate import (EvaluationError, Workspace, evaluate, parse_plans, reuse_victim, row_source,
                                          victim_jobs)
 from nnunetv2_voxshield.victims import victim_trainer_name
 
@@ -115,19 +115,30 @@ def test_pipeline_outputs_and_resume(clean_and_protected, nnunet_dirs, test_trai
     b = sitk.ReadImage(str(Path(purified['dataset']) / 'imagesTr' / case))
     assert a.GetSize() == b.GetSize() and a.GetSpacing() == b.GetSpacing() and a.GetPixelID() == b.GetPixelID()
 
-    # a second evaluation of the same clean data reuses the identical clean victim instead of training it again
+    # a second evaluation of the same data reuses the identical victims (clean, protected, purified protected)
+    # instead of training them again; with --defend-clean it trains only the purified clean row
     out2 = tmp_path / 'OUT2'
     capsys.readouterr()
-    report2 = evaluate('101', 'Dataset102_Protected', str(out2), reuse_clean_from=[str(out)], **kwargs)
-    assert 'reused ' in capsys.readouterr().out
-    assert report2['rows'][0]['victims'] == report['rows'][0]['victims']
-    assert not (out2 / 'victims' / 'clean' / '3d_fullres' / 'seed_0' / 'victim.log').exists()
-    assert (out2 / 'victims' / 'protected' / '3d_fullres' / 'seed_0' / 'victim.log').is_file()
+    report2 = evaluate('101', 'Dataset102_Protected', str(out2), reuse_from=[str(out)], defences=['zmedian'],
+                       defend_clean=True, **kwargs)
+    assert capsys.readouterr().out.count('reused ') == 3
+    assert [r['row'] for r in report2['rows']] == ['clean', 'clean+zmedian', 'protected', 'protected+zmedian']
+    by_row = lambda rep: {r['row']: r['victims'] for r in rep['rows']}
+    for row in ('clean', 'protected', 'protected+zmedian'):
+        assert by_row(report2)[row] == by_row(report)[row]
+        assert not (out2 / 'victims' / row / '3d_fullres' / 'seed_0' / 'victim.log').exists()
+        scores = json.loads((out2 / 'victims' / row / '3d_fullres' / 'seed_0' / 'scores.json').read_text())
+        assert scores['reused_from'] == str(out / 'victims' / row / '3d_fullres' / 'seed_0' / 'scores.json')
+    assert (out2 / 'victims' / 'clean+zmedian' / '3d_fullres' / 'seed_0' / 'victim.log').is_file()
+    purified_clean = report2['rows'][1]
+    assert purified_clean['method'] == 'Clean' and purified_clean['defence'] == 'median over z-slices (size 3)'
+    assert 0.0 <= purified_clean['victims']['3d_fullres']['dice']['mean'] <= 1.0
+    assert 20 < purified_clean['quality']['psnr']['mean'] < 90  # the purified clean data against the clean data
     # only the row with a victim to train is planned and preprocessed
     assert [p.parent.name for p in (out2 / 'nnUNet_preprocessed').glob('Dataset*/nnUNetPlans_cpu.json')] == \
-        ['Dataset002_protected']
-    scores = json.loads((out2 / 'victims' / 'clean' / '3d_fullres' / 'seed_0' / 'scores.json').read_text())
-    assert scores['reused_from'] == str(out / 'victims' / 'clean' / '3d_fullres' / 'seed_0' / 'scores.json')
+        ['Dataset002_clean+zmedian']
+    # the clean data itself is read only
+    assert {d: tree_digest(d) for d in (clean, protected)} == before
 
     # OUT is pinned to its inputs
     with pytest.raises(EvaluationError, match='use another -o'):
@@ -149,6 +160,8 @@ def test_user_errors_are_one_line(clean_and_protected, tmp_path):
         evaluate('101', ['102'], str(tmp_path / 'o2'), method_name=['A', 'B'])
     with pytest.raises(EvaluationError, match='--clean and --protected are the same dataset'):
         evaluate('101', ['102', '101'], str(tmp_path / 'o2'))
+    with pytest.raises(EvaluationError, match='nothing to compare the clean victims with'):
+        evaluate('101', [], str(tmp_path / 'o2'), defend_clean=True)
     cmd = [sys.executable, '-m', 'nnunetv2_voxshield.evaluate', '--clean', '101', '--protected', '102',
            '--test-images', str(clean / 'imagesTs'), '--test-labels', str(labels), '-o', str(tmp_path / 'o3')]
     for extra, message in ((['--defence', 'zmedian', 'sharpen'], 'unknown defence'),
@@ -171,7 +184,7 @@ def test_victim_jobs_defences_only_in_their_configurations():
     assert len(victim_jobs(rows, ['3d_fullres', '2d'], ['3d_fullres', '2d'], [0])) == 6
 
 
-def test_reuse_clean_victim_only_when_everything_matches(tmp_path):
+def test_reuse_victim_only_when_everything_matches(tmp_path):
     earlier = tmp_path / 'earlier'
     vdir = earlier / 'victims' / 'clean' / '3d_fullres' / 'seed_0'
     vdir.mkdir(parents=True)
@@ -185,10 +198,39 @@ def test_reuse_clean_victim_only_when_everything_matches(tmp_path):
                                                 ('3d_fullres', 0, 'nnUNetTrainer', *args[1:]),
                                                 ('3d_fullres', 0, args[0], 'nnUNetPlans', args[2]),
                                                 ('3d_fullres', 0, *args[:2], ['a', 'c'])):
-        assert reuse_clean_victim(ws, config, seed, trainer, plans, cases, [str(earlier)]) is None
+        assert reuse_victim(ws, 'clean', config, seed, trainer, plans, cases, [str(earlier)]) is None
     other_clean = Workspace(str(tmp_path / 'other'), '/data/other', ['/data/p2'])
-    assert reuse_clean_victim(other_clean, '3d_fullres', 0, *args, [str(earlier)]) is None
-    got = reuse_clean_victim(ws, '3d_fullres', 0, *args, [str(earlier)])
+    assert reuse_victim(other_clean, 'clean', '3d_fullres', 0, *args, [str(earlier)]) is None
+    assert reuse_victim(ws, 'clean+blur', '3d_fullres', 0, *args, [str(earlier)]) is None  # purified: other data
+    got = reuse_victim(ws, 'clean', '3d_fullres', 0, *args, [str(earlier)])
     assert got['summary'] == {'dice': 0.8} and got['reused_from'] == str(vdir / 'scores.json')
     assert json.loads((tmp_path / 'now' / 'victims' / 'clean' / '3d_fullres' / 'seed_0' / 'scores.json')
                       .read_text()) == got
+
+
+def test_reuse_victim_matches_protected_and_purified_rows_by_their_data(tmp_path):
+    earlier = tmp_path / 'earlier'  # two protected copies: rows protected1, protected2 (+ defence)
+    (earlier).mkdir()
+    (earlier / 'state.json').write_text(json.dumps({'clean': '/data/clean', 'protected': ['/data/p1', '/data/p2']}))
+    scores = {'trainer': 'T', 'plans': 'P', 'cases': [{'case': 'a'}]}
+    for row, dice in (('protected1', 0.1), ('protected2', 0.2), ('protected2+zmedian', 0.3)):
+        vdir = earlier / 'victims' / row / '2d' / 'seed_0'
+        vdir.mkdir(parents=True)
+        (vdir / 'scores.json').write_text(json.dumps({**scores, 'row': row, 'summary': {'dice': dice}}))
+    ws = Workspace(str(tmp_path / 'now'), '/data/clean', ['/data/p2'])  # one protected copy: row 'protected'
+    reuse = lambda row: reuse_victim(ws, row, '2d', 0, 'T', 'P', ['a'], [str(earlier)])
+    assert reuse('protected')['summary'] == {'dice': 0.2}
+    assert reuse('protected+zmedian')['summary'] == {'dice': 0.3}
+    assert reuse('protected')['row'] == 'protected'  # named as in this folder, pointing at the original
+    assert reuse('protected')['reused_from'] == str(earlier / 'victims' / 'protected2' / '2d' / 'seed_0' / 'scores.json')
+    assert reuse('protected+blur') is None
+
+
+def test_row_source_names_the_training_data_of_a_row():
+    state = {'clean': '/c', 'protected': ['/p1', '/p2']}
+    assert row_source(state, 'clean') == ('/c', None)
+    assert row_source(state, 'clean+blur-s2') == ('/c', 'blur-s2')
+    assert row_source(state, 'protected2+zmedian') == ('/p2', 'zmedian')
+    assert row_source(state, 'protected') is None  # ambiguous with two protected copies
+    assert row_source(state, 'protected3') is None and row_source(state, 'figure') is None
+    assert row_source({'clean': '/c', 'protected': ['/p']}, 'protected') == ('/p', None)
