@@ -104,8 +104,8 @@ def main():
     parser.add_argument('--victim-epochs', type=int, default=5, choices=(1, 5, 10, 20, 50, 100))
     parser.add_argument('--methods', nargs='*', default=list(METHODS), choices=list(METHODS))
     parser.add_argument('--main-methods', nargs='*', choices=list(METHODS),
-                        default=['VoxShield'] + [m for m in METHODS if m.startswith('VoxShield-EOT')],
-                        help='methods also evaluated with defences and the 2d victim (one eval_<method> folder each)')
+                        default=['VoxShield', 'Random'] + [m for m in METHODS if m.startswith('VoxShield-EOT')],
+                        help='methods also evaluated with defences (one eval_<method> folder each)')
     parser.add_argument('--defences', nargs='*', default=['blur', 'zmedian', 'zresample', 'quantise'])
     parser.add_argument('--defence-configs', nargs='+', default=['3d_fullres', '2d'],
                         help='victim configurations of the defence rows')

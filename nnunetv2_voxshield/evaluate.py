@@ -421,7 +421,7 @@ def evaluate(clean: str, protected: Union[str, Sequence[str]], output_dir: str, 
     label_names = {str(v) if not isinstance(v, list) else str(tuple(v)): k
                    for k, v in ds_json['labels'].items()}
     report = {
-        'settings': {'clean': clean_dir, 'protected': protected_dirs if len(protected_dirs) > 1 else protected_dirs[0], 'test_images': test_images,
+        'settings': {'clean': clean_dir, 'protected': protected_dirs if len(protected_dirs) != 1 else protected_dirs[0], 'test_images': test_images,
                      'test_labels': test_labels, 'configurations': configurations, 'plans': plans,
                      'trainer': trainer, 'seeds': seeds, 'defences': [spec for _, spec in defence_keys],
                      'defence_configurations': defence_configurations,

@@ -139,6 +139,13 @@ def test_pipeline_outputs_and_resume(clean_and_protected, nnunet_dirs, test_trai
         ['Dataset002_clean+zmedian']
     # the clean data itself is read only
     assert {d: tree_digest(d) for d in (clean, protected)} == before
+    # purified clean rows alone (no protected copy): everything reused, a report without a figure
+    out3 = tmp_path / 'OUT3'
+    report3 = evaluate('101', [], str(out3), reuse_from=[str(out2)], defences=['zmedian'], defend_clean=True, **kwargs)
+    assert [r['row'] for r in report3['rows']] == ['clean', 'clean+zmedian']
+    assert by_row(report3) == {k: v for k, v in by_row(report2).items() if k.startswith('clean')}
+    assert report3['figure'] is None and not (out3 / 'figure.png').exists() and (out3 / 'report.md').is_file()
+    assert not list((out3 / 'nnUNet_preprocessed').glob('Dataset*/nnUNetPlans_cpu.json'))
 
     # OUT is pinned to its inputs
     with pytest.raises(EvaluationError, match='use another -o'):
