@@ -234,7 +234,7 @@ def main():
         of this benchmark."""
         folder = out / f'eval_{key}'
         others = [str(d) for d in sorted(out.glob('eval_*')) if d != folder and (d / 'state.json').is_file()]
-        log(f'victims: clean vs {", ".join(names)} -> {folder}')
+        log(f'victims: clean vs {", ".join(names) or "the purified clean data"} -> {folder}')
         evals[key] = evaluate('4', [str(d) for d in datasets], str(folder), method_name=names,
                               reuse_from=others, **common, **kwargs)
         evaluated.add(key)
