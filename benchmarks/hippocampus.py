@@ -294,9 +294,10 @@ def table_rows(results: dict) -> list:
     for report in (results.get('eval') or {}).values():
         for row in report.get('rows', []):
             for config, v in row['victims'].items():
-                if (row['method'], row.get('defence_spec'), config) in seen:
+                key = (row['method'], row.get('defence_spec'), config)
+                if key in seen:
                     continue
-                seen.add((row['method'], row.get('defence_spec'), config))
+                seen.add(key)
                 if row['row'] == 'clean':
                     clean[config] = v['dice']['mean']
                 q = row.get('quality') or {}

@@ -226,21 +226,19 @@ def victim_jobs(rows: Sequence[tuple], configurations: Sequence[str], defence_co
             if spec is None or c in defence_configurations for s in seeds]
 
 
+def base_rows(clean: str, protected: Sequence[str]) -> Dict[str, str]:
+    """Row name -> dataset of an evaluation's unpurified rows: 'clean', then 'protected' (one protected copy) or
+    'protected<i>' (the i-th of several); a purified row is '<base row>+<defence key>'."""
+    rows = {'clean': clean}
+    rows.update({'protected' if len(protected) == 1 else f'protected{i + 1}': p for i, p in enumerate(protected)})
+    return rows
+
+
 def row_source(state: dict, row: str) -> Optional[tuple]:
-    """What the victim of an evaluation folder's ``row`` trains on: (source dataset, defence key or None). Rows are
-    'clean', 'protected' (one --protected) or 'protected<i>' (the i-th of several), each optionally '+<defence key>'
-    (a purified copy); None for a row the folder's ``state`` does not explain."""
+    """What the victim of an evaluation folder's ``row`` trains on: (source dataset, defence key or None); None for
+    a row the folder's ``state`` does not explain."""
     base, _, key = row.partition('+')
-    protected = state.get('protected') or []
-    if base == 'clean':
-        source = state.get('clean')
-    elif base == 'protected':
-        source = protected[0] if len(protected) == 1 else None
-    elif base.startswith('protected') and base[len('protected'):].isdigit():
-        i = int(base[len('protected'):])
-        source = protected[i - 1] if 1 <= i <= len(protected) else None
-    else:
-        source = None
+    source = base_rows(state.get('clean'), state.get('protected') or []).get(base)
     return (source, key or None) if source else None
 
 
@@ -250,9 +248,11 @@ def reuse_victim(ws: Workspace, row: str, config: str, seed: int, trainer: str, 
     the same training data (the same clean or protected dataset, purified by the same defence), clean dataset,
     trainer, plans, configuration, seed and test cases. None if no folder has one."""
     want = row_source(ws.state, row)
+    if want is None:
+        return None
     for other in sources:
         state_file, victims = os.path.join(other, 'state.json'), os.path.join(other, 'victims')
-        if want is None or not (os.path.isfile(state_file) and os.path.isdir(victims)):
+        if not (os.path.isfile(state_file) and os.path.isdir(victims)):
             continue
         state = json.load(open(state_file))
         if state.get('clean') != ws.state['clean']:
@@ -330,15 +330,12 @@ def evaluate(clean: str, protected: Union[str, Sequence[str]], output_dir: str, 
             raise EvaluationError(f'{d}: no state.json (not a voxshield_evaluate output folder)')
 
     ws = Workspace(output_dir, clean_dir, protected_dirs)
-    rows, source = [('clean', 'Clean', None, None)], {'clean': clean_dir}
-    if defend_clean:
-        rows += [(f'clean+{k}', 'Clean', describe_defence(spec), spec) for k, spec in defence_keys]
-        source.update({row: clean_dir for row, *_ in rows})
-    for i, (protected_dir, name) in enumerate(zip(protected_dirs, names)):
-        base = 'protected' if len(protected_dirs) == 1 else f'protected{i + 1}'
+    bases, rows = base_rows(clean_dir, protected_dirs), []
+    for base, name in zip(bases, ['Clean'] + names):
         rows += [(base, name, None, None)]
-        rows += [(f'{base}+{k}', name, describe_defence(spec), spec) for k, spec in defence_keys]
-        source.update({row: protected_dir for row, *_ in rows if row.split('+')[0] == base})
+        if base != 'clean' or defend_clean:
+            rows += [(f'{base}+{k}', name, describe_defence(spec), spec) for k, spec in defence_keys]
+    source = {row: bases[row.partition('+')[0]] for row, *_ in rows}
 
     # 1. private raw datasets (links or purified copies)
     for row, _, _, spec in rows:
