@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from acvl_utils.cropping_and_padding.padding import pad_nd_image
 from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
 
+from nnunetv2_voxshield.budget import roi_mask_np
 from nnunetv2_voxshield.dataset_io import InputError
 
 DEFAULT_LSP_PATCH = 8
@@ -201,7 +202,6 @@ class TAPSource:
         self.roi, self.eps_bg = {'dilation': 0, 'soft_edge': 0.0}, 0.0
 
     def compute_delta(self, data_norm, seg_pre, eps_norm, case):
-        from nnunetv2_voxshield.perturbation import roi_mask_np
         mask = roi_mask_np(seg_pre, self.roi, self.dims)
         target = swap_target(np.asarray(seg_pre).astype(np.int64), self.foreground)
         target[mask == 0] = -1  # the loss is taken on the labelled voxels, where target != label

@@ -96,6 +96,14 @@ def roi_mask(seg: torch.Tensor, foreground_labels: Optional[Sequence[int]] = Non
     return mask
 
 
+def roi_mask_np(seg: np.ndarray, roi: dict, dims: int) -> np.ndarray:
+    """``budget.roi_mask`` for a numpy seg (1, *spatial) in nnU-Net's axis order; 2D configs mask slice by slice."""
+    t = torch.from_numpy(np.ascontiguousarray(seg)).float()
+    if dims == 2 and t.ndim == 4:
+        return roi_mask(t.transpose(0, 1), **roi).transpose(0, 1).numpy()  # slices along axis 0 as the batch
+    return roi_mask(t[None], **roi)[0].numpy()
+
+
 def bound_perturbation(raw: torch.Tensor, mask: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """Eq. 3: delta = clamp(G(x) * M, -eps, eps); ``eps`` broadcasts per sample and channel (b, c, 1, ...)."""
     return torch.maximum(torch.minimum(raw * mask, eps), -eps)

@@ -8,12 +8,11 @@ from typing import List
 import numpy as np
 import SimpleITK as sitk
 
-from nnunetv2_voxshield.budget import raw_budget
+from nnunetv2_voxshield.budget import raw_budget, roi_mask_np
 from nnunetv2_voxshield.dataset_io import (InputError, check_finite, copy_atomic, read_image, sha256_of,
                                            write_image_atomic)
 from nnunetv2_voxshield.geometry import normalisation_scales, preprocess_case, to_raw_geometry
 from nnunetv2_voxshield.metrics import psnr, ssim
-from nnunetv2_voxshield.perturbation import roi_mask_np
 
 
 def cast_within_budget(clean: np.ndarray, target: np.ndarray, budget: float) -> np.ndarray:

@@ -15,7 +15,7 @@ from acvl_utils.cropping_and_padding.padding import pad_nd_image
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
 
 from nnunetv2_voxshield.baselines import DEFAULT_LSP_PATCH, DEFAULT_TAP_STEPS, LSPSource, TAPSource
-from nnunetv2_voxshield.budget import bound_perturbation, roi_mask
+from nnunetv2_voxshield.budget import bound_perturbation, roi_mask_np
 from nnunetv2_voxshield.dataset_io import InputError
 from nnunetv2_voxshield.generator import NoiseGenerator
 from nnunetv2_voxshield.umed import UMedPerturbator, clip_to_range, lbp_texture_map, umed_perturbation
@@ -31,14 +31,6 @@ class DeltaSource(Protocol):
 
     def compute_delta(self, data_norm: np.ndarray, seg_pre: np.ndarray, eps_norm: np.ndarray,
                       case: str) -> np.ndarray: ...
-
-
-def roi_mask_np(seg: np.ndarray, roi: dict, dims: int) -> np.ndarray:
-    """``budget.roi_mask`` for a numpy seg (1, *spatial) in nnU-Net's axis order; 2D configs mask slice by slice."""
-    t = torch.from_numpy(np.ascontiguousarray(seg)).float()
-    if dims == 2 and t.ndim == 4:
-        return roi_mask(t.transpose(0, 1), **roi).transpose(0, 1).numpy()  # slices along axis 0 as the batch
-    return roi_mask(t[None], **roi)[0].numpy()
 
 
 def _bounded(raw: np.ndarray, seg_pre: np.ndarray, eps_norm: np.ndarray, roi: dict, dims: int,
