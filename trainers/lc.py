@@ -1,0 +1,1 @@
+"""Placeholder: filled in by the issue-12/13 work."""
