@@ -57,6 +57,22 @@ def _nnunet_arrays(files: dict, clean: List[np.ndarray], plans_manager):
     return data, seg, properties
 
 
+def _delta_through_nnunet(case: str, files: dict, clean: List[np.ndarray], budget: np.ndarray, shape, ctx: dict):
+    """delta in raw units (c, *spatial) and the budget weight: preprocess as nnU-Net, compute, map back."""
+    source, pm, cm = ctx['source'], ctx['plans_manager'], ctx['configuration_manager']
+    data, seg, properties = _nnunet_arrays(files, clean, pm)
+    scales = normalisation_scales(data, seg, pm, cm)
+    data_pre, seg_pre, properties = preprocess_case(data, seg, properties, pm, cm, ctx['dataset_json'])
+    eps_norm = (budget * scales).astype(np.float32)
+    delta_pre = source.compute_delta(data_pre, seg_pre, eps_norm, case)
+    delta_pre = delta_pre / scales.reshape(-1, *([1] * (delta_pre.ndim - 1)))
+    delta = to_raw_geometry(delta_pre, properties, pm, cm).astype(np.float64).reshape(len(clean), *shape)
+    forward = [0, *[i + 1 for i in pm.transpose_forward]]
+    backward = [0, *[i + 1 for i in pm.transpose_backward]]
+    mask = roi_mask_np(seg.transpose(forward), source.roi, len(cm.patch_size)).transpose(backward)
+    return delta, np.maximum(mask.reshape(shape), source.eps_bg)
+
+
 def protect_case(case: str, files: dict, output_folder: str, ctx: dict) -> dict:
     """Write the protected images and the unchanged label of ``case`` into ``output_folder``; return its report.
 
@@ -79,18 +95,12 @@ def protect_case(case: str, files: dict, output_folder: str, ctx: dict) -> dict:
             copy_atomic(src, dst)
         status = 'unchanged_empty_roi'
     else:
-        source, pm, cm = ctx['source'], ctx['plans_manager'], ctx['configuration_manager']
-        data, seg, properties = _nnunet_arrays(files, clean, pm)
-        scales = normalisation_scales(data, seg, pm, cm)
-        data_pre, seg_pre, properties = preprocess_case(data, seg, properties, pm, cm, ctx['dataset_json'])
-        eps_norm = (budget * scales).astype(np.float32)
-        delta_pre = source.compute_delta(data_pre, seg_pre, eps_norm, case)
-        delta_pre = delta_pre / scales.reshape(-1, *([1] * (delta_pre.ndim - 1)))
-        delta = to_raw_geometry(delta_pre, properties, pm, cm).astype(np.float64).reshape(len(clean), *roi.shape)
-        forward = [0, *[i + 1 for i in pm.transpose_forward]]
-        backward = [0, *[i + 1 for i in pm.transpose_backward]]
-        mask = roi_mask_np(seg.transpose(forward), source.roi, len(cm.patch_size)).transpose(backward)
-        weight = np.maximum(mask.reshape(roi.shape), source.eps_bg)
+        source = ctx['source']
+        if getattr(source, 'raw_space', False):  # fixed label-coded controls: computed on the raw arrays
+            delta = source.compute_delta_raw(np.stack(clean).astype(np.float64), seg_raw, budget, case)
+            weight = roi.astype(np.float64)
+        else:
+            delta, weight = _delta_through_nnunet(case, files, clean, budget, roi.shape, ctx)
         protected = []
         for c, (image, path) in enumerate(zip(clean, files['images'])):
             allowed = budget[c] * weight

@@ -21,6 +21,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunetv2_voxshield.budget import DEFAULT_EPS, DEFAULT_PERCENTILES, parse_eps
 from nnunetv2_voxshield.case_protection import protect_case
+from nnunetv2_voxshield.controls import DEFAULT_BLOCK, DEFAULT_SMOOTH_SIGMA
 from nnunetv2_voxshield.dataset_io import (TEMP_PREFIX, InputError, check_case_headers, check_finite_files,
                                            copy_atomic, dataset_id_and_name, env_folder, find_dataset_folder,
                                            list_training_cases, load_dataset_json, num_channels, sha256_of,
@@ -237,8 +238,14 @@ def export_entry(argv=None):
     parser.add_argument('--chk', default='checkpoint_final.pth', help='checkpoint file name in the fold folder')
     parser.add_argument('--method', default=None, choices=list(EXPORT_TIME_METHODS),
                         help='perturbation computed at export time instead of the checkpoint\'s generator: random '
-                             'noise, lsp (linearly separable perturbations, Yu et al. 2022) or tap (targeted '
-                             'adversarial poisoning, Fowl et al. 2021)')
+                             'noise, lsp (linearly separable perturbations, Yu et al. 2022), tap (targeted '
+                             'adversarial poisoning, Fowl et al. 2021), or a fixed label-coded positive control at '
+                             'the full budget on the raw voxels (sign +, -, +, ... per foreground class): offset, '
+                             'checkerboard (--block) or smooth (--smooth-sigma)')
+    parser.add_argument('--block', type=int, default=DEFAULT_BLOCK,
+                        help='checkerboard: voxels per square along each axis (period 2 x block)')
+    parser.add_argument('--smooth-sigma', type=float, default=DEFAULT_SMOOTH_SIGMA,
+                        help='smooth: sigma in voxels of the Gaussian low-pass of each class\'s random field')
     parser.add_argument('--lsp-patch', type=int, default=DEFAULT_LSP_PATCH,
                         help='lsp: edge length in voxels of the per-class pattern tiled over the volume')
     parser.add_argument('--surrogate-tr', default='nnUNetTrainer',
@@ -263,8 +270,10 @@ def export_entry(argv=None):
         eps_abs = parse_eps(args.eps_abs) if args.eps_abs is not None else None
     except ValueError as e:
         parser.error(str(e))
-    if args.lsp_patch < 1 or args.tap_steps < 1:
-        parser.error('--lsp-patch and --tap-steps must be >= 1')
+    if args.lsp_patch < 1 or args.tap_steps < 1 or args.block < 1:
+        parser.error('--lsp-patch, --tap-steps and --block must be >= 1')
+    if not args.smooth_sigma > 0:
+        parser.error('--smooth-sigma must be > 0')
     try:
         raw = env_folder('nnUNet_raw')
         source = find_dataset_folder(raw, args.d)
@@ -279,7 +288,8 @@ def export_entry(argv=None):
                        'steps': args.tap_steps}
             plans_file = os.path.join(surrogate, 'plans.json')
         elif args.method in EXPORT_TIME_METHODS:
-            options = {'patch': args.lsp_patch} if args.method == 'lsp' else None
+            options = {'lsp': {'patch': args.lsp_patch}, 'checkerboard': {'block': args.block},
+                       'smooth': {'sigma': args.smooth_sigma}}.get(args.method)
             plans_file = os.path.join(env_folder('nnUNet_preprocessed'), source_name, args.p + '.json')
         if args.method in EXPORT_TIME_METHODS:
             report_folder = os.path.join(env_folder('nnUNet_results'), source_name,

@@ -4,7 +4,8 @@ All sources work on one preprocessed case (nnU-Net's normalised units, (c, *spat
 same shape with |delta| <= eps_norm per channel, zero outside the label ROI (Eq. 3). ``generator``: the VoxShield
 family's noise generator from a trainer checkpoint (sliding window with nnU-Net's Gaussian blending); ``random``:
 uniform noise in the ROI at the full budget, computed at export time, seeded per case. The export-time baselines
-``lsp`` and ``tap`` live in ``baselines.py`` and register here.
+``lsp`` and ``tap`` live in ``baselines.py``, the positive controls (offset, checkerboard, smooth; computed on the
+raw arrays) in ``controls.py``; all register here.
 """
 import zlib
 from typing import Optional, Protocol, Sequence
@@ -16,12 +17,13 @@ from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compu
 
 from nnunetv2_voxshield.baselines import DEFAULT_LSP_PATCH, DEFAULT_TAP_STEPS, LSPSource, TAPSource
 from nnunetv2_voxshield.budget import bound_perturbation, roi_mask_np
+from nnunetv2_voxshield.controls import CONTROL_METHODS, DEFAULT_BLOCK, DEFAULT_SMOOTH_SIGMA, LabelCodedSource
 from nnunetv2_voxshield.dataset_io import InputError
 from nnunetv2_voxshield.generator import NoiseGenerator
 from nnunetv2_voxshield.umed import UMedPerturbator, clip_to_range, lbp_texture_map, umed_perturbation
 
 DEFAULT_ROI = {'dilation': 0, 'soft_edge': 0.0}
-EXPORT_TIME_METHODS = ('random', 'lsp', 'tap')  # computed at export time, need no VoxShield checkpoint
+EXPORT_TIME_METHODS = ('random', 'lsp', 'tap') + CONTROL_METHODS  # computed at export time, need no checkpoint
 
 
 class DeltaSource(Protocol):
@@ -176,6 +178,9 @@ def make_source(method: str, state: Optional[dict], configuration_manager, devic
         return RandomSource(seed, dims)
     if method == 'lsp':
         return LSPSource(seed, dims, options.get('patch', DEFAULT_LSP_PATCH))
+    if method in CONTROL_METHODS:
+        return LabelCodedSource(method, seed, options.get('block', DEFAULT_BLOCK),
+                                options.get('sigma', DEFAULT_SMOOTH_SIGMA))
     if method == 'tap':
         if not options.get('surrogate'):
             raise InputError('method \'tap\' needs a surrogate model folder (--surrogate-tr)')

@@ -1,0 +1,79 @@
+"""Positive controls (issue 12): fixed label-coded patterns at the full budget, computed on the raw image.
+
+Each writes +-b on the voxels of each foreground class and 0 elsewhere, b = the case's raw budget per channel; the
+sign of class k is s_k = (-1)^(k-1) (+, -, +, ... for labels 1, 2, 3, ...). i, j, k index the raw array (SimpleITK
+order), from its origin, so the pattern is exactly the same whatever nnU-Net's plans do to the case.
+
+``offset``: delta = s_y b.  ``checkerboard``: delta = s_y b (-1)^(i//n + j//n + k//n) (``block`` n voxels per
+square, period 2n).  ``smooth``: delta = b F_y, F_y a fixed low-pass random field per class (white noise on a
+``SMOOTH_TILE``^3 tile seeded by (seed, class), Gaussian-filtered with sigma voxels and periodic boundaries,
+scaled to max |F_y| = 1) tiled from the origin.
+"""
+from typing import Sequence
+
+import numpy as np
+from scipy.ndimage import gaussian_filter
+
+from nnunetv2_voxshield.dataset_io import InputError
+
+CONTROL_METHODS = ('offset', 'checkerboard', 'smooth')
+DEFAULT_BLOCK = 1
+DEFAULT_SMOOTH_SIGMA = 4.0
+SMOOTH_TILE = 64
+
+
+def class_sign(label: int) -> float:
+    """s_k = (-1)^(k-1): +1 for label 1, -1 for label 2, +1 for label 3, ..."""
+    return 1.0 if int(label) % 2 == 1 else -1.0
+
+
+def checkerboard(shape: Sequence[int], block: int = DEFAULT_BLOCK) -> np.ndarray:
+    """(-1)^(sum_d i_d // block) over an array of ``shape``."""
+    parity = sum(np.arange(int(s)).reshape([-1 if d == a else 1 for d in range(len(shape))]) // int(block)
+                 for a, s in enumerate(shape))
+    return np.where(parity % 2 == 0, 1.0, -1.0)
+
+
+def smooth_field(label: int, seed: int = 0, sigma: float = DEFAULT_SMOOTH_SIGMA, dims: int = 3,
+                 tile: int = SMOOTH_TILE) -> np.ndarray:
+    """The fixed low-pass tile F_k (tile^dims, max |F_k| = 1) of class ``label``."""
+    rng = np.random.default_rng([int(seed), int(label), 0x5E0])
+    field = gaussian_filter(rng.standard_normal((tile,) * dims), float(sigma), mode='wrap')
+    return field / np.abs(field).max()
+
+
+def tiled(pattern: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """``pattern`` repeated from the origin to cover ``shape``."""
+    reps = [-(-int(s) // p) for s, p in zip(shape, pattern.shape)]
+    return np.tile(pattern, reps)[tuple(slice(0, int(s)) for s in shape)]
+
+
+class LabelCodedSource:
+    """A positive control: delta (raw units) = sign and pattern of each voxel's class x b, zero on background."""
+    raw_space = True  # case_protection calls compute_delta_raw on the raw arrays
+
+    def __init__(self, method: str, seed: int = 0, block: int = DEFAULT_BLOCK,
+                 sigma: float = DEFAULT_SMOOTH_SIGMA):
+        if method not in CONTROL_METHODS:
+            raise InputError(f'unknown control method {method!r} (choose from {", ".join(CONTROL_METHODS)})')
+        if int(block) < 1:
+            raise InputError(f'--block must be >= 1, got {block}')
+        if not float(sigma) > 0:
+            raise InputError(f'--smooth-sigma must be > 0, got {sigma}')
+        self.method, self.seed, self.block, self.sigma = method, int(seed), int(block), float(sigma)
+        self.roi, self.eps_bg = {'dilation': 0, 'soft_edge': 0.0}, 0.0
+
+    def pattern(self, label: int, shape: Sequence[int]) -> np.ndarray:
+        """The unit pattern (values in [-1, 1]) of class ``label`` over an array of ``shape``."""
+        if self.method == 'offset':
+            return np.full(tuple(shape), class_sign(label))
+        if self.method == 'checkerboard':
+            return class_sign(label) * checkerboard(shape, self.block)
+        return class_sign(label) * tiled(smooth_field(label, self.seed, self.sigma, len(shape)), shape)
+
+    def compute_delta_raw(self, images: np.ndarray, seg: np.ndarray, budget: np.ndarray, case: str) -> np.ndarray:
+        """delta (c, *spatial) in raw units for raw ``images`` (c, *spatial) and raw labels ``seg`` (*spatial)."""
+        unit = np.zeros(seg.shape, dtype=np.float64)
+        for label in np.unique(seg[seg > 0]):
+            unit = np.where(seg == label, self.pattern(int(label), seg.shape), unit)
+        return np.stack([unit * float(b) for b in np.asarray(budget).reshape(-1)])

@@ -1,0 +1,111 @@
+"""Positive controls of issue 12: fixed label-coded offset, checkerboard and smooth fields via voxshield_export."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import requires_hippocampus
+from nnunetv2_voxshield import export
+from nnunetv2_voxshield.budget import raw_budget
+from nnunetv2_voxshield.controls import LabelCodedSource, checkerboard, smooth_field
+from nnunetv2_voxshield.dataset_io import InputError
+from nnunetv2_voxshield.verify import verify_entry
+
+
+def _seg(shape, boxes):
+    seg = np.zeros(shape, dtype=np.int16)
+    for label, box in boxes.items():
+        seg[box] = label
+    return seg
+
+
+SEG = _seg((14, 12, 10), {1: np.s_[1:6, 2:10, 1:9], 2: np.s_[6:10, 2:10, 1:9], 3: np.s_[10:13, 2:10, 1:9]})
+BUDGET = np.array([3.0, 0.5])
+
+
+def _delta(method, seg=SEG, **kw):
+    images = np.zeros((2, *seg.shape))
+    return LabelCodedSource(method, **kw).compute_delta_raw(images, seg, BUDGET, 'case')
+
+
+@pytest.mark.parametrize('method', ['offset', 'checkerboard', 'smooth'])
+def test_zero_off_labels_within_budget_sign_per_class(method):
+    delta = _delta(method)
+    assert delta.shape == (2, *SEG.shape)
+    assert np.all(delta[:, SEG == 0] == 0)
+    for c, b in enumerate(BUDGET):  # the smooth tile reaches 1 somewhere in 64^3, not always inside a small label
+        assert np.all(np.abs(delta[c]) <= b + 1e-12)
+        assert np.abs(delta[c]).max() == pytest.approx(b) if method != 'smooth' else np.abs(delta[c]).max() > 0.2 * b
+    if method == 'offset':  # +b, -b, +b on labels 1, 2, 3
+        for label, sign in ((1, 1), (2, -1), (3, 1)):
+            assert np.all(delta[0][SEG == label] == sign * 3.0) and np.all(delta[1][SEG == label] == sign * 0.5)
+
+
+def test_checkerboard_parity_and_class_phase():
+    """+b (-1)^(i+j+k) on label 1, the opposite phase on label 2; a one-voxel shift flips the sign."""
+    delta = _delta('checkerboard')[0]
+    i, j, k = np.indices(SEG.shape)
+    parity = np.where((i + j + k) % 2 == 0, 1.0, -1.0)
+    assert np.array_equal(delta[SEG == 1], 3.0 * parity[SEG == 1])
+    assert np.array_equal(delta[SEG == 2], -3.0 * parity[SEG == 2])
+    assert np.array_equal(delta[SEG == 3], 3.0 * parity[SEG == 3])
+    assert np.all(delta[2:5, 4, 4] == -delta[3:6, 4, 4])
+    blocks = checkerboard((8, 8, 8), block=2)  # 2-voxel blocks: period 4
+    assert np.array_equal(blocks[:, 0, 0], [1, 1, -1, -1, 1, 1, -1, -1])
+    assert np.array_equal(blocks[0, 1, :4], [1, 1, -1, -1]) and blocks[0, 2, 0] == -1
+
+
+def test_smooth_field_fixed_per_class_and_low_pass():
+    """The same class carries the same field at the same position in any case; classes differ; low-pass."""
+    other = _seg((20, 16, 12), {1: np.s_[0:20, 0:16, 0:12]})
+    a, b = _delta('smooth', seed=2)[0], _delta('smooth', seg=other, seed=2)[0]
+    assert np.allclose(a[SEG == 1], b[:14, :12, :10][SEG == 1])
+    tile1, tile2 = smooth_field(1, seed=2), smooth_field(2, seed=2)
+    assert abs(np.corrcoef(tile1.ravel(), tile2.ravel())[0, 1]) < 0.2
+    assert not np.allclose(_delta('smooth', seed=3)[0], a)
+    spectrum = np.abs(np.fft.fftn(tile1)) ** 2
+    freq = np.sqrt(sum(f ** 2 for f in np.meshgrid(*[np.fft.fftfreq(64)] * 3, indexing='ij')))
+    assert spectrum[freq > 0.15].sum() < 1e-3 * spectrum.sum()  # sigma 4: almost nothing above 0.15 cycles/voxel
+
+
+def test_bad_options_refused():
+    for kw in ({'block': 0}, {'sigma': 0.0}):
+        with pytest.raises(InputError):
+            LabelCodedSource('checkerboard', **kw)
+    with pytest.raises(InputError):
+        LabelCodedSource('stripes')
+
+
+@requires_hippocampus
+def test_control_exports_pass_verify(hippocampus_env, capsys):
+    """Each control on real cases at 16/255: verify passes at that eps, zero off the labels, signs as defined."""
+    raw, name = hippocampus_env['nnUNet_raw'], hippocampus_env['dataset_name']
+    src = raw / name
+    with pytest.raises(SystemExit) as exc:
+        export.export_entry(['-d', '4', '-o', '860', '--method', 'checkerboard', '--block', '0', '-device', 'cpu'])
+    assert exc.value.code != 0 and '--block' in capsys.readouterr().err
+    for out_id, method in ((861, 'offset'), (862, 'checkerboard'), (863, 'smooth')):
+        out = raw / f'Dataset{out_id}_HippocampusProtected'
+        try:
+            export.export_entry(['-d', '4', '-o', str(out_id), '--method', method, '--eps', '16/255',
+                                 '-device', 'cpu'])
+            verify_entry([str(src), str(out), '--eps', '16/255'])
+            assert json.loads((out / 'dataset.json').read_text())['voxshield']['method'] == method
+            for case in hippocampus_env['cases']:
+                label = sitk.GetArrayFromImage(sitk.ReadImage(str(src / 'labelsTr' / f'{case}.nii.gz')))
+                clean = sitk.GetArrayFromImage(sitk.ReadImage(str(src / 'imagesTr' / f'{case}_0000.nii.gz')))
+                prot = sitk.GetArrayFromImage(sitk.ReadImage(str(out / 'imagesTr' / f'{case}_0000.nii.gz')))
+                delta = prot.astype(np.float64) - clean.astype(np.float64)
+                b = raw_budget(clean[None].astype(np.float64), 16 / 255)[0]
+                assert np.all(delta[label == 0] == 0) and np.abs(delta).max() <= b
+                expected = LabelCodedSource(method).compute_delta_raw(clean[None], label, np.array([b]), case)[0]
+                inside, large = label > 0, np.abs(expected) > 0.25 * b  # small values may round to 0 (uint8)
+                agree = np.sign(delta[large]) == np.sign(expected[large])
+                wrong = np.sign(delta[inside]) == -np.sign(expected[inside])
+                assert large.sum() > 100 and agree.mean() > 0.95 and not wrong.any(), (method, case, agree.mean())
+                if method != 'smooth':  # full amplitude up to rounding (and the image's own range)
+                    assert np.median(np.abs(delta[inside])) > 0.9 * b
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
