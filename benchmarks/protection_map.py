@@ -1,0 +1,257 @@
+"""Protection map on MSD Hippocampus (issue 12): victim Dice / clean against budget (PSNR) per method and exploiter.
+
+    python benchmarks/protection_map.py -o benchmarks/out/map --victim stock --cells offset@16/255 checkerboard@16/255
+    python benchmarks/protection_map.py -o benchmarks/out/map --table-only
+
+A cell is ``METHOD[:key=value]@EPS``: an export-time method (random, offset, checkerboard[:block=N],
+smooth[:sigma=S], lsp) exported at EPS, or a protector trained at EPS with nnU-Net's trainer API and exported at
+its own budget (VoxShield, VoxShield-EOT, VoxShield-LC: ``<trainer>[_eps<N>]_<E>epochs``; at 4/255 the plain
+trainer). ``--victim`` is an exploiter profile (stock: ``nnUNetTrainer_5epochs``; noda: ``nnUNetTrainerNoDA_5epochs``;
+or any trainer class with ``--victim-trainer``). Every cell is one ``voxshield_evaluate`` folder
+``eval_<victim>_<cell>_seed<seeds>``; the clean victim of a profile and seed is trained once and reused by all its cells (so
+run the first cell of a profile alone before starting parallel lanes of that profile). Uses the split and CPU
+preset of benchmarks/hippocampus.py; results merge into -o/map.json (lanes may run side by side), the table
+prints, map.md and frontier.png are written.
+"""
+import argparse
+import fcntl
+import json
+import os
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import hippocampus as hb  # noqa: E402  (split, raw preparation, command runner)
+
+EXPORT_METHODS = ('random', 'offset', 'checkerboard', 'smooth', 'lsp')
+TRAINED = {'VoxShield': 'nnUNetTrainerVoxShield', 'VoxShield-EOT': 'nnUNetTrainerVoxShieldEOT',
+           'VoxShield-LC': 'nnUNetTrainerVoxShieldLC'}
+VICTIMS = {'stock': 'nnUNetTrainer_{e}epochs', 'noda': 'nnUNetTrainerNoDA_{e}epochs'}
+FIRST_ID = 100  # protected copies get dataset ids from here, one per cell (recorded in map.json)
+
+
+def parse_cell(text: str) -> dict:
+    """'checkerboard:block=2@16/255' -> {'method': 'checkerboard', 'options': {'block': '2'}, 'eps': '16/255'}."""
+    head, _, eps = text.partition('@')
+    method, *opts = head.split(':')
+    if method not in EXPORT_METHODS and method not in TRAINED:
+        raise SystemExit(f'cell {text!r}: unknown method {method!r} (export-time: {", ".join(EXPORT_METHODS)}; '
+                         f'trained: {", ".join(TRAINED)})')
+    try:
+        value = float(Fraction(eps))
+    except (ValueError, ZeroDivisionError):
+        raise SystemExit(f'cell {text!r}: eps must be a fraction such as 16/255') from None
+    if not 0 < value <= 1:
+        raise SystemExit(f'cell {text!r}: eps must be in (0, 1]')
+    return {'cell': text, 'method': method, 'options': dict(o.split('=', 1) for o in opts), 'eps': eps,
+            'eps_value': value}
+
+
+def cell_label(cell: dict) -> str:
+    """A file-name-safe label: 'checkerboard-block2_eps16_255'."""
+    opts = ''.join(f'-{k}{v}' for k, v in sorted(cell['options'].items()))
+    return f'{cell["method"].replace("-", "")}{opts}_eps{cell["eps"].replace("/", "_")}'
+
+
+def protector_trainer(cell: dict, epochs: int) -> str:
+    """``<trainer>_<E>epochs`` at 4/255, else ``<trainer>_eps<N>_<E>epochs`` (N: eps x 255)."""
+    n = cell['eps_value'] * 255
+    if abs(n - 4) < 1e-9:
+        return f'{TRAINED[cell["method"]]}_{epochs}epochs'
+    return f'{TRAINED[cell["method"]]}_eps{round(n)}_{epochs}epochs'
+
+
+class MapFile:
+    """map.json, merged under a lock so that lanes running side by side do not lose each other's entries."""
+
+    def __init__(self, path: Path):
+        self.path, self.lock = path, path.with_suffix('.lock')
+
+    def update(self, fn) -> dict:
+        with open(self.lock, 'w') as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+            fn(data)
+            tmp = self.path.with_suffix('.tmp')
+            tmp.write_text(json.dumps(data, indent=1))
+            os.replace(tmp, self.path)
+            return data
+
+
+def protect(cell: dict, roots: dict, env: dict, logs: Path, mapfile: MapFile, clean: Path, epochs: int) -> Path:
+    """Export (after training the protector where the method trains) and verify one cell; resumable."""
+    label = cell_label(cell)
+
+    def assign(data):
+        ids = data.setdefault('dataset_ids', {})
+        ids.setdefault(label, FIRST_ID + len(ids))
+    dataset_id = mapfile.update(assign)['dataset_ids'][label]
+    dst = roots['nnUNet_raw'] / f'Dataset{dataset_id:03d}_Hippocampus_{label}'
+    cmd = ['voxshield_export', '-d', '4', '-o', dataset_id, '--name', dst.name, '-p', hb.PLANS, '-c', '3d_fullres',
+           '-device', 'cpu']
+    if cell['method'] in TRAINED:
+        trainer = protector_trainer(cell, epochs)
+        fold = roots['nnUNet_results'] / 'Dataset004_Hippocampus' / f'{trainer}__{hb.PLANS}__3d_fullres' / 'fold_all'
+        if not (fold / 'checkpoint_final.pth').is_file():
+            hb.log(f'{label}: training {trainer}')
+            seconds = hb.run([sys.executable, '-m', 'nnunetv2_voxshield.victims', 'run', '4', '3d_fullres', '--seed',
+                              '0', '-tr', trainer, '-p', hb.PLANS, '-device', 'cpu'], env, logs / f'train_{label}.log')
+            mapfile.update(lambda d: d.setdefault('protectors', {}).setdefault(label, {}).update(
+                trainer=trainer, train_seconds=seconds))
+        cmd += ['-tr', trainer, '-f', 'all']
+    else:
+        cmd += ['--method', cell['method'], '--eps', cell['eps']]
+        for key, value in cell['options'].items():
+            cmd += [{'block': '--block', 'sigma': '--smooth-sigma', 'patch': '--lsp-patch'}[key], value]
+    if not dst.is_dir():
+        hb.log(f'{label}: export')
+        hb.run(cmd, env, logs / f'export_{label}.log')
+    report = logs.parent / f'verify_{label}.json'
+    if not report.is_file():
+        hb.run(['voxshield_verify', clean, dst, '-o', report, '--eps', cell['eps']], env, logs / f'verify_{label}.log')
+    summary = json.loads(report.read_text()).get('summary')
+    mapfile.update(lambda d: d.setdefault('protectors', {}).setdefault(label, {}).update(
+        cell=cell['cell'], dataset=str(dst), verify=summary))
+    return dst
+
+
+def map_rows(data: dict) -> list:
+    """One row per (victim profile, cell) over every eval folder and seed: mean Dice over the seeds, the clean
+    victim's mean Dice over the same seeds (same profile), their ratio, the per-seed ratios and the PSNR."""
+    cells = {}
+    for entry in (data.get('eval') or {}).values():
+        rows = entry['report']['rows']
+        clean = next(r for r in rows if r['row'] == 'clean')['per_seed'].get('3d_fullres', {})
+        for r in rows:
+            if r['row'] == 'clean' or not r['per_seed'].get('3d_fullres'):
+                continue
+            cell = cells.setdefault((entry['victim'], entry['cell']), {'seeds': {}, 'quality': r.get('quality')})
+            for seed, v in r['per_seed']['3d_fullres'].items():
+                if seed in clean:
+                    cell['seeds'][int(seed)] = (v, clean[seed])
+    verify = {p.get('cell'): p.get('verify') or {} for p in (data.get('protectors') or {}).values()}
+    out = []
+    for (victim, name), cell in cells.items():
+        seeds = sorted(cell['seeds'])
+        mean = lambda f: sum(f(*cell['seeds'][s]) for s in seeds) / len(seeds)  # noqa: E731
+        q = cell['quality'] or {}
+        out.append({'victim': victim, 'cell': name, 'method': name.split('@')[0], 'eps': name.split('@')[1],
+                    'seeds': seeds, 'dice': mean(lambda v, c: v['dice']), 'clean_dice': mean(lambda v, c: c['dice']),
+                    'ratio_per_seed': [round(cell['seeds'][s][0]['dice'] / cell['seeds'][s][1]['dice'], 3)
+                                       for s in seeds],
+                    'dice_per_label': {k: mean(lambda v, c: v['dice_per_label'][k])
+                                       for k in cell['seeds'][seeds[0]][0]['dice_per_label']},
+                    'psnr': (q.get('psnr') or {}).get('mean'), 'psnr_min': (verify.get(name, {}).get('psnr') or {}).get('min'),
+                    'psnr_roi': (q.get('psnr_roi') or {}).get('mean')})
+        out[-1]['ratio'] = out[-1]['dice'] / out[-1]['clean_dice']
+    return out
+
+
+def print_table(data: dict, out: Path) -> None:
+    rows = map_rows(data)
+    lines = ['| victim | cell | seeds | Dice | clean Dice | Dice / clean | per seed | per label | PSNR mean / min (dB) |'
+             ' PSNR ROI (dB) |', '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+    fmt = lambda x, f='{:.1f}': '–' if x is None else f.format(x)  # noqa: E731
+    for r in sorted(rows, key=lambda r: (r['victim'], r['method'], Fraction(r['eps']))):
+        labels = ' / '.join(f'{x:.2f}' for x in r['dice_per_label'].values())
+        lines.append(f'| {r["victim"]} | {r["cell"]} | {",".join(map(str, r["seeds"]))} | {r["dice"]:.3f} | '
+                     f'{r["clean_dice"]:.3f} | **{r["ratio"]:.2f}** | {" / ".join(map(str, r["ratio_per_seed"]))} | '
+                     f'{labels} | {fmt(r["psnr"])} / {fmt(r["psnr_min"])} | {fmt(r["psnr_roi"])} |')
+    text = '\n'.join(lines)
+    print(text)
+    (out / 'map.md').write_text(text + '\n')
+    frontier_figure(rows, out / 'frontier.png')
+
+
+def frontier_figure(rows: list, png: Path) -> None:
+    """Victim Dice / clean against whole-volume PSNR: one curve per method and victim profile."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups = {}
+    for r in rows:
+        if r['psnr'] is not None:
+            groups.setdefault((r['method'], r['victim']), []).append((r['psnr'], r['ratio']))
+    for (method, victim), pts in sorted(groups.items()):
+        pts.sort()
+        ax.plot(*zip(*pts), marker='o' if victim == 'stock' else 's', linestyle='-' if victim == 'stock' else '--',
+                label=f'{method} ({victim})')
+    ax.axhline(0.05, color='k', lw=0.8, ls=':')
+    ax.axvline(50, color='k', lw=0.8, ls=':')
+    ax.set_xlabel('PSNR of the protected training images (dB, whole volume)')
+    ax.set_ylabel('victim Dice / clean victim Dice')
+    ax.set_title('Protection map, Hippocampus (goal: lower right of the dotted lines)', fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('-o', default=str(HERE / 'out' / 'map'), help='output folder')
+    parser.add_argument('--data', default=str(hb.DEFAULT_DATA), help='Dataset004_Hippocampus raw folder')
+    parser.add_argument('--cells', nargs='*', default=[], help='METHOD[:key=value]@EPS, e.g. offset@16/255')
+    parser.add_argument('--victim', default='stock', help='exploiter profile name: stock, noda, or a name of your '
+                                                          'choice with --victim-trainer')
+    parser.add_argument('--victim-trainer', default=None, help='victim trainer class (default: from --victim)')
+    parser.add_argument('--victim-epochs', type=int, default=5)
+    parser.add_argument('--protector-epochs', type=int, default=5)
+    parser.add_argument('--seeds', nargs='+', type=int, default=[0])
+    parser.add_argument('--table-only', action='store_true', help='print the table of -o/map.json, draw the figure')
+    args = parser.parse_args()
+    out = Path(args.o).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    mapfile = MapFile(out / 'map.json')
+    if args.table_only:
+        if not mapfile.path.is_file():
+            parser.error(f'{mapfile.path}: not found (run some cells first)')
+        return print_table(json.loads(mapfile.path.read_text()), out)
+    cells = [parse_cell(c) for c in args.cells]
+    if args.victim_trainer is None and args.victim not in VICTIMS:
+        parser.error(f'--victim {args.victim!r} needs --victim-trainer (built in: {", ".join(VICTIMS)})')
+    victim_trainer = args.victim_trainer or VICTIMS[args.victim].format(e=args.victim_epochs)
+
+    roots = {k: out / k for k in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results')}
+    for d in roots.values():
+        d.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **{k: str(v) for k, v in roots.items()}, 'nnUNet_def_n_proc': '1',
+           'nnUNet_compile': 'false', 'OMP_WAIT_POLICY': 'PASSIVE'}
+    os.environ.update({**env, 'nnUNet_n_proc_DA': '0'})
+    logs = out / 'logs'
+    logs.mkdir(exist_ok=True)
+    split = json.loads(hb.SPLIT.read_text())
+    clean = hb.prepare_raw(Path(args.data), roots['nnUNet_raw'], split)
+    if not (roots['nnUNet_preprocessed'] / 'Dataset004_Hippocampus' / f'{hb.PLANS}.json').is_file():
+        hb.log('plan and preprocess (stock), CPU preset')
+        hb.run(['nnUNetv2_plan_and_preprocess', '-d', '4', '-c', '3d_fullres', '-np', '1'], env, logs / 'plan.log')
+        hb.run(['voxshield_plans', '-d', '4', '--preset', 'cpu'], env, logs / 'plan.log')
+    mapfile.update(lambda d: d.setdefault('settings', {}).update(
+        split=str(hb.SPLIT.relative_to(HERE.parent)), plans=hb.PLANS, victim_epochs=args.victim_epochs,
+        protector_epochs=args.protector_epochs, victim_configuration='3d_fullres', tta=False))
+
+    from nnunetv2_voxshield.evaluate import evaluate
+    train_env = {**env, 'nnUNet_n_proc_DA': '0'}
+    for cell in cells:
+        dataset = protect(cell, roots, train_env, logs, mapfile, clean, args.protector_epochs)
+        key = f'{args.victim}_{cell_label(cell)}_seed{"-".join(map(str, args.seeds))}'
+        folder = out / f'eval_{key}'
+        others = [str(d) for d in sorted(out.glob('eval_*')) if d != folder and (d / 'state.json').is_file()]
+        hb.log(f'victims ({victim_trainer}, seeds {args.seeds}): clean vs {cell["cell"]} -> {folder.name}')
+        t0 = time.time()
+        report = evaluate('4', [str(dataset)], str(folder), test_images=str(clean / 'imagesTs'),
+                          test_labels=str(clean / 'labelsTs'), plans=hb.PLANS, trainer=victim_trainer,
+                          seeds=args.seeds, device='cpu', disable_tta=True, method_name=[cell['cell']],
+                          reuse_from=others)
+        mapfile.update(lambda d: d.setdefault('eval', {}).__setitem__(key, {
+            'victim': args.victim, 'victim_trainer': victim_trainer, 'cell': cell['cell'], 'seeds': args.seeds,
+            'seconds': time.time() - t0, 'report': report}))
+    print_table(json.loads(mapfile.path.read_text()), out)
+
+
+if __name__ == '__main__':
+    main()

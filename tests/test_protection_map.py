@@ -1,0 +1,57 @@
+"""benchmarks/protection_map.py: cell parsing, protector names, and the per-seed aggregation of the map's rows."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / 'benchmarks'
+sys.path.insert(0, str(BENCH))
+spec = importlib.util.spec_from_file_location('protection_map', BENCH / 'protection_map.py')
+pmap = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(pmap)
+
+
+def test_parse_cell_and_names():
+    cell = pmap.parse_cell('checkerboard:block=2@16/255')
+    assert cell['method'] == 'checkerboard' and cell['options'] == {'block': '2'}
+    assert cell['eps_value'] == pytest.approx(16 / 255)
+    assert pmap.cell_label(cell) == 'checkerboard-block2_eps16_255'
+    assert pmap.protector_trainer(pmap.parse_cell('VoxShield@4/255'), 5) == 'nnUNetTrainerVoxShield_5epochs'
+    assert pmap.protector_trainer(pmap.parse_cell('VoxShield-EOT@16/255'), 5) == \
+        'nnUNetTrainerVoxShieldEOT_eps16_5epochs'
+    for bad in ('stripes@16/255', 'offset@abc', 'offset@0', 'offset@2'):
+        with pytest.raises(SystemExit):
+            pmap.parse_cell(bad)
+
+
+def _entry(victim, cell, seeds, clean, protected):
+    per_seed = lambda d: {'3d_fullres': {str(s): {'dice': x, 'dice_per_label': {'1': x, '2': x}}  # noqa: E731
+                                         for s, x in zip(seeds, d)}}
+    return {'victim': victim, 'cell': cell, 'report': {'rows': [
+        {'row': 'clean', 'per_seed': per_seed(clean)},
+        {'row': 'protected', 'per_seed': per_seed(protected), 'quality': {'psnr': {'mean': 44.0}}}]}}
+
+
+def test_rows_pool_seeds_across_folders_and_profiles_stay_apart(tmp_path):
+    data = {'eval': {'a': _entry('stock', 'offset@64/255', [0], [0.8], [0.2]),
+                     'b': _entry('stock', 'offset@64/255', [1], [0.7], [0.07]),
+                     'c': _entry('noda', 'offset@64/255', [0], [0.9], [0.9])},
+            'protectors': {'offset_eps64_255': {'cell': 'offset@64/255', 'verify': {'psnr': {'min': 40.0}}}}}
+    rows = {(r['victim'], r['cell']): r for r in pmap.map_rows(data)}
+    stock = rows[('stock', 'offset@64/255')]
+    assert stock['seeds'] == [0, 1] and stock['ratio_per_seed'] == [0.25, 0.1]
+    assert stock['dice'] == pytest.approx(0.135) and stock['clean_dice'] == pytest.approx(0.75)
+    assert stock['ratio'] == pytest.approx(0.18) and stock['psnr_min'] == 40.0
+    assert rows[('noda', 'offset@64/255')]['ratio'] == pytest.approx(1.0)
+    pmap.print_table(data, tmp_path)
+    table = (tmp_path / 'map.md').read_text()
+    assert '**0.18**' in table and '0.25 / 0.1' in table and (tmp_path / 'frontier.png').stat().st_size > 0
+
+
+def test_map_file_merges(tmp_path):
+    f = pmap.MapFile(tmp_path / 'map.json')
+    f.update(lambda d: d.setdefault('eval', {}).__setitem__('a', 1))
+    f.update(lambda d: d.setdefault('eval', {}).__setitem__('b', 2))
+    assert json.loads((tmp_path / 'map.json').read_text()) == {'eval': {'a': 1, 'b': 2}}
