@@ -7,7 +7,8 @@ A cell is ``METHOD[:key=value]@EPS``: an export-time method (random, offset, che
 smooth[:sigma=S], lsp) exported at EPS, or a protector trained at EPS with nnU-Net's trainer API and exported at
 its own budget (VoxShield, VoxShield-EOT, VoxShield-LC: ``<trainer>[_eps<N>]_<E>epochs``; at 4/255 the plain
 trainer). ``--victim`` is an exploiter profile (stock: ``nnUNetTrainer_5epochs``; noda: ``nnUNetTrainerNoDA_5epochs``;
-or any trainer class with ``--victim-trainer``). Every cell is one ``voxshield_evaluate`` folder
+adam, labelaware, noSpatial, noNoiseBlur, noIntensity, noLowRes, noMirror: the
+profiles of ``trainers/victim_profiles.py``; or any trainer class with ``--victim-trainer``). Every cell is one ``voxshield_evaluate`` folder
 ``eval_<victim>_<cell>_seed<seeds>``; the clean victim of a profile and seed is trained once and reused by all its cells (so
 run the first cell of a profile alone before starting parallel lanes of that profile). Uses the split and CPU
 preset of benchmarks/hippocampus.py; results merge into -o/map.json (lanes may run side by side), the table
@@ -29,7 +30,10 @@ import hippocampus as hb  # noqa: E402  (split, raw preparation, command runner)
 EXPORT_METHODS = ('random', 'offset', 'checkerboard', 'smooth', 'lsp')
 TRAINED = {'VoxShield': 'nnUNetTrainerVoxShield', 'VoxShield-EOT': 'nnUNetTrainerVoxShieldEOT',
            'VoxShield-LC': 'nnUNetTrainerVoxShieldLC'}
-VICTIMS = {'stock': 'nnUNetTrainer_{e}epochs', 'noda': 'nnUNetTrainerNoDA_{e}epochs'}
+VICTIMS = {'stock': 'nnUNetTrainer_{e}epochs', 'noda': 'nnUNetTrainerNoDA_{e}epochs',
+           'adam': 'nnUNetTrainerVanillaAdam5en4_{e}epochs', 'labelaware': 'nnUNetTrainerLabelAware_{e}epochs',
+           **{f'no{f}': f'nnUNetTrainerDA_no{f}_{{e}}epochs'
+              for f in ('Spatial', 'NoiseBlur', 'Intensity', 'LowRes', 'Mirror')}}
 FIRST_ID = 100  # protected copies get dataset ids from here, one per cell (recorded in map.json)
 
 
