@@ -1,12 +1,13 @@
 """Per-case perturbation budgets and ROI masks.
 
-The budget is defined in raw intensity units: ``eps`` times the case's 0.5-99.5 percentile range, per channel
-(or an absolute value, e.g. HU). nnU-Net trains on normalised intensities, so the trainer multiplies the raw
-budget by the case's normalisation scale (normalised units per raw unit) as nnU-Net's own normalisation
-schemes define it. Export maps the perturbation back and clamps it in raw units again.
+The budget is defined in raw intensity units, per channel: ``eps`` (a fraction in (0, 1]) times a window that
+the budget mode defines (``BUDGET_MODES``), or an absolute value ``eps_abs`` (e.g. HU). nnU-Net trains on
+normalised intensities, so the trainer multiplies the raw budget by the case's normalisation scale (normalised
+units per raw unit) as nnU-Net's own normalisation schemes define it. Export maps the perturbation back and clamps
+it in raw units again; verify recomputes the budget with the same ``raw_budget``.
 """
 from fractions import Fraction
-from typing import Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -14,17 +15,52 @@ import torch.nn.functional as F
 
 DEFAULT_EPS = 4 / 255
 DEFAULT_PERCENTILES = (0.5, 99.5)
+ZSCORE_WINDOW = 10.0  # the paper clips z-scored volumes to +-5 sigma: a window of 10 std
+BUDGET_MODES = {  # what eps is a fraction of, per channel
+    'range': "the case's p0.5-p99.5 intensity range",
+    'zscore': "10 x the case's std over all voxels (the paper: z-score, clip to +-5 sigma)",
+    'zscore-dataset': "10 x the dataset's std over all training cases' voxels",
+}
+DEFAULT_BUDGET_MODE = 'range'
+
+
+def _number(text: Union[str, float]) -> float:
+    try:
+        return float(Fraction(str(text).strip()))
+    except (ValueError, ZeroDivisionError, OverflowError, TypeError):
+        return float('nan')
 
 
 def parse_eps(text: Union[str, float]) -> float:
-    """'4/255' -> 0.01568..., '0.02' -> 0.02. Raises ValueError with a readable message."""
-    try:
-        value = float(Fraction(str(text).strip()))
-    except (ValueError, ZeroDivisionError):
-        raise ValueError(f"eps must be a number or a fraction such as 4/255, got {text!r}") from None
-    if not np.isfinite(value) or value < 0:
-        raise ValueError(f"eps must be a finite non-negative number, got {text!r}")
+    """'4/255' -> 0.01568..., '0.02' -> 0.02: a fraction of the budget window in (0, 1]; ValueError otherwise."""
+    value = _number(text)
+    if not (np.isfinite(value) and 0 < value <= 1):
+        raise ValueError(f'eps must be a fraction in (0, 1] of the budget window, such as 4/255, got {text!r}')
     return value
+
+
+def parse_eps_abs(text: Union[str, float]) -> float:
+    """An absolute budget in raw units (e.g. HU): any finite number > 0; ValueError otherwise."""
+    value = _number(text)
+    if not (np.isfinite(value) and value > 0):
+        raise ValueError(f'eps_abs must be a finite number > 0 in raw intensity units, got {text!r}')
+    return value
+
+
+def check_budget_mode(mode: str) -> str:
+    """``mode`` if it is one of ``BUDGET_MODES``; ValueError otherwise."""
+    if mode not in BUDGET_MODES:
+        raise ValueError(f'unknown budget mode {mode!r}; choose one of {", ".join(BUDGET_MODES)}')
+    return mode
+
+
+def check_budget(eps: Optional[float], eps_abs: Optional[float] = None, mode: str = DEFAULT_BUDGET_MODE) -> None:
+    """ValueError (one line) for an eps outside (0, 1], an eps_abs that is not finite and > 0, or an unknown mode."""
+    if eps is not None:
+        parse_eps(eps)
+    if eps_abs is not None:
+        parse_eps_abs(eps_abs)
+    check_budget_mode(mode)
 
 
 def percentile_range(image: np.ndarray, percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> np.ndarray:
@@ -34,12 +70,50 @@ def percentile_range(image: np.ndarray, percentiles: Sequence[float] = DEFAULT_P
     return high - low
 
 
+def channel_std(image: np.ndarray) -> np.ndarray:
+    """Per-channel standard deviation over all voxels (population std) of an image shaped (c, *spatial)."""
+    return np.asarray(image, dtype=np.float64).reshape(image.shape[0], -1).std(axis=1)
+
+
+def dataset_std(images: Iterable[np.ndarray]) -> np.ndarray:
+    """Per-channel std over all voxels of all ``images`` (each (c, *spatial)), pooled exactly (Chan et al.)."""
+    n, mean, m2 = 0, None, None
+    for image in images:
+        flat = np.asarray(image, dtype=np.float64).reshape(image.shape[0], -1)
+        n_b, mean_b = flat.shape[1], flat.mean(axis=1)
+        m2_b = ((flat - mean_b[:, None]) ** 2).sum(axis=1)
+        if mean is None:
+            n, mean, m2 = n_b, mean_b, m2_b
+            continue
+        if mean_b.shape != mean.shape:
+            raise ValueError(f'dataset std: cases have {mean.shape[0]} and {mean_b.shape[0]} channels')
+        delta, total = mean_b - mean, n + n_b
+        mean = mean + delta * n_b / total
+        m2 = m2 + m2_b + delta ** 2 * n * n_b / total
+        n = total
+    if mean is None or n == 0:
+        raise ValueError('dataset std: no voxels (no training cases)')
+    return np.sqrt(m2 / n)
+
+
 def raw_budget(image: np.ndarray, eps: float = DEFAULT_EPS, eps_abs: Optional[float] = None,
-               percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> np.ndarray:
-    """Budget in raw units per channel: ``eps_abs`` if given, else eps x percentile range."""
+               percentiles: Sequence[float] = DEFAULT_PERCENTILES, mode: str = DEFAULT_BUDGET_MODE,
+               dataset_std: Optional[Sequence[float]] = None) -> np.ndarray:
+    """Budget in raw units per channel: ``eps_abs`` if given, else eps x the window of ``mode``:
+    'range': p_high - p_low of the case; 'zscore': 10 x the case's std; 'zscore-dataset': 10 x ``dataset_std``."""
+    check_budget_mode(mode)
     if eps_abs is not None:
         return np.full(image.shape[0], float(eps_abs))
-    return eps * percentile_range(image, percentiles)
+    if mode == 'range':
+        return eps * percentile_range(image, percentiles)
+    if mode == 'zscore':
+        return eps * ZSCORE_WINDOW * channel_std(image)
+    if dataset_std is None:
+        raise ValueError("budget mode 'zscore-dataset' needs the dataset's std per channel (budget.dataset_std)")
+    std = np.asarray(dataset_std, dtype=np.float64).reshape(-1)
+    if std.shape[0] != image.shape[0]:
+        raise ValueError(f'dataset std has {std.shape[0]} channel(s), the image {image.shape[0]}')
+    return eps * ZSCORE_WINDOW * std
 
 
 def normalisation_scale(image: np.ndarray, seg: Optional[np.ndarray], scheme: str, use_mask_for_norm: bool,

@@ -8,7 +8,7 @@ from typing import List
 import numpy as np
 import SimpleITK as sitk
 
-from nnunetv2_voxshield.budget import raw_budget, roi_mask_np
+from nnunetv2_voxshield.budget import DEFAULT_BUDGET_MODE, dataset_std, raw_budget, roi_mask_np
 from nnunetv2_voxshield.dataset_io import (InputError, check_finite, copy_atomic, read_image, sha256_of,
                                            write_image_atomic)
 from nnunetv2_voxshield.geometry import normalisation_scales, preprocess_case, to_raw_geometry
@@ -73,18 +73,26 @@ def _delta_through_nnunet(case: str, files: dict, clean: List[np.ndarray], budge
     return delta, np.maximum(mask.reshape(shape), source.eps_bg)
 
 
+def clean_dataset_std(cases: dict) -> List[float]:
+    """Per-channel std over every training case's voxels, read as ``protect_case`` reads (mode 'zscore-dataset')."""
+    return [float(s) for s in dataset_std(np.stack([sitk.GetArrayFromImage(read_image(f)) for f in files['images']])
+                                          for files in cases.values())]
+
+
 def protect_case(case: str, files: dict, output_folder: str, ctx: dict) -> dict:
     """Write the protected images and the unchanged label of ``case`` into ``output_folder``; return its report.
 
     ``ctx``: source (a ``perturbation.DeltaSource``), plans_manager, configuration_manager, dataset_json, eps,
-    eps_abs, percentiles.
+    eps_abs, percentiles, budget_mode (None with eps_abs), dataset_std (for 'zscore-dataset').
     """
     images = [read_image(f) for f in files['images']]
     clean = [sitk.GetArrayFromImage(im) for im in images]
     for array, path in zip(clean, files['images']):
         check_finite(array, path)
     seg_raw = sitk.GetArrayFromImage(read_image(files['label']))
-    budget = raw_budget(np.stack(clean), ctx['eps'], ctx['eps_abs'], ctx['percentiles'])
+    mode = ctx.get('budget_mode')
+    budget = raw_budget(np.stack(clean), ctx['eps'], ctx['eps_abs'], ctx['percentiles'], mode or DEFAULT_BUDGET_MODE,
+                        ctx.get('dataset_std'))
     out_images = [os.path.join(output_folder, 'imagesTr', os.path.basename(f)) for f in files['images']]
     out_label = os.path.join(output_folder, 'labelsTr', os.path.basename(files['label']))
     roi = seg_raw > 0
@@ -118,5 +126,5 @@ def protect_case(case: str, files: dict, output_folder: str, ctx: dict) -> dict:
     if max(ch['budget_use'] for ch in channels) > 1:
         raise RuntimeError(f'{case}: budget exceeded after rounding (bug)')
     written = out_images + [out_label]
-    return {'case': case, 'status': status, 'channels': channels,
+    return {'case': case, 'status': status, 'budget_mode': mode, 'channels': channels,
             'files': {os.path.relpath(f, output_folder): sha256_of(f) for f in written}}

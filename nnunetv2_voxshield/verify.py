@@ -2,7 +2,8 @@
 
 For every clean training case: present in the protected dataset, label byte-identical, same shape, spacing,
 origin, direction and dtype per channel, finite voxels, and max |protected - clean| <= budget, the budget being
-recomputed from the clean image (``budget.raw_budget``: eps x p0.5-p99.5 range per channel, or ``--eps-abs``).
+recomputed from the clean image (``budget.raw_budget``: eps x the window of ``--budget-mode`` per channel, or
+``--eps-abs``; 'zscore-dataset' takes the std over the clean dataset given here).
 Files are read with SimpleITK directly; nothing of export's code or reports is used.
 """
 import argparse
@@ -16,7 +17,8 @@ import nibabel
 import numpy as np
 import SimpleITK as sitk
 
-from nnunetv2_voxshield.budget import DEFAULT_EPS, DEFAULT_PERCENTILES, parse_eps, raw_budget
+from nnunetv2_voxshield.budget import (BUDGET_MODES, DEFAULT_BUDGET_MODE, DEFAULT_EPS, DEFAULT_PERCENTILES,
+                                       check_budget_mode, dataset_std, parse_eps, parse_eps_abs, raw_budget)
 from nnunetv2_voxshield.metrics import psnr, ssim
 
 GEOMETRY_ATOL = 1e-5
@@ -75,8 +77,9 @@ def _geometry_problem(clean: sitk.Image, protected: sitk.Image) -> Optional[str]
 
 
 def verify_case(case: str, clean_folder: str, protected_folder: str, ending: str, n_channels: int, eps: float,
-                eps_abs: Optional[float], percentiles: Sequence[float]) -> dict:
-    """Violations (one line each) and metrics of one case."""
+                eps_abs: Optional[float], percentiles: Sequence[float], budget_mode: str = DEFAULT_BUDGET_MODE,
+                clean_std: Optional[Sequence[float]] = None) -> dict:
+    """Violations (one line each) and metrics of one case (``clean_std``: the dataset's, for 'zscore-dataset')."""
     violations, channels = [], []
     clean_label = os.path.join(clean_folder, 'labelsTr', case + ending)
     protected_label = os.path.join(protected_folder, 'labelsTr', case + ending)
@@ -96,7 +99,8 @@ def verify_case(case: str, clean_folder: str, protected_folder: str, ending: str
         if image is None:
             raise VerifyInputError(f'{f}: missing or unreadable clean image')
     clean_arrays = [sitk.GetArrayFromImage(im) for im in clean_images]
-    budgets = raw_budget(np.stack([a.astype(np.float64) for a in clean_arrays]), eps, eps_abs, percentiles)
+    budgets = raw_budget(np.stack([a.astype(np.float64) for a in clean_arrays]), eps, eps_abs, percentiles,
+                         budget_mode, clean_std)
     for c, (path, clean_image, clean, budget) in enumerate(zip(protected_files, clean_images, clean_arrays, budgets)):
         if not os.path.isfile(path):
             violations.append(f'{path}: case {case} missing (channel {c})')
@@ -140,13 +144,34 @@ def _json_safe(obj):
     return obj
 
 
+def _clean_case(clean_folder: str, case: str, ending: str, n_channels: int) -> np.ndarray:
+    """The clean channels of ``case`` stacked (c, *spatial), as ``verify_case`` reads them."""
+    arrays = []
+    for c in range(n_channels):
+        path = os.path.join(clean_folder, 'imagesTr', f'{case}_{c:04d}{ending}')
+        image = _read(path)
+        if image is None:
+            raise VerifyInputError(f'{path}: missing or unreadable clean image')
+        arrays.append(sitk.GetArrayFromImage(image).astype(np.float64))
+    try:
+        return np.stack(arrays)
+    except ValueError:
+        raise VerifyInputError(f'{os.path.join(clean_folder, "imagesTr", case)}_*: channels differ in shape') from None
+
+
 def verify_datasets(clean_folder: str, protected_folder: str, eps: float = DEFAULT_EPS,
-                    eps_abs: Optional[float] = None, percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> dict:
+                    eps_abs: Optional[float] = None, percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+                    budget_mode: str = DEFAULT_BUDGET_MODE) -> dict:
     """Report with 'violations' (empty when the protected dataset passes), per-case metrics and a summary."""
+    check_budget_mode(budget_mode)
     clean = _dataset_json(clean_folder)
     cases = _cases(clean_folder, clean['ending'])
     if not cases:
         raise VerifyInputError(f'{os.path.join(clean_folder, "labelsTr")}: no training cases found')
+    clean_std = None
+    if eps_abs is None and budget_mode == 'zscore-dataset':  # from the clean dataset given here, not the export's
+        clean_std = [float(s) for s in dataset_std(_clean_case(clean_folder, c, clean['ending'], clean['channels'])
+                                                   for c in cases)]
     violations = []
     if not os.path.isdir(protected_folder):
         raise VerifyInputError(f'{protected_folder}: protected dataset folder not found')
@@ -161,7 +186,7 @@ def verify_datasets(clean_folder: str, protected_folder: str, eps: float = DEFAU
     violations += [f'{os.path.join(protected_folder, "labelsTr", c + clean["ending"])}: case {c} is not in the '
                    f'clean dataset' for c in extra]
     reports = [verify_case(c, clean_folder, protected_folder, clean['ending'], clean['channels'], eps, eps_abs,
-                           percentiles) for c in cases]
+                           percentiles, budget_mode, clean_std) for c in cases]
     violations += [v for r in reports for v in r['violations']]
     channels = [ch for r in reports for ch in r['channels']]
     summary = {'cases': len(cases), 'violations': len(violations),
@@ -170,6 +195,7 @@ def verify_datasets(clean_folder: str, protected_folder: str, eps: float = DEFAU
                'ssim': _stats([ch['ssim'] for ch in channels])}
     return _json_safe({'summary': summary, 'violations': violations, 'cases': reports,
                        'budget': {'eps': None if eps_abs is not None else eps, 'eps_abs': eps_abs,
+                                  'mode': None if eps_abs is not None else budget_mode, 'dataset_std': clean_std,
                                   'percentiles': list(percentiles)}})
 
 
@@ -179,17 +205,23 @@ def verify_entry(argv=None):
     parser.add_argument('clean', help='clean nnU-Net raw dataset folder')
     parser.add_argument('protected', help='protected nnU-Net raw dataset folder')
     budget = parser.add_mutually_exclusive_group()
-    budget.add_argument('--eps', default='4/255', help='budget as a fraction of each case\'s p0.5-p99.5 range')
+    budget.add_argument('--eps', default='4/255', help='budget as a fraction in (0, 1] of the window of '
+                                                       '--budget-mode (default range: each case\'s p0.5-p99.5 range)')
     budget.add_argument('--eps-abs', default=None, help='absolute budget in raw units (e.g. HU)')
+    parser.add_argument('--budget-mode', default=DEFAULT_BUDGET_MODE, metavar='{' + ','.join(BUDGET_MODES) + '}',
+                        help='what --eps is a fraction of, per channel: ' +
+                             '; '.join(f'{k}: {v}' for k, v in BUDGET_MODES.items()) + ' (default: range)')
     parser.add_argument('-o', default=None, help='write the full report to this JSON file')
     args = parser.parse_args(argv)
     try:
         eps = parse_eps(args.eps)
-        eps_abs = parse_eps(args.eps_abs) if args.eps_abs is not None else None
-    except ValueError as e:
-        parser.error(str(e))
+        eps_abs = parse_eps_abs(args.eps_abs) if args.eps_abs is not None else None
+        check_budget_mode(args.budget_mode)
+    except ValueError as e:  # one line, nothing written
+        print(f'voxshield_verify: error: {e}', file=sys.stderr)
+        sys.exit(1)
     try:
-        report = verify_datasets(args.clean, args.protected, eps, eps_abs)
+        report = verify_datasets(args.clean, args.protected, eps, eps_abs, budget_mode=args.budget_mode)
     except VerifyInputError as e:
         print(f'voxshield_verify: error: {e}', file=sys.stderr)
         sys.exit(1)

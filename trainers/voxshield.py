@@ -17,7 +17,8 @@ from torch import autocast
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 
-from nnunetv2_voxshield.budget import DEFAULT_EPS, DEFAULT_PERCENTILES, bound_perturbation, roi_mask
+from nnunetv2_voxshield.budget import (DEFAULT_BUDGET_MODE, DEFAULT_EPS, DEFAULT_PERCENTILES, bound_perturbation,
+                                       check_budget, roi_mask)
 from nnunetv2_voxshield.case_budgets import budgets_from_preprocessed, compute_case_budgets, raw_dataset_folder_or_none
 from nnunetv2_voxshield.distributed import unwrap, wrap_ddp
 from nnunetv2_voxshield.generator import NoiseGenerator, generator_kwargs_from_plans
@@ -28,7 +29,8 @@ LOG_KEYS = ('voxshield_l_seg', 'voxshield_l_isc', 'voxshield_l_spd', 'voxshield_
 
 class nnUNetTrainerVoxShield(nnUNetTrainer):
     method = 'voxshield'
-    eps = DEFAULT_EPS                 # fraction of each case's p0.5-p99.5 intensity range, per channel
+    eps = DEFAULT_EPS                 # fraction in (0, 1] of the budget window of budget_mode, per channel
+    budget_mode = DEFAULT_BUDGET_MODE  # 'range' (p0.5-p99.5), 'zscore' (10 x case std), 'zscore-dataset'
     eps_abs = None                    # absolute budget in raw units (e.g. HU) instead of eps
     percentiles = DEFAULT_PERCENTILES
     lambda_isc = 0.2                  # Eq. 6
@@ -44,6 +46,10 @@ class nnUNetTrainerVoxShield(nnUNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
+        try:
+            check_budget(self.eps, self.eps_abs, self.budget_mode)
+        except ValueError as e:
+            raise ValueError(f'{type(self).__name__}: {e}') from None
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.generator = self.generator_optimizer = self.generator_grad_scaler = None
         self.generator_kwargs = None
@@ -84,11 +90,11 @@ class nnUNetTrainerVoxShield(nnUNetTrainer):
         raw_folder = raw_dataset_folder_or_none(self.plans_manager.dataset_name)
         if raw_folder is not None:
             return compute_case_budgets(raw_folder, self.dataset_json, self.plans_manager, self.configuration_manager,
-                                        identifiers, self.eps, self.eps_abs, self.percentiles)
+                                        identifiers, self.eps, self.eps_abs, self.percentiles, self.budget_mode)
         self.print_to_log_file('WARNING: nnUNet_raw dataset not found; budgets approximated from the '
                                'preprocessed (normalised) images')
         dataset = self.dataset_class(self.preprocessed_dataset_folder, identifiers)
-        return budgets_from_preprocessed(dataset, identifiers, self.eps, self.percentiles)
+        return budgets_from_preprocessed(dataset, identifiers, self.eps, self.percentiles, self.budget_mode)
 
     def _batch_eps(self, keys, like: torch.Tensor) -> torch.Tensor:
         """Per-sample, per-channel budget in normalised units, shaped (b, c, 1, ...)."""
@@ -179,6 +185,7 @@ class nnUNetTrainerVoxShield(nnUNetTrainer):
                 'generator_grad_scaler_state': self.generator_grad_scaler.state_dict()
                 if self.generator_grad_scaler is not None else None,
                 'eps': self.eps, 'eps_abs': self.eps_abs, 'percentiles': list(self.percentiles),
+                'budget_mode': self.budget_mode,
                 'roi': {'dilation': self.roi_dilation, 'soft_edge': self.roi_soft_edge}, 'eps_bg': 0.0,
                 'slice_axis': self.slice_axis, 'lambda_isc': self.lambda_isc, 'lambda_spd': self.lambda_spd,
                 'iteration': self.voxshield_iteration, 'case_budgets': self.case_budgets}
