@@ -20,6 +20,7 @@ from nnunetv2_voxshield.budget import bound_perturbation, roi_mask_np
 from nnunetv2_voxshield.controls import CONTROL_METHODS, DEFAULT_BLOCK, DEFAULT_SMOOTH_SIGMA, LabelCodedSource
 from nnunetv2_voxshield.dataset_io import InputError
 from nnunetv2_voxshield.generator import NoiseGenerator
+from nnunetv2_voxshield.lc import METHOD as LC_METHOD, LCSource
 from nnunetv2_voxshield.umed import UMedPerturbator, clip_to_range, lbp_texture_map, umed_perturbation
 
 DEFAULT_ROI = {'dilation': 0, 'soft_edge': 0.0}
@@ -189,6 +190,8 @@ def make_source(method: str, state: Optional[dict], configuration_manager, devic
                          options.get('steps', DEFAULT_TAP_STEPS))
     if state is None:
         raise InputError(f'method {method!r} needs a trained checkpoint')
+    if state.get('method') == LC_METHOD:
+        return LCSource(state, configuration_manager.patch_size, device)
     if state.get('method') == 'umed':
         return UMedSource(state, configuration_manager.patch_size, device)
     return GeneratorSource(state, configuration_manager.patch_size, device)

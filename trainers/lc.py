@@ -1,1 +1,134 @@
-"""Placeholder: filled in by the issue-12/13 work."""
+"""nnUNetTrainerVoxShieldLC: a label-conditioned perturbation, delta = b * tanh(P[y] + G(x, onehot(y))) (issue 13).
+
+Fixed label-coded patterns (a class-wise offset, a label-interior checkerboard) partly protect where every
+image-only generator fails, so here the perturbation is written from the labels: a learnable code P per foreground
+class, shared by all cases and tiled over the volume (random phase in training, the array's origin at export),
+plus a band-limited generator G that sees the image and the one-hot labels (``nnunetv2_voxshield.lc``). It is
+optimised error-minimising through the victim's own augmentation (EOT, inherited), against a surrogate that is
+re-initialised every ``surrogate_reset_every`` iterations (fresh weights from (surrogate_seed, reset index), fresh
+SGD state), so the code is what a fresh network learns first. L_ISC and L_SPD keep the VoxShield weights
+(lambda_isc = 0.2, lambda_spd = 0.05, Eq. 6). 3D label-based configurations only (no regions).
+"""
+import numpy as np
+import torch
+from torch._dynamo import OptimizedModule
+
+from nnunetv2_voxshield.budget import roi_mask
+from nnunetv2_voxshield.distributed import unwrap
+from nnunetv2_voxshield.lc import (METHOD, LabelCodedPerturbator, intensity_window, lc_bound, one_hot_labels)
+from nnunetv2_voxshield.support import background_eps, bounded_delta
+from nnunetv2_voxshield.trainers.eot import nnUNetTrainerVoxShieldEOT
+from nnunetv2_voxshield.trainers.epochs import epoch_variant
+from nnunetv2_voxshield.trainers.eps_variants import budget_variant
+
+
+class nnUNetTrainerVoxShieldLC(nnUNetTrainerVoxShieldEOT):
+    method = METHOD
+    roi_dilation = 2                  # voxels: eps in the labels dilated by this, eps_bg (inherited, 1/255) outside
+    band = 2.0                        # G keeps |f| <= 0.5 / band cycles/voxel per axis (exact FFT low-pass; 1: off)
+    pattern_grid = 4                  # parameters per axis of each class code
+    pattern_tile = 16                 # voxels per axis of the tile the grid is upsampled to
+    pattern_init_std = 1.0
+    random_phase = True               # training: the tile's phase in each patch is drawn at random
+    use_generator = True              # False: delta = b * tanh(P[y]) only
+    multiplicative = False            # True: b x clip((x - p_low) / (p_high - p_low), 0, 1) of the case (<= b)
+    surrogate_reset_every = 250       # iterations (surrogate and generator steps); 0: never
+    surrogate_seed = 0
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.intensity_windows = None
+
+    def build_generator(self) -> torch.nn.Module:
+        """P and G (``lc.LabelCodedPerturbator``); export rebuilds it from generator_kwargs."""
+        name = type(self).__name__
+        if len(self.configuration_manager.patch_size) != 3:
+            raise ValueError(f'{name}: 3D configurations only (got {self.configuration_name}); use 3d_fullres')
+        if self.label_manager.has_regions:
+            raise ValueError(f'{name}: region-based training is not supported (the class code needs labels)')
+        labels = [int(k) for k in self.label_manager.foreground_labels if k != self.label_manager.ignore_label]
+        self.generator_kwargs = {**self.generator_kwargs, 'foreground_labels': labels, 'band': float(self.band),
+                                 'pattern_grid': int(self.pattern_grid), 'pattern_tile': int(self.pattern_tile),
+                                 'pattern_init_std': float(self.pattern_init_std),
+                                 'use_generator': bool(self.use_generator)}
+        return LabelCodedPerturbator(**self.generator_kwargs)
+
+    def on_train_start(self):
+        super().on_train_start()
+        if self.multiplicative and self.intensity_windows is None:
+            identifiers = self.dataset_class.get_identifiers(self.preprocessed_dataset_folder)
+            dataset = self.dataset_class(self.preprocessed_dataset_folder, identifiers)
+            self.intensity_windows = {k: intensity_window(np.asarray(dataset.load_case(k)[0]), self.percentiles)
+                                      for k in identifiers}
+
+    def _phases(self, batch_size: int):
+        if not self.random_phase:
+            return [[0, 0, 0]] * batch_size
+        return torch.randint(0, int(self.pattern_tile), (batch_size, 3)).tolist()
+
+    def perturbation(self, data: torch.Tensor, target, keys):
+        """delta = b * tanh(P[y] + G(x, onehot(y))), b = lc_bound (eps in the dilated ROI, eps_bg outside)."""
+        seg = target[:, :1]
+        onehot = one_hot_labels(seg, self.generator_kwargs['foreground_labels'])
+        pre = self.generator(data, onehot, self._phases(data.shape[0]))
+        eps = self._batch_eps(keys, data)
+        window = None
+        if self.multiplicative:
+            w = torch.tensor([self.intensity_windows[k] for k in keys], dtype=data.dtype, device=data.device)
+            window = [w[:, :, i].view(*w.shape[:2], 1, 1, 1) for i in (0, 1)]
+        bound = lc_bound(roi_mask(seg, dilation=self.roi_dilation, soft_edge=self.roi_soft_edge), eps,
+                         background_eps(eps, self.eps, self.eps_bg), data, window)
+        return bounded_delta(torch.tanh(pre.float()), bound), bound
+
+    def train_step(self, batch: dict) -> dict:
+        k = int(self.surrogate_reset_every)
+        if k > 0 and self.voxshield_iteration > 0 and self.voxshield_iteration % k == 0:
+            self.reset_surrogate(self.voxshield_iteration // k)
+        return super().train_step(batch)
+
+    def reset_surrogate(self, index: int) -> None:
+        """Fresh surrogate weights, seeded by (surrogate_seed, index) without touching the global RNG, and fresh
+        optimiser state (the learning-rate schedule is kept)."""
+        seed = int(np.random.SeedSequence([int(self.surrogate_seed), int(index)]).generate_state(1)[0])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            fresh = self.build_network_architecture(self.plans_manager, self.configuration_manager,
+                                                    self.num_input_channels, self.label_manager.num_segmentation_heads,
+                                                    self.enable_deep_supervision)
+        network = unwrap(self.network)
+        network = network._orig_mod if isinstance(network, OptimizedModule) else network
+        network.load_state_dict(fresh.state_dict())
+        self.optimizer.state.clear()
+        self.print_to_log_file(f'VoxShieldLC: surrogate re-initialised (reset {index}, iteration '
+                               f'{self.voxshield_iteration})')
+
+    def voxshield_state(self) -> dict:
+        """Adds the LC options; generator_weights hold P ('pattern') and G ('unet.*')."""
+        return {**super().voxshield_state(), 'lc': {
+            'multiplicative': bool(self.multiplicative), 'percentiles': list(self.percentiles),
+            'intensity_windows': self.intensity_windows, 'random_phase': bool(self.random_phase),
+            'surrogate_reset_every': int(self.surrogate_reset_every), 'surrogate_seed': int(self.surrogate_seed)}}
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        super().load_checkpoint(filename_or_checkpoint)
+        checkpoint = torch.load(filename_or_checkpoint, map_location='cpu', weights_only=False) \
+            if isinstance(filename_or_checkpoint, str) else filename_or_checkpoint
+        self.intensity_windows = (checkpoint['voxshield'].get('lc') or {}).get('intensity_windows')
+
+
+class nnUNetTrainerVoxShieldLC_patternOnly(nnUNetTrainerVoxShieldLC):
+    """Ablation: the class code alone, delta = b * tanh(P[y]) (no generator)."""
+    use_generator = False
+
+
+def _module_level(cls: type) -> type:
+    cls.__module__ = __name__  # epoch_variant / budget_variant name their own modules; these classes live here
+    return cls
+
+
+EPOCHS = (1, 5, 10, 20)
+BASES = [nnUNetTrainerVoxShieldLC, nnUNetTrainerVoxShieldLC_patternOnly]
+BASES += [_module_level(budget_variant(nnUNetTrainerVoxShieldLC, f'eps{n}', n / 255)) for n in (8, 16, 64)]
+globals().update({cls.__name__: cls for cls in BASES})
+globals().update({cls.__name__: cls for cls in (_module_level(epoch_variant(b, e)) for b in BASES for e in EPOCHS)})
