@@ -122,13 +122,22 @@ class nnUNetTrainerVoxShieldLC_patternOnly(nnUNetTrainerVoxShieldLC):
     use_generator = False
 
 
+class nnUNetTrainerVoxShieldLC_tile4(nnUNetTrainerVoxShieldLC):
+    """A period-4 class code: one free parameter per voxel of a 4^3 tile (the band that survives stock augmentation
+    best among the fixed controls), instead of a 4^3 grid upsampled to 16^3."""
+    pattern_grid = 4
+    pattern_tile = 4
+
+
 def _module_level(cls: type) -> type:
     cls.__module__ = __name__  # epoch_variant / budget_variant name their own modules; these classes live here
     return cls
 
 
 EPOCHS = (1, 5, 10, 20)
-BASES = [nnUNetTrainerVoxShieldLC, nnUNetTrainerVoxShieldLC_patternOnly]
-BASES += [_module_level(budget_variant(nnUNetTrainerVoxShieldLC, f'eps{n}', n / 255)) for n in (8, 16, 64)]
+BASES = [nnUNetTrainerVoxShieldLC, nnUNetTrainerVoxShieldLC_patternOnly, nnUNetTrainerVoxShieldLC_tile4]
+BASES += [_module_level(budget_variant(b, f'eps{n}', n / 255)) for b in (nnUNetTrainerVoxShieldLC,
+                                                                        nnUNetTrainerVoxShieldLC_tile4)
+          for n in (8, 16, 64)]
 globals().update({cls.__name__: cls for cls in BASES})
 globals().update({cls.__name__: cls for cls in (_module_level(epoch_variant(b, e)) for b in BASES for e in EPOCHS)})
