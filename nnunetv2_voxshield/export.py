@@ -19,13 +19,16 @@ from tqdm import tqdm
 
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunetv2_voxshield.budget import DEFAULT_EPS, DEFAULT_PERCENTILES, parse_eps
-from nnunetv2_voxshield.case_protection import protect_case
+from nnunetv2_voxshield.budget import (BUDGET_MODES, DEFAULT_BUDGET_MODE, DEFAULT_EPS, DEFAULT_PERCENTILES,
+                                       check_budget, check_budget_mode, parse_eps, parse_eps_abs)
+from nnunetv2_voxshield.case_protection import clean_dataset_std, protect_case
 from nnunetv2_voxshield.controls import DEFAULT_BLOCK, DEFAULT_SMOOTH_SIGMA
-from nnunetv2_voxshield.dataset_io import (TEMP_PREFIX, InputError, check_case_headers, check_finite_files,
+from nnunetv2_voxshield.dataset_io import (InputError, check_case_headers, check_finite_files,
                                            copy_atomic, dataset_id_and_name, env_folder, find_dataset_folder,
                                            list_training_cases, load_dataset_json, num_channels, sha256_of,
                                            write_json_atomic)
+from nnunetv2_voxshield.distributed import (PARTS_FOLDER, check_part_arguments, check_parts, export_lock,
+                                           part_cases, part_records, record_part, temp_file_target)
 from nnunetv2_voxshield.baselines import DEFAULT_LSP_PATCH, DEFAULT_TAP_STEPS, check_surrogate, surrogate_folder
 from nnunetv2_voxshield.perturbation import EXPORT_TIME_METHODS, load_voxshield_state, make_source
 
@@ -107,16 +110,25 @@ def export_dataset(source_folder: str, output_folder: str, plans_file: str, conf
                    report_folder: str, checkpoint: Optional[str] = None, method: Optional[str] = None,
                    eps: Optional[float] = None, eps_abs: Optional[float] = None, seed: int = 0,
                    num_processes: int = 1, overwrite: bool = False, device: str = 'cpu',
-                   progress: bool = True, method_options: Optional[dict] = None) -> dict:
+                   progress: bool = True, method_options: Optional[dict] = None, num_parts: int = 1,
+                   part_id: int = 0, finalize: bool = False, budget_mode: Optional[str] = None) -> dict:
     """Protect every training case of ``source_folder`` into ``output_folder``; returns the summary report.
 
-    ``method_options``: settings of the export-time baselines (``perturbation.make_source``)."""
+    ``method_options``: settings of the export-time baselines (``perturbation.make_source``).
+    ``num_parts``/``part_id``: protect only the sorted case ids [part_id::num_parts] (``distributed.part_cases``);
+    the part that finds every case done publishes the dataset, the others return ``{'published': False, ...}``.
+    ``finalize``: protect nothing, publish the parts' work if every case is done (else InputError).
+    ``budget_mode`` (``budget.BUDGET_MODES``; default: the checkpoint's, else 'range'): what eps is a fraction of."""
+    check_part_arguments(num_parts, part_id)
+    if finalize and num_parts > 1:
+        raise InputError(f'--finalize publishes the work of every part: give it without -num_parts/-part_id')
+    sharded = num_parts > 1 or finalize
     dataset_json = load_dataset_json(source_folder)
     cases = list_training_cases(source_folder, dataset_json)
     for files in cases.values():
         check_case_headers(files)
         check_finite_files(files)
-    _check_output(source_folder, output_folder, overwrite)
+    _check_output(source_folder, output_folder, overwrite or sharded)  # parts: checked under the lock below
 
     state = load_voxshield_state(checkpoint) if checkpoint is not None and method not in EXPORT_TIME_METHODS \
         else None
@@ -137,16 +149,25 @@ def export_dataset(source_folder: str, output_folder: str, plans_file: str, conf
         raise InputError(f'{checkpoint}: generator has {state["generator_kwargs"]["in_channels"]} input channels, '
                          f'{os.path.join(source_folder, "dataset.json")} declares {num_channels(dataset_json)}')
     _load_plans(plans_file, configuration)
-    defaults = {k: state[k] for k in ('eps', 'eps_abs', 'percentiles') if state and state.get(k) is not None}
+    defaults = {k: state[k] for k in ('eps', 'eps_abs', 'percentiles', 'budget_mode')
+                if state and state.get(k) is not None}
     if eps is None and eps_abs is None:
         eps, eps_abs = defaults.get('eps', DEFAULT_EPS), defaults.get('eps_abs')
     percentiles = [float(p) for p in defaults.get('percentiles', DEFAULT_PERCENTILES)]
+    budget_mode = budget_mode or defaults.get('budget_mode', DEFAULT_BUDGET_MODE)
+    try:
+        check_budget(eps if eps_abs is None else None, eps_abs, budget_mode)
+    except ValueError as e:
+        raise InputError(f'{checkpoint if state is not None else "budget"}: {e}') from None
+    if eps_abs is not None:
+        budget_mode = None  # an absolute budget has no window
+    dataset_std = clean_dataset_std(cases) if budget_mode == 'zscore-dataset' else None
 
     spec = {'plans_file': os.path.abspath(plans_file), 'configuration': configuration, 'method': method,
             'checkpoint': os.path.abspath(checkpoint) if state is not None else None, 'device': device,
             'seed': int(seed), 'dataset_json': dataset_json, 'eps': None if eps_abs is not None else float(eps),
             'eps_abs': None if eps_abs is None else float(eps_abs), 'percentiles': percentiles,
-            'method_options': method_options}
+            'budget_mode': budget_mode, 'dataset_std': dataset_std, 'method_options': method_options}
     settings = dict(spec, source=os.path.abspath(source_folder), output=os.path.abspath(output_folder),
                     plans_sha256=sha256_of(plans_file), device=None,
                     checkpoint_sha256=sha256_of(checkpoint) if state is not None else None,
@@ -157,24 +178,32 @@ def export_dataset(source_folder: str, output_folder: str, plans_file: str, conf
     partial = os.path.join(os.path.dirname(output_folder), '.' + os.path.basename(output_folder) + PARTIAL_SUFFIX)
     cases_folder = os.path.join(report_folder, 'cases')
     settings_file = os.path.join(report_folder, 'settings.json')
-    try:
-        with open(settings_file) as f:
-            resumable = json.load(f) == settings
-    except (OSError, ValueError):
-        resumable = False
-    if not resumable:
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.rmtree(cases_folder, ignore_errors=True)
-    for folder, _, files in os.walk(partial):  # temp files of an interrupted run
-        for f in files:
-            if f.startswith(TEMP_PREFIX):
-                os.remove(os.path.join(folder, f))
-    for folder in (os.path.join(partial, 'imagesTr'), os.path.join(partial, 'labelsTr'), cases_folder):
-        os.makedirs(folder, exist_ok=True)
-    write_json_atomic(settings, settings_file)
+    own = {} if finalize else part_cases(cases, num_parts, part_id)
+    with export_lock(report_folder):  # parts set up one at a time
+        if sharded and os.path.exists(output_folder) and not overwrite:
+            return _published_summary(output_folder, report_folder, settings)
+        check_parts(partial, settings, num_parts if sharded and not finalize else None)
+        try:
+            with open(settings_file) as f:
+                resumable = json.load(f) == settings
+        except (OSError, ValueError):
+            resumable = False
+        if not resumable and not part_records(partial):
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.rmtree(cases_folder, ignore_errors=True)
+        own_files = {os.path.basename(f) for files in own.values() for f in files['images'] + [files['label']]}
+        for folder, _, files in os.walk(partial):  # temp files of an interrupted run (parts: of its own cases)
+            for f in files:
+                if temp_file_target(f) is not None and (not sharded or temp_file_target(f) in own_files):
+                    os.remove(os.path.join(folder, f))
+        for folder in (os.path.join(partial, 'imagesTr'), os.path.join(partial, 'labelsTr'), cases_folder):
+            os.makedirs(folder, exist_ok=True)
+        write_json_atomic(settings, settings_file)
+        if sharded and not finalize:
+            record_part(partial, settings, num_parts, part_id)
 
-    todo = [(case, files, partial) for case, files in cases.items() if not _case_done(case, cases_folder, partial)]
-    bar = tqdm(total=len(cases), initial=len(cases) - len(todo), desc='Protecting cases', disable=not progress)
+    todo = [(case, files, partial) for case, files in own.items() if not _case_done(case, cases_folder, partial)]
+    bar = tqdm(total=len(own), initial=len(own) - len(todo), desc='Protecting cases', disable=not (progress and own))
     if todo:
         if num_processes > 1:
             with multiprocessing.get_context('spawn').Pool(min(num_processes, len(todo)), _init_worker,
@@ -194,6 +223,44 @@ def export_dataset(source_folder: str, output_folder: str, plans_file: str, conf
                 torch.set_num_threads(threads)
     bar.close()
 
+    with export_lock(report_folder):  # one part publishes, after every case is present and checked
+        if not os.path.isdir(partial) and os.path.isdir(output_folder):  # another part published meanwhile
+            return _published_summary(output_folder, report_folder, settings)
+        done = {case for case, _, _ in todo}
+        missing = [case for case in cases if case not in done and not _case_done(case, cases_folder, partial)]
+        if missing and finalize:
+            n = next(iter(part_records(partial).values()), {}).get('num_parts')
+            owner = f', part {sorted(cases).index(missing[0]) % n} of {n}' if n else ''
+            raise InputError(f'{partial}: {len(missing)} of {len(cases)} cases missing or unchecked (first: '
+                             f'{missing[0]}{owner}); run their parts first')
+        if missing:
+            return {'published': False, 'cases': len(cases), 'cases_done': len(cases) - len(missing),
+                    'part': f'{part_id} of {num_parts}', 'part_cases': len(own)}
+        for folder, _, files in os.walk(partial):  # temp files of interrupted parts
+            for f in files:
+                if temp_file_target(f) is not None:
+                    os.remove(os.path.join(folder, f))
+        shutil.rmtree(os.path.join(partial, PARTS_FOLDER), ignore_errors=True)
+        return _publish(source_folder, output_folder, partial, report_folder, dataset_json, cases, settings,
+                        method, spec, percentiles)
+
+
+def _published_summary(output_folder: str, report_folder: str, settings: dict) -> dict:
+    """Summary of an output already published with ``settings`` (by another part); InputError otherwise."""
+    try:
+        with open(os.path.join(report_folder, 'report.json')) as f:
+            report = json.load(f)
+    except (OSError, ValueError):
+        report = {}
+    if report.get('settings') != settings:
+        raise InputError(f'{output_folder}: output dataset already exists (use --overwrite to replace it)')
+    return dict(report['summary'], already_published=True)
+
+
+def _publish(source_folder: str, output_folder: str, partial: str, report_folder: str, dataset_json: dict,
+             cases: dict, settings: dict, method: str, spec: dict, percentiles: list) -> dict:
+    """Test split, dataset.json and report into the complete ``partial`` folder, then its rename to the output."""
+    cases_folder = os.path.join(report_folder, 'cases')
     for test_folder in ('imagesTs', 'labelsTs'):  # the test split is published unchanged
         src = os.path.join(source_folder, test_folder)
         if os.path.isdir(src):
@@ -204,7 +271,8 @@ def export_dataset(source_folder: str, output_folder: str, plans_file: str, conf
     published = dict(dataset_json)
     published['voxshield'] = {
         'note': 'training images carry a small bounded perturbation (unlearnable examples); labels are unchanged',
-        'method': method, 'eps': spec['eps'], 'eps_abs': spec['eps_abs'], 'percentiles': percentiles}
+        'method': method, 'eps': spec['eps'], 'eps_abs': spec['eps_abs'], 'budget_mode': spec['budget_mode'],
+        'percentiles': spec['percentiles']}
     write_json_atomic(published, os.path.join(partial, 'dataset.json'))
 
     reports = []
@@ -260,16 +328,33 @@ def export_entry(argv=None):
     budget.add_argument('--eps', default=None, help='budget as a fraction of each case\'s p0.5-p99.5 range per '
                                                     'channel, e.g. 4/255 (default: the checkpoint\'s, else 4/255)')
     budget.add_argument('--eps-abs', default=None, help='absolute budget in raw units (e.g. HU)')
+    parser.add_argument('--budget-mode', default=None, metavar='{' + ','.join(BUDGET_MODES) + '}',
+                        help='what --eps is a fraction of, per channel: ' +
+                             '; '.join(f'{k}: {v}' for k, v in BUDGET_MODES.items()) +
+                             ' (default: the checkpoint\'s, else range)')
     parser.add_argument('--seed', type=int, default=0, help='seed of export-time random methods')
     parser.add_argument('-np', type=int, default=1, help='worker processes')
+    parser.add_argument('-num_parts', type=int, default=1,
+                        help='split the export over N runs (processes or machines sharing nnUNet_raw and '
+                             'nnUNet_results at the same paths), as nnUNetv2_predict: run every part K = 0..N-1 with '
+                             'the same arguments. Part K protects the sorted case ids [K::N] into the shared hidden '
+                             '.partial folder; the last part to finish publishes the dataset (renames it) once every '
+                             'case is present and checked. A killed part is resumed by running it again')
+    parser.add_argument('-part_id', type=int, default=0, help='this run\'s part, 0 <= K < -num_parts')
+    parser.add_argument('--finalize', action='store_true',
+                        help='protect nothing: publish the parts\' work if every case is present and checked, else '
+                             'name the missing cases (normally not needed: the last part publishes by itself)')
     parser.add_argument('--overwrite', action='store_true', help='replace an existing output dataset')
     parser.add_argument('-device', default='cpu', choices=['cpu', 'cuda', 'mps'])
     args = parser.parse_args(argv)
     try:
         eps = parse_eps(args.eps) if args.eps is not None else None
-        eps_abs = parse_eps(args.eps_abs) if args.eps_abs is not None else None
-    except ValueError as e:
-        parser.error(str(e))
+        eps_abs = parse_eps_abs(args.eps_abs) if args.eps_abs is not None else None
+        if args.budget_mode is not None:
+            check_budget_mode(args.budget_mode)
+    except ValueError as e:  # one line, nothing written
+        print(f'voxshield_export: error: {e}', file=sys.stderr)
+        sys.exit(1)
     if args.lsp_patch < 1 or args.tap_steps < 1 or args.block < 1:
         parser.error('--lsp-patch, --tap-steps and --block must be >= 1')
     if not args.smooth_sigma > 0:
@@ -302,10 +387,18 @@ def export_entry(argv=None):
         summary = export_dataset(source, output, plans_file, args.c,
                                  os.path.join(report_folder, f'export_{os.path.basename(output)}'), checkpoint,
                                  args.method, eps, eps_abs, args.seed, args.np, args.overwrite, args.device,
-                                 method_options=options)
+                                 method_options=options, num_parts=args.num_parts, part_id=args.part_id,
+                                 finalize=args.finalize, budget_mode=args.budget_mode)
     except InputError as e:
         print(f'voxshield_export: error: {e}', file=sys.stderr)
         sys.exit(1)
+    if summary.get('published') is False:
+        print(f'Part {summary["part"]}: its {summary["part_cases"]} cases are done; {summary["cases_done"]} of '
+              f'{summary["cases"]} cases present. The last part to finish publishes {output}')
+        return
+    if summary.get('already_published'):
+        print(f'{output} was already published with these settings; nothing to do')
+        return
     print(f'Wrote {output}: {summary["cases"]} cases, max budget use {summary["max_budget_use"]:.3f}, '
           f'PSNR mean {summary["psnr_mean"]}, SSIM mean {summary["ssim_mean"]}')
     if summary['unchanged_empty_roi']:
