@@ -12,8 +12,36 @@ def data_range_of(clean: np.ndarray) -> float:
     return max(float(np.max(clean)) - float(np.min(clean)), 1e-8)
 
 
+SLAB_VOXELS = 1 << 20  # larger volumes are measured slab by slab along axis 0: bounded memory, same values
+
+
+def _slab_rows(shape, at_least: int = 1) -> int:
+    """Rows of axis 0 per slab of about SLAB_VOXELS voxels."""
+    return max(at_least, SLAB_VOXELS // max(int(np.prod(shape[1:])), 1))
+
+
+def _squared_error_sum(clean: np.ndarray, protected: np.ndarray, mask: Optional[np.ndarray]) -> Tuple[float, int]:
+    """Sum of squared differences (float64) and voxel count, over ``mask`` if given, slab by slab."""
+    total, count = 0.0, 0
+    rows = _slab_rows(clean.shape)
+    for z0 in range(0, clean.shape[0], rows):
+        diff = protected[z0:z0 + rows].astype(np.float64) - clean[z0:z0 + rows]
+        if mask is not None:
+            diff = diff[mask[z0:z0 + rows]]
+        total += float(np.sum(diff ** 2))
+        count += diff.size
+    return total, count
+
+
 def psnr(clean: np.ndarray, protected: np.ndarray, mask: Optional[np.ndarray] = None) -> float:
     """PSNR in dB over the whole volume or inside ``mask``; inf when identical, nan for an empty mask."""
+    if np.size(clean) > SLAB_VOXELS and np.ndim(clean) > 1:  # CT-sized: no full-volume float64 copies
+        clean, protected = np.asarray(clean), np.asarray(protected)
+        mask = None if mask is None else np.broadcast_to(mask, clean.shape)
+        if mask is not None and not np.any(mask):
+            return float('nan')
+        total, count = _squared_error_sum(clean, protected, mask)
+        return float('inf') if total == 0 else 10 * np.log10(data_range_of(clean) ** 2 / (total / count))
     clean = np.asarray(clean, dtype=np.float64)
     diff = np.asarray(protected, dtype=np.float64) - clean
     if mask is not None:
@@ -28,12 +56,32 @@ def psnr(clean: np.ndarray, protected: np.ndarray, mask: Optional[np.ndarray] = 
 
 def ssim(clean: np.ndarray, protected: np.ndarray) -> float:
     """Mean SSIM (scikit-image) over the volume, data range from the clean image; window shrinks for tiny axes."""
+    if np.size(clean) > SLAB_VOXELS and np.ndim(clean) == 3 and min(np.shape(clean)) >= 7:
+        return _ssim_by_slabs(np.asarray(clean), np.asarray(protected))
     clean = np.asarray(clean, dtype=np.float64)
     protected = np.asarray(protected, dtype=np.float64)
     win = min(7, *[s if s % 2 else s - 1 for s in clean.shape])
     if win < 3:
         return float(np.allclose(clean, protected))
     return float(structural_similarity(clean, protected, data_range=data_range_of(clean), win_size=win))
+
+
+def _ssim_by_slabs(clean: np.ndarray, protected: np.ndarray, win: int = 7) -> float:
+    """``ssim`` of a large 3D volume with bounded memory: scikit-image's SSIM map of slabs along axis 0, each with a
+    halo of the window radius (so the map's values are those of the whole volume), averaged over the same voxels
+    (the window radius cropped at every border)."""
+    pad, n = (win - 1) // 2, clean.shape[0]
+    rows, data_range = max(2 * win, _slab_rows(clean.shape) // 4), data_range_of(clean)  # ~15 maps per slab
+    total, count = 0.0, 0
+    for z0 in range(pad, n - pad, rows):
+        z1 = min(z0 + rows, n - pad)
+        lo, hi = max(z0 - pad, 0), min(z1 + pad, n)
+        _, smap = structural_similarity(clean[lo:hi].astype(np.float64), protected[lo:hi].astype(np.float64),
+                                        data_range=data_range, win_size=win, full=True)
+        core = smap[z0 - lo:z1 - lo, pad:-pad, pad:-pad]
+        total += float(core.sum(dtype=np.float64))
+        count += core.size
+    return total / count
 
 
 def ssim_in_mask(clean: np.ndarray, protected: np.ndarray, mask: np.ndarray) -> float:

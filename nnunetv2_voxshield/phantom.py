@@ -5,6 +5,11 @@ radius drift smoothly along z, and an ellipsoidal nodule (label 2) attached to i
 vessel as a distractor. Images get partial-volume edges, a smooth multiplicative bias field, smoothed texture and
 Rician noise. Most cases are float32, about one in four is uint8 (like the real Hippocampus data), about one in
 three has 1.5 mm slices. Case ``i`` depends only on (seed, i): the same seed gives byte-identical files.
+
+``ct=True`` writes an abdominal CT phantom instead: int16 Hounsfield units, by default 512 x 512 x 120 voxels at
+0.8 x 0.8 x 2.5 mm (``shape`` sets the size, in SimpleITK's (z, y, x) array order), air around a body of fat and
+soft tissue with liver (1), spleen (2) and kidneys (3) labelled and an unlabelled spine, plus noise. Its channel is
+'CT', so nnU-Net's planner picks CTNormalization.
 """
 import argparse
 import json
@@ -12,13 +17,16 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
 
 LABELS = {'background': 0, 'tube': 1, 'nodule': 2}
+CT_LABELS = {'background': 0, 'liver': 1, 'spleen': 2, 'kidney': 3}
+CT_SHAPE = (120, 512, 512)          # (z, y, x)
+CT_SPACING = (0.8, 0.8, 2.5)        # (x, y, z) mm, as SimpleITK
 
 
 def _smooth_noise(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
@@ -92,6 +100,44 @@ def synthesize_case(rng: np.random.Generator, uint8: bool, spacing_z: float) -> 
     return image, labels, (1.0, 1.0, float(spacing_z))
 
 
+def synthesize_ct_case(rng: np.random.Generator, shape: Sequence[int] = CT_SHAPE,
+                       spacing: Sequence[float] = CT_SPACING) -> Tuple[np.ndarray, np.ndarray, tuple]:
+    """One CT case: int16 HU image (z, y, x), labels (z, y, x) uint8 and the spacing (x, y, z) for SimpleITK.
+
+    Sizes are fractions of the field of view, so a small ``shape`` gives the same anatomy at a coarser scale."""
+    shape = tuple(int(n) for n in shape)
+    fov = np.array(shape) * np.array(spacing[::-1])  # (z, y, x) mm
+    z, y, x = np.ogrid[:shape[0], :shape[1], :shape[2]]
+    z = ((z + 0.5) / shape[0]).astype(np.float32)  # 0..1 along each axis
+    y = ((y + 0.5) / shape[1]).astype(np.float32)
+    x = ((x + 0.5) / shape[2]).astype(np.float32)
+
+    def ellipsoid(centre, radii) -> np.ndarray:  # centre, radii as fractions of the field of view
+        return (((z - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2
+                + ((x - centre[2]) / radii[2]) ** 2) < 1
+
+    jitter = lambda *v: np.asarray(v, dtype=np.float32) * rng.uniform(0.9, 1.1, len(v))  # noqa: E731
+    body_r = jitter(0.36, 0.44)  # (y, x) half axes of the elliptic body cross-section
+    body_d = ((y - 0.5) / body_r[0]) ** 2 + ((x - 0.5) / body_r[1]) ** 2
+    image = np.full(shape, -1000.0, dtype=np.float32)
+    image[np.broadcast_to(body_d < 1, shape)] = -100.0  # subcutaneous fat
+    image[np.broadcast_to(body_d < 0.8, shape)] = 40.0   # soft tissue
+    labels = np.zeros(shape, dtype=np.uint8)
+    organs = [(1, jitter(0.55, 0.45, 0.30), jitter(0.35, 0.20, 0.16), 60.0),   # liver: patient's right
+              (2, jitter(0.45, 0.45, 0.72), jitter(0.20, 0.09, 0.07), 45.0),   # spleen
+              (3, jitter(0.50, 0.66, 0.38), jitter(0.16, 0.07, 0.05), 150.0),  # kidneys (contrast)
+              (3, jitter(0.50, 0.66, 0.62), jitter(0.16, 0.07, 0.05), 150.0)]
+    for label, centre, radii, hu in organs:
+        inside = ellipsoid(centre, radii)
+        labels[inside] = label
+        image[inside] = hu + rng.normal(0, 5)
+    spine = np.broadcast_to(((y - 0.72) / 0.05) ** 2 + ((x - 0.5) / 0.05) ** 2 < 1, shape)  # unlabelled bone
+    image[spine] = 500.0
+    image += rng.normal(0, 12, shape).astype(np.float32)  # quantum noise
+    image = np.clip(np.rint(image), -1024, 3071).astype(np.int16)
+    return image, labels, tuple(float(s) for s in spacing)
+
+
 def _write_nifti(array: np.ndarray, spacing: tuple, origin: tuple, path: str) -> None:
     img = sitk.GetImageFromArray(array)
     img.SetSpacing(spacing)
@@ -99,10 +145,12 @@ def _write_nifti(array: np.ndarray, spacing: tuple, origin: tuple, path: str) ->
     sitk.WriteImage(img, path, useCompression=True)
 
 
-def _write_case(folder: str, images: str, labels: str, identifier: str, rng: np.random.Generator, index: int) -> str:
-    uint8 = index % 4 == 1
-    spacing_z = 1.5 if index % 3 == 2 else 1.0
-    image, seg, spacing = synthesize_case(rng, uint8, spacing_z)
+def _write_case(folder: str, images: str, labels: str, identifier: str, rng: np.random.Generator, index: int,
+                ct_shape: Optional[Sequence[int]] = None) -> str:
+    if ct_shape is not None:
+        image, seg, spacing = synthesize_ct_case(rng, ct_shape)
+    else:
+        image, seg, spacing = synthesize_case(rng, index % 4 == 1, 1.5 if index % 3 == 2 else 1.0)
     origin = tuple(float(o) for o in np.round(rng.uniform(-50, 50, 3), 2))
     _write_nifti(image, spacing, origin, os.path.join(folder, images, f'{identifier}_0000.nii.gz'))
     _write_nifti(seg, spacing, origin, os.path.join(folder, labels, f'{identifier}.nii.gz'))
@@ -110,8 +158,11 @@ def _write_case(folder: str, images: str, labels: str, identifier: str, rng: np.
 
 
 def write_phantom_dataset(dataset_id: int = 990, name: str = 'VoxShieldPhantom', n_cases: int = 8, n_test: int = 0,
-                          seed: int = 0, raw_root: Optional[str] = None, overwrite: bool = False) -> str:
-    """Write ``<raw_root>/Dataset<id>_<name>`` (default raw_root: $nnUNet_raw) atomically; return its path."""
+                          seed: int = 0, raw_root: Optional[str] = None, overwrite: bool = False, ct: bool = False,
+                          shape: Optional[Sequence[int]] = None) -> str:
+    """Write ``<raw_root>/Dataset<id>_<name>`` (default raw_root: $nnUNet_raw) atomically; return its path.
+
+    ``ct``: the CT phantom (``synthesize_ct_case``) with ``shape`` (z, y, x; default ``CT_SHAPE``)."""
     raw_root = raw_root or os.environ.get('nnUNet_raw')
     if not raw_root:
         raise ValueError('nnUNet_raw is not set; set it or pass raw_root')
@@ -121,6 +172,11 @@ def write_phantom_dataset(dataset_id: int = 990, name: str = 'VoxShieldPhantom',
         raise ValueError(f'dataset name must be letters, digits, - or _, got {name!r}')
     if n_cases < 1 or n_test < 0:
         raise ValueError(f'need n_cases >= 1 and n_test >= 0, got {n_cases} and {n_test}')
+    if shape is not None and not ct:
+        raise ValueError('shape applies to the CT phantom only (ct=True / --ct)')
+    ct_shape = tuple(int(n) for n in (shape or CT_SHAPE)) if ct else None
+    if ct and (len(ct_shape) != 3 or min(ct_shape) < 8):
+        raise ValueError(f'CT shape must be 3 sizes (z, y, x) of at least 8 voxels, got {shape!r}')
     dataset_name = f'Dataset{dataset_id:03d}_{name}'
     target = os.path.join(raw_root, dataset_name)
     os.makedirs(raw_root, exist_ok=True)
@@ -139,9 +195,11 @@ def write_phantom_dataset(dataset_id: int = 990, name: str = 'VoxShieldPhantom',
         for sub in ('imagesTr', 'labelsTr') + (('imagesTs', 'labelsTs') if n_test else ()):
             os.makedirs(os.path.join(tmp, sub))
         for i in range(n_cases):
-            _write_case(tmp, 'imagesTr', 'labelsTr', f'phantom_{i:03d}', np.random.default_rng([seed, 0, i]), i)
+            _write_case(tmp, 'imagesTr', 'labelsTr', f'phantom_{i:03d}', np.random.default_rng([seed, 0, i]), i,
+                        ct_shape)
         for j in range(n_test):
-            _write_case(tmp, 'imagesTs', 'labelsTs', f'phantomts_{j:03d}', np.random.default_rng([seed, 1, j]), j)
+            _write_case(tmp, 'imagesTs', 'labelsTs', f'phantomts_{j:03d}', np.random.default_rng([seed, 1, j]), j,
+                        ct_shape)
         dataset_json = {
             'name': name,
             'description': 'Synthetic phantom: a tube drifting along z (label 1) and an attached nodule (label 2) '
@@ -154,6 +212,14 @@ def write_phantom_dataset(dataset_id: int = 990, name: str = 'VoxShieldPhantom',
             'numTraining': n_cases,
             'file_ending': '.nii.gz',
         }
+        if ct:
+            dataset_json.update({
+                'description': f'Synthetic abdominal CT phantom (int16 HU, {ct_shape[2]} x {ct_shape[1]} x '
+                               f'{ct_shape[0]} voxels at {" x ".join(map(str, CT_SPACING))} mm): liver, spleen and '
+                               f'kidneys in fat and soft tissue, an unlabelled spine, noise.',
+                'reference': f'nnunetv2_voxshield.phantom.write_phantom_dataset(seed={seed}, ct=True, '
+                             f'shape={list(ct_shape)})',
+                'channel_names': {'0': 'CT'}, 'labels': CT_LABELS})
         with open(os.path.join(tmp, 'dataset.json'), 'w') as f:
             json.dump(dataset_json, f, indent=4)
         if os.path.exists(target):  # overwrite: move the old folder aside first, delete it after the swap
@@ -178,9 +244,15 @@ def phantom_entry():
     parser.add_argument('--test', type=int, default=0, help='number of held-out cases (imagesTs/labelsTs). Default: 0')
     parser.add_argument('--seed', type=int, default=0, help='random seed. Default: 0')
     parser.add_argument('--overwrite', action='store_true', help='replace an existing dataset folder')
+    parser.add_argument('--ct', action='store_true',
+                        help='abdominal CT phantom: int16 HU, channel CT (nnU-Net picks CTNormalization), '
+                             '0.8 x 0.8 x 2.5 mm voxels, labels liver/spleen/kidney')
+    parser.add_argument('--shape', type=int, nargs=3, default=None, metavar=('Z', 'Y', 'X'),
+                        help=f'--ct: voxels per axis (z y x). Default: {" ".join(map(str, CT_SHAPE))}')
     args = parser.parse_args()
     try:
-        path = write_phantom_dataset(args.d, args.name, args.n, args.test, args.seed, overwrite=args.overwrite)
+        path = write_phantom_dataset(args.d, args.name, args.n, args.test, args.seed, overwrite=args.overwrite,
+                                     ct=args.ct, shape=args.shape)
     except (ValueError, OSError) as e:
         sys.exit(f'voxshield_phantom: error: {e}')
     print(f'wrote {args.n} training and {args.test} test cases to {path}')
