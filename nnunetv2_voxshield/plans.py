@@ -20,7 +20,21 @@ from nnunetv2.experiment_planning.experiment_planners.network_topology import ge
 from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
 PRESET_KEYS = ('patch_size', 'max_stages', 'base_features', 'max_features', 'batch_size', 'min_feature_map_size',
-               'n_conv_per_stage', 'n_conv_per_stage_decoder')
+               'n_conv_per_stage', 'n_conv_per_stage_decoder', 'n_blocks_per_stage')
+# stock plans names -> the nnU-Net planner that writes them (nnUNetv2_plan_and_preprocess -pl)
+STOCK_PLANNERS = {'nnUNetPlans': 'ExperimentPlanner', 'nnUNetResEncUNetMPlans': 'nnUNetPlannerResEncM',
+                  'nnUNetResEncUNetLPlans': 'nnUNetPlannerResEncL', 'nnUNetResEncUNetXLPlans': 'nnUNetPlannerResEncXL'}
+
+
+def split_plans_name(plans: str) -> tuple:
+    """'nnUNetResEncUNetMPlans_cpu' -> ('nnUNetResEncUNetMPlans', 'nnUNetPlannerResEncM', 'cpu'); the preset is None
+    for stock plans. ValueError for a name that is neither stock plans nor stock plans + '_' + a shipped preset."""
+    for source in sorted(STOCK_PLANNERS, key=len, reverse=True):
+        preset = plans[len(source) + 1:] if plans.startswith(source + '_') else None
+        if plans == source or preset in available_presets():
+            return source, STOCK_PLANNERS[source], preset
+    raise ValueError(f"-p {plans}: use stock plans ({', '.join(STOCK_PLANNERS)}) or stock plans with a preset, e.g. "
+                     f"{', '.join(f'nnUNetPlans_{p}' for p in available_presets())} or nnUNetResEncUNetMPlans_cpu")
 
 
 def available_presets() -> List[str]:
@@ -84,10 +98,12 @@ def shrink_configuration(config: dict, resolved: dict, preset_dims: dict) -> dic
         'features_per_stage': [min(top, base * 2 ** i) for i in range(n)],
         'kernel_sizes': topo['kernel_sizes'],
         'strides': topo['strides'],
-        'n_conv_per_stage': _per_stage(preset_dims.get('n_conv_per_stage', arch['n_conv_per_stage']), n),
         'n_conv_per_stage_decoder': _per_stage(preset_dims.get('n_conv_per_stage_decoder',
                                                                arch['n_conv_per_stage_decoder']), n - 1),
     })
+    # encoder depth per stage: convolutions (PlainConvUNet) or residual blocks (ResidualEncoderUNet, the ResEnc presets)
+    encoder_key = 'n_blocks_per_stage' if 'n_blocks_per_stage' in arch else 'n_conv_per_stage'
+    new_arch['arch_kwargs'][encoder_key] = _per_stage(preset_dims.get(encoder_key, arch[encoder_key]), n)
     out = deepcopy(config)
     out.update({'patch_size': topo['patch_size'], 'batch_size': int(preset_dims['batch_size']),
                 'architecture': new_arch})

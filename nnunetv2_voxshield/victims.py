@@ -83,15 +83,17 @@ def train_and_predict(dataset_id: int, configuration: str, seed: int, trainer: s
 def prepare_dataset(dataset_id: int, configurations: Sequence[str], plans: str = 'nnUNetPlans') -> None:
     """In-process, as ``nnUNetv2_plan_and_preprocess -d ID -c CONFIGS -np N -npfp N``, then the plans preset.
 
-    ``plans`` is 'nnUNetPlans' or 'nnUNetPlans_<preset>' (written by ``plans.apply_plans_preset``; the preset
-    keeps the data identifiers, so it reuses the stock preprocessed data).
+    ``plans`` is stock plans ('nnUNetPlans' or a residual-encoder preset such as 'nnUNetResEncUNetMPlans', planned
+    with its own nnU-Net planner) or those + '_<preset>' (written by ``plans.apply_plans_preset``; the preset keeps
+    the data identifiers, so it reuses the stock preprocessed data).
     """
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments, \
         preprocess
+    from nnunetv2_voxshield.plans import split_plans_name
 
     n_proc = int(os.environ.get('nnUNet_def_n_proc', '2'))
     extract_fingerprints([dataset_id], num_processes=n_proc, clean=False, show_progress_bar=False)
-    plans_identifier = plan_experiments([dataset_id])
+    plans_identifier = plan_experiments([dataset_id], split_plans_name(plans)[1])
     preprocess([dataset_id], plans_identifier, list(configurations), [n_proc] * len(configurations),
                show_progress_bar=False)
     if plans != plans_identifier:

@@ -55,8 +55,10 @@ def test_names_of_trainers_and_plans():
     assert victim_trainer_name(None) == 'nnUNetTrainer'
     assert victim_trainer_name(20, 'nnUNetTrainer_tiny') == 'nnUNetTrainer_tiny'
     assert parse_plans('nnUNetPlans') is None and parse_plans('nnUNetPlans_cpu') == 'cpu'
-    with pytest.raises(EvaluationError, match='nnUNetPlans_cpu'):
-        parse_plans('nnUNetResEncUNetLPlans')
+    assert parse_plans('nnUNetResEncUNetLPlans') is None and parse_plans('nnUNetResEncUNetMPlans_cpu') == 'cpu'
+    for bad in ('nnUNetResEncUNetMPlans_gpu', 'myPlans', 'nnUNetPlans_'):
+        with pytest.raises(EvaluationError, match='nnUNetPlans_cpu'):
+            parse_plans(bad)
 
 
 @requires_hippocampus
