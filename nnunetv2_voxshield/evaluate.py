@@ -86,15 +86,13 @@ def test_cases(test_images: str, test_labels: str, ending: str) -> List[str]:
 
 
 def parse_plans(plans: str) -> Optional[str]:
-    """'nnUNetPlans' -> None (stock); 'nnUNetPlans_<preset>' -> preset name (plans.py applies it)."""
-    if plans == 'nnUNetPlans':
-        return None
-    from nnunetv2_voxshield.plans import available_presets
-    preset = plans[len('nnUNetPlans_'):] if plans.startswith('nnUNetPlans_') else None
-    if preset not in available_presets():
-        raise EvaluationError(f"-p {plans}: use nnUNetPlans or nnUNetPlans_<preset> with a preset from "
-                              f"{', '.join('nnUNetPlans_' + p for p in available_presets())}")
-    return preset
+    """Stock plans ('nnUNetPlans', 'nnUNetResEncUNetMPlans', ...) -> None; '<stock plans>_<preset>' -> the preset
+    (plans.py applies it on top of the victim's own stock plans)."""
+    from nnunetv2_voxshield.plans import split_plans_name
+    try:
+        return split_plans_name(plans)[2]
+    except ValueError as e:
+        raise EvaluationError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------------------- state
@@ -289,21 +287,7 @@ def evaluate(clean: str, protected: Union[str, Sequence[str]], output_dir: str, 
     purification alone costs (``protected`` may then be empty). ``reuse_from``: earlier evaluation folders whose
     identical victims are reused (see ``reuse_victim``).
     """
-    log = lambda msg: print(msg, flush=True)
-    protected = [protected] if isinstance(protected, str) else list(protected)
-    names = [method_name] if isinstance(method_name, str) else list(method_name or [])
-    if not names:
-        names = ['Protected'] if len(protected) == 1 else [os.path.basename(resolve_raw_dataset(p)) for p in protected]
-    if len(names) != len(protected):
-        raise EvaluationError(f'--method-name: {len(names)} names for {len(protected)} protected datasets')
-    if not protected and not (defend_clean and defences):
-        raise EvaluationError('nothing to compare the clean victims with: give --protected, or --defend-clean '
-                              'with --defence')
-    clean_dir = resolve_raw_dataset(clean)
-    protected_dirs = [resolve_raw_dataset(p) for p in protected]
-    for protected_dir in protected_dirs:
-        if clean_dir == protected_dir:
-            raise EvaluationError(f'{clean_dir}: --clean and --protected are the same dataset')
+    clean_dir, protected_dirs, names = input_datasets(clean, protected, method_name, defend_clean and bool(defences))
     ds_json = load_dataset_json(clean_dir)
     ending = ds_json.get('file_ending', '.nii.gz')
     test_images = os.path.abspath(test_images or os.path.join(clean_dir, 'imagesTs'))
@@ -311,62 +295,137 @@ def evaluate(clean: str, protected: Union[str, Sequence[str]], output_dir: str, 
     cases = test_cases(test_images, test_labels, ending)
     parse_plans(plans)
     trainer = V.victim_trainer_name(epochs, trainer)
-    defence_keys = []
-    for d in defences:
-        try:
-            defence_keys.append((defence_key(d), d))
-        except ValueError as e:
-            raise EvaluationError(str(e)) from None
+    defence_keys = parse_defences(defences)
     seeds = [int(s) for s in dict.fromkeys(seeds)]
     configurations = list(dict.fromkeys(configurations))
+    defence_configurations = check_defence_configurations(configurations, defence_configurations)
+    reuse_from = check_reuse_folders(reuse_from)
+
+    ws = Workspace(output_dir, clean_dir, protected_dirs)
+    rows = evaluation_rows(clean_dir, protected_dirs, names, defence_keys, defend_clean)
+    make_row_datasets(ws, rows, clean_dir, protected_dirs, verbose)
+    jobs = victim_jobs(rows, configurations, defence_configurations, seeds)
+    reused = reuse_victims(ws, jobs, trainer, plans, cases, reuse_from)
+    prepare_victims(ws, rows, jobs, configurations, seeds, plans, device, verbose)
+    results = train_victims(ws, jobs, reused, trainer, plans, device, test_images, test_labels, cases, ending,
+                            ds_json, disable_tta, verbose)
+    quality = row_quality(ws, rows, clean_dir, ending)
+    settings = {'clean': clean_dir,
+                'protected': protected_dirs if len(protected_dirs) != 1 else protected_dirs[0],
+                'test_images': test_images, 'test_labels': test_labels, 'configurations': configurations,
+                'plans': plans, 'trainer': trainer, 'seeds': seeds, 'defences': [spec for _, spec in defence_keys],
+                'defence_configurations': defence_configurations, 'device': device, 'disable_tta': disable_tta,
+                'n_test_cases': len(cases)}
+    report = build_report(ws, rows, jobs, results, quality, configurations, seeds, settings, ds_json)
+    return write_report(ws, report, clean_dir, protected_dirs, ending, figure_case)
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def input_datasets(clean: str, protected: Union[str, Sequence[str]], method_name: Union[str, Sequence[str], None],
+                   defends_clean: bool) -> tuple:
+    """(clean folder, protected folders, one row name per protected folder), checked."""
+    protected = [protected] if isinstance(protected, str) else list(protected)
+    names = [method_name] if isinstance(method_name, str) else list(method_name or [])
+    if not names:
+        names = ['Protected'] if len(protected) == 1 else [os.path.basename(resolve_raw_dataset(p)) for p in protected]
+    if len(names) != len(protected):
+        raise EvaluationError(f'--method-name: {len(names)} names for {len(protected)} protected datasets')
+    if not protected and not defends_clean:
+        raise EvaluationError('nothing to compare the clean victims with: give --protected, or --defend-clean '
+                              'with --defence')
+    clean_dir = resolve_raw_dataset(clean)
+    protected_dirs = [resolve_raw_dataset(p) for p in protected]
+    for protected_dir in protected_dirs:
+        if clean_dir == protected_dir:
+            raise EvaluationError(f'{clean_dir}: --clean and --protected are the same dataset')
+    return clean_dir, protected_dirs, names
+
+
+def parse_defences(defences: Sequence[str]) -> List[tuple]:
+    """[(row key, defence spec)] of the --defence arguments."""
+    try:
+        return [(defence_key(d), d) for d in defences]
+    except ValueError as e:
+        raise EvaluationError(str(e)) from None
+
+
+def check_defence_configurations(configurations: List[str], defence_configurations: Optional[Sequence[str]]) -> list:
+    """The victim configurations of purified rows (default: all); each must be a victim configuration."""
     defence_configurations = configurations if defence_configurations is None else list(defence_configurations)
     unknown = [c for c in defence_configurations if c not in configurations]
     if unknown:
         raise EvaluationError(f'defence configuration(s) {", ".join(unknown)} not among the victim configurations '
                               f'{", ".join(configurations)}')
-    reuse_from = [os.path.abspath(d) for d in reuse_from]
-    for d in reuse_from:
+    return defence_configurations
+
+
+def check_reuse_folders(reuse_from: Sequence[str]) -> List[str]:
+    folders = [os.path.abspath(d) for d in reuse_from]
+    for d in folders:
         if not os.path.isfile(os.path.join(d, 'state.json')):
             raise EvaluationError(f'{d}: no state.json (not a voxshield_evaluate output folder)')
+    return folders
 
-    ws = Workspace(output_dir, clean_dir, protected_dirs)
-    bases, rows = base_rows(clean_dir, protected_dirs), []
-    for base, name in zip(bases, ['Clean'] + names):
+
+def evaluation_rows(clean_dir: str, protected_dirs: Sequence[str], names: Sequence[str],
+                    defence_keys: Sequence[tuple], defend_clean: bool) -> List[tuple]:
+    """(row, method name, defence description or None, defence spec or None) of every row, clean first."""
+    rows = []
+    for base, name in zip(base_rows(clean_dir, protected_dirs), ['Clean'] + list(names)):
         rows += [(base, name, None, None)]
         if base != 'clean' or defend_clean:
             rows += [(f'{base}+{k}', name, describe_defence(spec), spec) for k, spec in defence_keys]
-    source = {row: bases[row.partition('+')[0]] for row, *_ in rows}
+    return rows
 
-    # 1. private raw datasets (links or purified copies)
+
+def make_row_datasets(ws: Workspace, rows: Sequence[tuple], clean_dir: str, protected_dirs: Sequence[str],
+                      verbose: bool) -> None:
+    """Step 1: each row's private raw dataset (links to the source, or its purified copy)."""
+    bases = base_rows(clean_dir, protected_dirs)
     for row, _, _, spec in rows:
-        dst = ws.dataset_dir(row)
+        dst, source = ws.dataset_dir(row), bases[row.partition('+')[0]]
         if os.path.isdir(dst):
             continue
         if spec is None:
-            link_dataset(source[row], dst)
+            link_dataset(source, dst)
         else:
-            log(f'purifying {source[row]} with {describe_defence(spec)} -> {dst}')
-            purify_dataset(source[row], dst, spec, verbose)
+            _log(f'purifying {source} with {describe_defence(spec)} -> {dst}')
+            purify_dataset(source, dst, spec, verbose)
 
-    # 2. identical victims taken from earlier folders, then the victims' own plan/preprocess (+ plans preset) for
-    # the configurations that still have a victim to train
-    jobs = victim_jobs(rows, configurations, defence_configurations, seeds)
-    marker = lambda row, c, s: os.path.join(ws.victim_dir(row, c, s), 'scores.json')
+
+def _scores_file(ws: Workspace, row: str, config: str, seed: int) -> str:
+    """A victim's scores.json: its finished marker."""
+    return os.path.join(ws.victim_dir(row, config, seed), 'scores.json')
+
+
+def reuse_victims(ws: Workspace, jobs: Sequence[tuple], trainer: str, plans: str, cases: Sequence[str],
+                  reuse_from: Sequence[str]) -> dict:
+    """Step 2a: {job: scores} of the unfinished victims that an earlier evaluation folder already trained."""
     reused = {}
-    for job in [job for job in jobs if not os.path.isfile(marker(*job))]:
-        scores = reuse_victim(ws, *job, trainer, plans, cases, reuse_from)
-        if scores is not None:
-            reused[job] = scores
+    for job in jobs:
+        if not os.path.isfile(_scores_file(ws, *job)):
+            scores = reuse_victim(ws, *job, trainer, plans, cases, reuse_from)
+            if scores is not None:
+                reused[job] = scores
+    return reused
+
+
+def prepare_victims(ws: Workspace, rows: Sequence[tuple], jobs: Sequence[tuple], configurations: Sequence[str],
+                    seeds: Sequence[int], plans: str, device: str, verbose: bool) -> None:
+    """Step 2b: the victims' own plan/preprocess (+ plans preset), per row, for the configurations that still have
+    a victim to train; a marker file per configuration makes it run once."""
     for row, *_ in rows:
         did = ws.dataset_id(row)
         marker_dir = os.path.join(ws.out, 'victims', row)
-        row_configurations = [c for c in configurations
-                              if any((row, c, s) in jobs and not os.path.isfile(marker(row, c, s)) for s in seeds)]
-        todo = [c for c in row_configurations
-                if not os.path.isfile(os.path.join(marker_dir, f'.preprocessed_{c}'))]
+        row_configurations = [c for c in configurations if any(
+            (row, c, s) in jobs and not os.path.isfile(_scores_file(ws, row, c, s)) for s in seeds)]
+        todo = [c for c in row_configurations if not os.path.isfile(os.path.join(marker_dir, f'.preprocessed_{c}'))]
         if not todo:
             continue
-        log(f'[{row}] plan and preprocess (dataset {did}, {" ".join(todo)}, {plans}) ...')
+        _log(f'[{row}] plan and preprocess (dataset {did}, {" ".join(todo)}, {plans}) ...')
         V.prepare(did, todo, plans, ws.env(seeds[0], device), os.path.join(marker_dir, 'prepare.log'), verbose)
         plans_file = os.path.join(ws.preprocessed, os.path.basename(ws.dataset_dir(row)), f'{plans}.json')
         available = json.load(open(plans_file))['configurations']
@@ -376,35 +435,47 @@ def evaluate(clean: str, protected: Union[str, Sequence[str]], output_dir: str, 
                                       f'available: {", ".join(available)}')
             write_atomic(os.path.join(marker_dir, f'.preprocessed_{c}'), '')
 
-    # 3. victims
+
+def train_victims(ws: Workspace, jobs: Sequence[tuple], reused: dict, trainer: str, plans: str, device: str,
+                  test_images: str, test_labels: str, cases: Sequence[str], ending: str, dataset_json: dict,
+                  disable_tta: bool, verbose: bool) -> dict:
+    """Step 3: {job: scores} of every victim: reused, finished before, or trained and scored now."""
     results = {}
     for i, (row, c, s) in enumerate(jobs, 1):
         tag = f'[{i}/{len(jobs)}] {row} {c} seed {s}'
         if (row, c, s) in reused:
             results[(row, c, s)] = reused[(row, c, s)]
-            log(f'{tag}: reused {reused[(row, c, s)]["reused_from"]}: DSC {reused[(row, c, s)]["summary"]["dice"]:.4f}')
+            _log(f'{tag}: reused {reused[(row, c, s)]["reused_from"]}: '
+                 f'DSC {reused[(row, c, s)]["summary"]["dice"]:.4f}')
             continue
-        if os.path.isfile(marker(row, c, s)):
-            results[(row, c, s)] = json.load(open(marker(row, c, s)))
-            log(f'{tag}: done before, skipped')
+        if os.path.isfile(_scores_file(ws, row, c, s)):
+            results[(row, c, s)] = json.load(open(_scores_file(ws, row, c, s)))
+            _log(f'{tag}: done before, skipped')
             continue
-        log(f'{tag}: training {trainer} ({plans}, fold all) and predicting {len(cases)} test cases ...')
+        _log(f'{tag}: training {trainer} ({plans}, fold all) and predicting {len(cases)} test cases ...')
         t0 = time.time()
         results[(row, c, s)] = run_victim(ws, row, c, s, trainer, plans, device, test_images, test_labels, cases,
-                                          ending, ds_json, disable_tta, verbose)
+                                          ending, dataset_json, disable_tta, verbose)
         summ = results[(row, c, s)]['summary']
-        log(f'{tag}: DSC {summ["dice"]:.4f}, HD95 {summ["hd95_mm"]:.2f} mm ({time.time() - t0:.0f} s)')
+        _log(f'{tag}: DSC {summ["dice"]:.4f}, HD95 {summ["hd95_mm"]:.2f} mm ({time.time() - t0:.0f} s)')
+    return results
 
-    # 4. image quality of each non-clean row against the clean data
+
+def row_quality(ws: Workspace, rows: Sequence[tuple], clean_dir: str, ending: str) -> dict:
+    """Step 4: {row: PSNR/SSIM summary} of each non-clean row's training images against the clean ones (cached)."""
     quality = {}
     for row, *_ in rows[1:]:
         qfile = os.path.join(ws.out, 'quality', f'{row}.json')
         if not os.path.isfile(qfile):
-            log(f'[{row}] PSNR/SSIM against the clean training images')
+            _log(f'[{row}] PSNR/SSIM against the clean training images')
             write_json_atomic(qfile, image_quality(clean_dir, ws.dataset_dir(row), ending))
         quality[row] = json.load(open(qfile))['summary']
+    return quality
 
-    # 5. report
+
+def build_report(ws: Workspace, rows: Sequence[tuple], jobs: Sequence[tuple], results: dict, quality: dict,
+                 configurations: Sequence[str], seeds: Sequence[int], settings: dict, dataset_json: dict) -> dict:
+    """Step 5a: the report dict: one entry per row with its victims (mean over seeds and per seed) and quality."""
     report_rows = []
     for row, method, defence, spec in rows:
         row_configurations = [c for c in configurations if (row, c, seeds[0]) in results]
@@ -416,20 +487,18 @@ def evaluate(clean: str, protected: Union[str, Sequence[str]], output_dir: str, 
                                          for c in row_configurations}})
     first = results[jobs[0]]['cases'][0]['labels']
     label_names = {str(v) if not isinstance(v, list) else str(tuple(v)): k
-                   for k, v in ds_json['labels'].items()}
-    report = {
-        'settings': {'clean': clean_dir, 'protected': protected_dirs if len(protected_dirs) != 1 else protected_dirs[0], 'test_images': test_images,
-                     'test_labels': test_labels, 'configurations': configurations, 'plans': plans,
-                     'trainer': trainer, 'seeds': seeds, 'defences': [spec for _, spec in defence_keys],
-                     'defence_configurations': defence_configurations,
-                     'device': device, 'disable_tta': disable_tta, 'n_test_cases': len(cases)},
-        'labels': list(first), 'label_names': label_names, 'rows': report_rows,
-    }
+                   for k, v in dataset_json['labels'].items()}
+    return {'settings': settings, 'labels': list(first), 'label_names': label_names, 'rows': report_rows}
+
+
+def write_report(ws: Workspace, report: dict, clean_dir: str, protected_dirs: Sequence[str], ending: str,
+                 figure_case: Optional[str]) -> dict:
+    """Step 5b: figure.png (first protected copy against the clean data), report.json and report.md."""
     report['figure'] = _figure(clean_dir, protected_dirs[0], ending, os.path.join(ws.out, 'figure.png'),
                                figure_case) if protected_dirs else None
     write_json_atomic(os.path.join(ws.out, 'report.json'), report)
     write_atomic(os.path.join(ws.out, 'report.md'), markdown_report(report))
-    log(f'wrote {os.path.join(ws.out, "report.md")}, report.json' + (', figure.png' if protected_dirs else ''))
+    _log(f'wrote {os.path.join(ws.out, "report.md")}, report.json' + (', figure.png' if protected_dirs else ''))
     return report
 
 
@@ -459,8 +528,10 @@ def evaluate_entry():
                                                             'Default: imagesTs of --clean')
     parser.add_argument('--test-labels', default=None, help='their labels. Default: labelsTs of --clean')
     parser.add_argument('-c', nargs='+', default=['3d_fullres'], help='victim configurations. Default: 3d_fullres')
-    parser.add_argument('-p', default='nnUNetPlans', help='victim plans: nnUNetPlans, or nnUNetPlans_<preset> '
-                                                          '(e.g. nnUNetPlans_cpu) derived from the victim\'s own plans')
+    parser.add_argument('-p', default='nnUNetPlans',
+                        help='victim plans: stock nnUNetPlans or a residual-encoder preset (nnUNetResEncUNetMPlans, '
+                             '...L, ...XL, planned with nnU-Net\'s nnUNetPlannerResEnc*), optionally with our preset '
+                             'on top (e.g. nnUNetPlans_cpu, nnUNetResEncUNetMPlans_cpu)')
     parser.add_argument('--epochs', type=int, default=None, help='stock nnUNetTrainer_<N>epochs (1, 5, 10, 20, 50, '
                                                                  '100, ...). Default: nnUNetTrainer (1000 epochs)')
     parser.add_argument('-tr', default=None, help='victim trainer class (overrides --epochs)')

@@ -14,10 +14,8 @@ With ``p_defence`` > 0 the EOT distribution also contains the purification defen
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import autocast
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.helpers import dummy_context
 
 from nnunetv2_voxshield.budget import roi_mask
 from nnunetv2_voxshield.diff_augment import augment_batch, differentiable, replay_rng
@@ -85,10 +83,8 @@ class nnUNetTrainerVoxShieldEOT(nnUNetTrainerVoxShield):
 
     def generator_step(self, data, target, keys) -> dict:
         """Eq. 6 through T with F_s frozen: L_seg(F_s(T(x + delta)), T(y)), L_SPD against F_s(T(x)), same T."""
-        self.network.requires_grad_(False)
-        self.generator_optimizer.zero_grad(set_to_none=True)
-        try:
-            with autocast(self.device.type, enabled=True) if self.device.type == 'cuda' else dummy_context():
+        with self.frozen_surrogate():
+            with self.maybe_autocast():
                 delta, bound = self.perturbation(data, target, keys)
                 with replay_rng() as rewind:
                     x_t, y_t = self.victim_view(data + delta, target)
@@ -103,8 +99,6 @@ class nnUNetTrainerVoxShieldEOT(nnUNetTrainerVoxShield):
                 l_g = generator_objective(l_seg + self.extra_surrogate_loss(data + delta, target), l_isc, l_spd,
                                           self.lambda_isc, self.lambda_spd)
             self.update_generator(l_g)
-        finally:
-            self.network.requires_grad_(True)
         return {'loss': l_seg.detach().cpu().numpy(), 'l_seg': l_seg.item(), 'l_isc': l_isc.item(),
                 'l_spd': l_spd.item(), 'delta_over_budget': self._delta_over_budget(delta, bound)}
 

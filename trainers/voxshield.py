@@ -8,6 +8,7 @@ forms while the surrogate keeps learning on the perturbed data; one step each ke
 """
 import os
 import warnings
+from contextlib import contextmanager
 from typing import List
 
 import numpy as np
@@ -131,10 +132,8 @@ class nnUNetTrainerVoxShield(nnUNetTrainer):
 
     def generator_step(self, data, target, keys) -> dict:
         """Minimise Eq. 6 w.r.t. G with the surrogate frozen (its weights and optimiser untouched)."""
-        self.network.requires_grad_(False)
-        self.generator_optimizer.zero_grad(set_to_none=True)
-        try:
-            with autocast(self.device.type, enabled=True) if self.device.type == 'cuda' else dummy_context():
+        with self.frozen_surrogate():
+            with self.maybe_autocast():
                 delta, eps = self.perturbation(data, target, keys)
                 output = self.network(data + delta)
                 l_seg = self.loss(output, target)
@@ -144,10 +143,22 @@ class nnUNetTrainerVoxShield(nnUNetTrainer):
                 l_isc = inter_slice_spectral_loss(delta.float(), self.slice_axis)
                 l_g = generator_objective(l_seg, l_isc, l_spd, self.lambda_isc, self.lambda_spd)
             self.update_generator(l_g)
-        finally:
-            self.network.requires_grad_(True)
         return {'loss': l_seg.detach().cpu().numpy(), 'l_seg': l_seg.item(), 'l_isc': l_isc.item(),
                 'l_spd': l_spd.item(), 'delta_over_budget': self._delta_over_budget(delta, eps)}
+
+    @contextmanager
+    def frozen_surrogate(self):
+        """The frame of a generator step: F_s frozen (no gradients into it), G's gradients cleared."""
+        self.network.requires_grad_(False)
+        self.generator_optimizer.zero_grad(set_to_none=True)
+        try:
+            yield
+        finally:
+            self.network.requires_grad_(True)
+
+    def maybe_autocast(self):
+        """Mixed precision on CUDA, as nnU-Net's own train_step."""
+        return autocast(self.device.type, enabled=True) if self.device.type == 'cuda' else dummy_context()
 
     def update_generator(self, l_g: torch.Tensor) -> None:
         """Backward of the generator objective and one Adam step on G (nnU-Net's grad clipping and scaling)."""
