@@ -1,4 +1,5 @@
 """Shared fixtures: temporary nnU-Net folders, real Hippocampus cases copied from ../shared, CPU settings."""
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -17,6 +18,29 @@ os.environ.setdefault('nnUNet_def_n_proc', '1')
 os.environ.setdefault('nnUNet_compile', 'false')
 os.environ.setdefault('OMP_NUM_THREADS', '2')
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # busy-waiting OpenMP threads crawl on a loaded 2-core machine
+
+
+@contextlib.contextmanager
+def private_nnunet_roots(base: Path):
+    """nnUNet_raw / _preprocessed / _results under ``base``, exported to the environment inside the block (for
+    module-scoped fixtures, which cannot use ``monkeypatch``); yields (roots, MonkeyPatch)."""
+    roots = {name: base / name for name in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results')}
+    with pytest.MonkeyPatch.context() as mp:
+        for name, folder in roots.items():
+            folder.mkdir()
+            mp.setenv(name, str(folder))
+        yield roots, mp
+
+
+def snapshot(module):
+    """A detached copy of a module's state dict."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def same(a, b):
+    """Two state dicts (``snapshot``) are equal tensor by tensor."""
+    import torch
+    return all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import run_cli
+from conftest import private_nnunet_roots, run_cli
 from nnunetv2_voxshield.phantom import CT_LABELS, synthesize_ct_case, write_phantom_dataset
 from nnunetv2_voxshield.verify import verify_entry
 
@@ -52,11 +52,7 @@ def test_cli_ct_shape(tmp_path):
 def ct(tmp_path_factory):
     """3 small CT cases (+1 test), planned by stock nnU-Net, CPU preset, a tiny VoxShield protector on fold all."""
     root = tmp_path_factory.mktemp('ct')
-    roots = {name: root / name for name in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results')}
-    with pytest.MonkeyPatch.context() as mp:
-        for name, folder in roots.items():
-            folder.mkdir()
-            mp.setenv(name, str(folder))
+    with private_nnunet_roots(root) as (roots, mp):
         tiny = str(Path(__file__).resolve().parent / 'nnunet_test_trainers')
         mp.setenv('nnUNet_extTrainer', os.pathsep.join([tiny, os.environ.get('nnUNet_extTrainer', '')]))
         src = Path(write_phantom_dataset(850, 'CTPhantom', n_cases=3, n_test=1, ct=True, shape=SHAPE))

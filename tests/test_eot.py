@@ -8,13 +8,13 @@ from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from conftest import requires_hippocampus, run_cli
+from conftest import requires_hippocampus, run_cli, same, snapshot
 from nnunetv2_voxshield.budget import roi_mask
 from nnunetv2_voxshield.diff_augment import (DiffContrastTransform, DiffGammaTransform, DiffGaussianBlurTransform,
                                              augment_batch, differentiable, replay_rng)
 from nnunetv2_voxshield.defences import gaussian_blur, z_median, z_resample
 from nnunetv2_voxshield.diff_defences import GaussianBlur3DTransform, ZMedianTransform, ZResampleTransform
-from test_trainer import make_trainer, same, snapshot
+from test_trainer import make_trainer
 
 SHAPE = (10, 12, 10)
 

@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import copy_hippocampus_cases, requires_hippocampus, run_cli
+from conftest import copy_hippocampus_cases, private_nnunet_roots, requires_hippocampus, run_cli
 from nnunetv2_voxshield import export
 from nnunetv2_voxshield.budget import raw_budget
 from nnunetv2_voxshield.verify import verify_entry
@@ -101,11 +101,7 @@ def two_channel_plans(plans_file: Path, dataset_name: str) -> dict:
 def env(planned_hippocampus, tmp_path_factory):
     """Two-channel source dataset, its plans (stock planner's, see ``two_channel_plans``), a checkpoint, one export."""
     base = tmp_path_factory.mktemp('export')
-    roots = {name: base / name for name in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results')}
-    with pytest.MonkeyPatch.context() as mp:
-        for name, folder in roots.items():
-            folder.mkdir()
-            mp.setenv(name, str(folder))
+    with private_nnunet_roots(base) as (roots, mp):
         info = build_source(roots['nnUNet_raw'] / SRC)
         plans = roots['nnUNet_preprocessed'] / SRC / 'nnUNetPlans.json'
         plans.parent.mkdir()

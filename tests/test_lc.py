@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import TEST_TRAINERS, run_cli, use_cpu_preset_as_default_plans
+from conftest import TEST_TRAINERS, run_cli, same, snapshot, use_cpu_preset_as_default_plans
 from nnunetv2_voxshield.budget import roi_mask
 from nnunetv2_voxshield.export import export_entry
 from nnunetv2_voxshield.lc import (LabelCodedPerturbator, LCSource, band_limit, band_mask, intensity_window, lc_bound,
@@ -180,12 +180,6 @@ def make_trainer(dataset='991', name='nnUNetTrainerVoxShieldLC', **attributes):
     return trainer
 
 
-def snapshot(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def same(a, b):
-    return all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize('multiplicative', [False, True])

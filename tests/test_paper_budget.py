@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import run_cli
+from conftest import private_nnunet_roots, run_cli
 from nnunetv2_voxshield import export
 from nnunetv2_voxshield.budget import (BUDGET_MODES, check_budget, dataset_std, parse_eps, parse_eps_abs,
                                        percentile_range, raw_budget)
@@ -117,11 +117,7 @@ def env(tmp_path_factory):
     """3 phantom cases (float32 and uint8; 1.0 and 1.5 mm slices), stock plans (planning only, no preprocessing)."""
     from nnunetv2_voxshield.phantom import write_phantom_dataset
     base = tmp_path_factory.mktemp('paper_budget')
-    roots = {name: base / name for name in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results')}
-    with pytest.MonkeyPatch.context() as mp:
-        for name, folder in roots.items():
-            folder.mkdir()
-            mp.setenv(name, str(folder))
+    with private_nnunet_roots(base) as (roots, mp):
         src = Path(write_phantom_dataset(SRC_ID, 'Phantom', n_cases=3, raw_root=str(roots['nnUNet_raw'])))
         run_cli(['nnUNetv2_plan_and_preprocess', '-d', SRC_ID, '-c', '3d_fullres', '--no_pp', '-np', '1'],
                 {**{k: str(v) for k, v in roots.items()}, 'nnUNet_n_proc_DA': None})

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import requires_hippocampus
+from conftest import private_nnunet_roots, requires_hippocampus
 from nnunetv2_voxshield import export
 from nnunetv2_voxshield.distributed import part_cases
 from nnunetv2_voxshield.phantom import write_phantom_dataset
@@ -25,11 +25,7 @@ N_CASES = 5
 def shards(planned_hippocampus, tmp_path_factory):
     """A 5-case phantom, plans, a generator checkpoint and the reference one-process export (Dataset841)."""
     base = tmp_path_factory.mktemp('shards')
-    roots = {name: base / name for name in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results')}
-    with pytest.MonkeyPatch.context() as mp:
-        for name, folder in roots.items():
-            folder.mkdir()
-            mp.setenv(name, str(folder))
+    with private_nnunet_roots(base) as (roots, mp):
         folder = Path(write_phantom_dataset(840, 'Shards', n_cases=N_CASES, n_test=1,
                                             raw_root=str(roots['nnUNet_raw'])))
         plans = roots['nnUNet_preprocessed'] / SRC / 'nnUNetPlans.json'

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import requires_hippocampus, run_cli
+from conftest import requires_hippocampus, run_cli, same, snapshot
 from nnunetv2_voxshield.budget import roi_mask
 from nnunetv2_voxshield.nnunet_ext import trainer_folder
 
@@ -23,12 +23,6 @@ def make_trainer(name='nnUNetTrainerVoxShield', configuration='3d_fullres'):
     return trainer
 
 
-def snapshot(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def same(a, b):
-    return all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_generator_step_freezes_surrogate_and_surrogate_step_freezes_generator(hippocampus_env):

@@ -79,7 +79,8 @@ def test_umed_perturbation_support_and_bounds():
 
 @requires_hippocampus
 def test_umed_trainer_step_holds_support_and_trains_both_generators(hippocampus_env):
-    from test_trainer import make_trainer, same, snapshot
+    from conftest import same, snapshot
+    from test_trainer import make_trainer
     trainer = make_trainer('nnUNetTrainerUMed')
     batch = next(trainer.dataloader_train)
     with torch.no_grad():
