@@ -10,7 +10,8 @@ trainer). ``--victim`` is an exploiter profile (stock: ``nnUNetTrainer_5epochs``
 adam, labelaware, noSpatial, noNoiseBlur, noIntensity, noLowRes, noMirror: the
 profiles of ``trainers/victim_profiles.py``; or any trainer class with ``--victim-trainer``). Every cell is one ``voxshield_evaluate`` folder
 ``eval_<victim>_<cell>_seed<seeds>``; the clean victim of a profile and seed is trained once and reused by all its cells (so
-run the first cell of a profile alone before starting parallel lanes of that profile). Uses the split and CPU
+run the first cell of a profile alone before starting parallel lanes of that profile, and never the same cell in
+two lanes at once: both would export it into the same folder). Uses the split and CPU
 preset of benchmarks/hippocampus.py; results merge into -o/map.json (lanes may run side by side), the table
 prints, map.md and frontier.png are written.
 """
