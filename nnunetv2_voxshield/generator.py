@@ -6,7 +6,9 @@ checkpoint can rebuild the generator without the trainer (``NoiseGenerator(**kwa
 """
 from typing import List, Sequence
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
@@ -47,3 +49,14 @@ def generator_kwargs_from_plans(configuration_manager, in_channels: int, max_sta
         'strides': [list(map(int, s)) for s in arch['strides'][:n]],
         'n_conv_per_stage': 1,
     }
+
+
+def run_padded(network: nn.Module, x: torch.Tensor, strides: Sequence[Sequence[int]]) -> torch.Tensor:
+    """``network(x)`` for any spatial size: zero-padded to a multiple of the total stride, cropped back."""
+    factors = np.prod(np.array(strides), axis=0)
+    shape = x.shape[2:]
+    pad = [int(-s % f) for s, f in zip(shape, factors)]
+    if not any(pad):
+        return network(x)
+    out = network(F.pad(x, [p for q in reversed(pad) for p in (0, q)]))
+    return out[(slice(None), slice(None), *[slice(0, s) for s in shape])]

@@ -30,6 +30,7 @@ from torch import nn
 
 from nnunetv2_voxshield.budget import roi_mask
 from nnunetv2_voxshield.dataset_io import InputError
+from nnunetv2_voxshield.generator import run_padded
 from nnunetv2_voxshield.support import bounded_delta, support_bound
 
 METHOD = 'voxshield_lc'
@@ -141,13 +142,7 @@ class LabelCodedPerturbator(nn.Module):
 
     def unet_output(self, inputs: torch.Tensor) -> torch.Tensor:
         """The U-Net on (x, onehot) for any size: zero-padded to a multiple of its total stride, cropped back."""
-        factors = np.prod(np.array(self.strides), axis=0)
-        shape = inputs.shape[2:]
-        pad = [int(-s % f) for s, f in zip(shape, factors)]
-        if not any(pad):
-            return self.unet(inputs)
-        out = self.unet(F.pad(inputs, [p for q in reversed(pad) for p in (0, q)]))
-        return out[(slice(None), slice(None), *[slice(0, s) for s in shape])]
+        return run_padded(self.unet, inputs, self.strides)
 
     def generated(self, x: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
         """G(x, onehot(y)), band-limited (zero when ``use_generator`` is off)."""

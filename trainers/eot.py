@@ -13,13 +13,13 @@ With ``p_defence`` > 0 the EOT distribution also contains the purification defen
 """
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_voxshield.budget import roi_mask
 from nnunetv2_voxshield.diff_augment import augment_batch, differentiable, replay_rng
 from nnunetv2_voxshield.diff_defences import with_defences
+from nnunetv2_voxshield.generator import run_padded
 from nnunetv2_voxshield.losses import generator_objective, inter_slice_spectral_loss, spectral_divergence_loss
 from nnunetv2_voxshield.support import background_eps, bounded_delta, support_bound
 from nnunetv2_voxshield.trainers.voxshield import nnUNetTrainerVoxShield, _full_resolution
@@ -55,13 +55,7 @@ class nnUNetTrainerVoxShieldEOT(nnUNetTrainerVoxShield):
 
     def generate(self, data: torch.Tensor) -> torch.Tensor:
         """G(x) for any patch size: zero-padded to a multiple of G's total stride, cropped back."""
-        factors = np.prod(np.array(self.generator_kwargs['strides']), axis=0)
-        shape = data.shape[2:]
-        pad = [int(-s % f) for s, f in zip(shape, factors)]
-        if not any(pad):
-            return self.generator(data)
-        out = self.generator(F.pad(data, [p for q in reversed(pad) for p in (0, q)]))
-        return out[(slice(None), slice(None), *[slice(0, s) for s in shape])]
+        return run_padded(self.generator, data, self.generator_kwargs['strides'])
 
     def perturbation(self, data: torch.Tensor, target, keys):
         """Eq. 3 with b = max(eps * M, eps_bg): delta = clamp(G(x) * b, -b, b); returns delta and b."""
