@@ -9,7 +9,7 @@ its own budget (VoxShield, VoxShield-EOT, VoxShield-LC: ``<trainer>[_eps<N>]_<E>
 trainer). ``--victim`` is an exploiter profile (stock: ``nnUNetTrainer_5epochs``; noda: ``nnUNetTrainerNoDA_5epochs``;
 adam, labelaware, noSpatial, noNoiseBlur, noIntensity, noLowRes, noMirror: the
 profiles of ``trainers/victim_profiles.py``; or any trainer class with ``--victim-trainer``). Every cell is one ``voxshield_evaluate`` folder
-``eval_<victim>_<cell>_seed<seeds>``; the clean victim of a profile and seed is trained once and reused by all its cells (so
+``eval_<victim>_<cell>_seed<seeds>`` (``--victim-plans``: a residual-encoder victim, profile ``<victim>-ResEncM_cpu``); the clean victim of a profile and seed is trained once and reused by all its cells (so
 run the first cell of a profile alone before starting parallel lanes of that profile, and never the same cell in
 two lanes at once: both would export it into the same folder). Uses the split and CPU
 preset of benchmarks/hippocampus.py; results merge into -o/map.json (lanes may run side by side), the table
@@ -67,6 +67,11 @@ def protector_trainer(cell: dict, epochs: int) -> str:
     if abs(n - 4) < 1e-9:
         return f'{TRAINED[cell["method"]]}_{epochs}epochs'
     return f'{TRAINED[cell["method"]]}_eps{round(n)}_{epochs}epochs'
+
+
+def plans_tag(plans: str) -> str:
+    """'nnUNetResEncUNetMPlans_cpu' -> 'ResEncM_cpu' (the victim profile's suffix for non-default victim plans)."""
+    return plans.replace('nnUNet', '').replace('UNet', '').replace('Plans', '').strip('_')
 
 
 class MapFile:
@@ -206,6 +211,9 @@ def main():
     parser.add_argument('--victim-trainer', default=None, help='victim trainer class (default: from --victim)')
     parser.add_argument('--victim-epochs', type=int, default=5)
     parser.add_argument('--protector-epochs', type=int, default=5)
+    parser.add_argument('--victim-plans', default=hb.PLANS,
+                        help=f'victim plans (default {hb.PLANS}); e.g. nnUNetResEncUNetMPlans_cpu for a residual-encoder '
+                             'victim (the profile is then named <victim>-ResEncM_cpu in the table)')
     parser.add_argument('--seeds', nargs='+', type=int, default=[0])
     parser.add_argument('--table-only', action='store_true', help='print the table of -o/map.json, draw the figure')
     args = parser.parse_args()
@@ -220,6 +228,7 @@ def main():
     if args.victim_trainer is None and args.victim not in VICTIMS:
         parser.error(f'--victim {args.victim!r} needs --victim-trainer (built in: {", ".join(VICTIMS)})')
     victim_trainer = args.victim_trainer or VICTIMS[args.victim].format(e=args.victim_epochs)
+    profile = args.victim if args.victim_plans == hb.PLANS else f'{args.victim}-{plans_tag(args.victim_plans)}'
 
     roots = {k: out / k for k in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results')}
     for d in roots.values():
@@ -243,17 +252,18 @@ def main():
     train_env = {**env, 'nnUNet_n_proc_DA': '0'}
     for cell in cells:
         dataset = protect(cell, roots, train_env, logs, mapfile, clean, args.protector_epochs)
-        key = f'{args.victim}_{cell_label(cell)}_seed{"-".join(map(str, args.seeds))}'
+        key = f'{profile}_{cell_label(cell)}_seed{"-".join(map(str, args.seeds))}'
         folder = out / f'eval_{key}'
         others = [str(d) for d in sorted(out.glob('eval_*')) if d != folder and (d / 'state.json').is_file()]
         hb.log(f'victims ({victim_trainer}, seeds {args.seeds}): clean vs {cell["cell"]} -> {folder.name}')
         t0 = time.time()
         report = evaluate('4', [str(dataset)], str(folder), test_images=str(clean / 'imagesTs'),
-                          test_labels=str(clean / 'labelsTs'), plans=hb.PLANS, trainer=victim_trainer,
+                          test_labels=str(clean / 'labelsTs'), plans=args.victim_plans, trainer=victim_trainer,
                           seeds=args.seeds, device='cpu', disable_tta=True, method_name=[cell['cell']],
                           reuse_from=others)
         mapfile.update(lambda d: d.setdefault('eval', {}).__setitem__(key, {
-            'victim': args.victim, 'victim_trainer': victim_trainer, 'cell': cell['cell'], 'seeds': args.seeds,
+            'victim': profile, 'victim_trainer': victim_trainer, 'victim_plans': args.victim_plans,
+            'cell': cell['cell'], 'seeds': args.seeds,
             'seconds': time.time() - t0, 'report': report}))
     print_table(json.loads(mapfile.path.read_text()), out)
 

@@ -24,6 +24,9 @@ def test_parse_cell_and_names():
     for bad in ('stripes@16/255', 'offset@abc', 'offset@0', 'offset@2'):
         with pytest.raises(SystemExit):
             pmap.parse_cell(bad)
+    # a residual-encoder victim is its own profile: its rows never pool with the plain U-Net's
+    assert pmap.plans_tag('nnUNetResEncUNetMPlans_cpu') == 'ResEncM_cpu'
+    assert pmap.plans_tag('nnUNetResEncUNetLPlans') == 'ResEncL'
 
 
 def _entry(victim, cell, seeds, clean, protected):
