@@ -4,7 +4,7 @@
     python benchmarks/protection_map.py -o benchmarks/out/map --table-only
 
 A cell is ``METHOD[:key=value]@EPS``: an export-time method (random, offset, checkerboard[:block=N],
-smooth[:sigma=S], lsp) exported at EPS, or a protector trained at EPS with nnU-Net's trainer API and exported at
+smooth[:sigma=S], lsp) exported at EPS (any method ``:clean=F``: a fraction F of its training cases left clean), or a protector trained at EPS with nnU-Net's trainer API and exported at
 its own budget (VoxShield, VoxShield-EOT, VoxShield-LC: ``<trainer>[_eps<N>]_<E>epochs``; at 4/255 the plain
 trainer). ``--victim`` is an exploiter profile (stock: ``nnUNetTrainer_5epochs``; noda: ``nnUNetTrainerNoDA_5epochs``;
 adam, labelaware, noSpatial, noNoiseBlur, noIntensity, noLowRes, noMirror: the
@@ -19,6 +19,8 @@ import argparse
 import fcntl
 import json
 import os
+import random
+import shutil
 import sys
 import time
 from fractions import Fraction
@@ -91,15 +93,22 @@ class MapFile:
             return data
 
 
-def protect(cell: dict, roots: dict, env: dict, logs: Path, mapfile: MapFile, clean: Path, epochs: int) -> Path:
-    """Export (after training the protector where the method trains) and verify one cell; resumable."""
-    label = cell_label(cell)
-
+def copy_folder(label: str, roots: dict, mapfile: MapFile) -> tuple:
+    """(dataset id, raw folder) of a cell's protected copy; ids assigned once, under the lock."""
     def assign(data):
         ids = data.setdefault('dataset_ids', {})
         ids.setdefault(label, FIRST_ID + len(ids))
     dataset_id = mapfile.update(assign)['dataset_ids'][label]
-    dst = roots['nnUNet_raw'] / f'Dataset{dataset_id:03d}_Hippocampus_{label}'
+    return dataset_id, roots['nnUNet_raw'] / f'Dataset{dataset_id:03d}_Hippocampus_{label}'
+
+
+def protect(cell: dict, roots: dict, env: dict, logs: Path, mapfile: MapFile, clean: Path, epochs: int) -> Path:
+    """Export (after training the protector where the method trains) and verify one cell; resumable. Option
+    ``clean=F`` (any method): the cell's copy with a fixed random fraction F of its training cases left clean."""
+    if 'clean' in cell['options']:
+        return mix_clean(cell, roots, env, logs, mapfile, clean, epochs)
+    label = cell_label(cell)
+    dataset_id, dst = copy_folder(label, roots, mapfile)
     cmd = ['voxshield_export', '-d', '4', '-o', dataset_id, '--name', dst.name, '-p', hb.PLANS, '-c', '3d_fullres',
            '-device', 'cpu']
     if cell['method'] in TRAINED:
@@ -119,12 +128,44 @@ def protect(cell: dict, roots: dict, env: dict, logs: Path, mapfile: MapFile, cl
     if not dst.is_dir():
         hb.log(f'{label}: export')
         hb.run(cmd, env, logs / f'export_{label}.log')
+    record_verified(cell, dst, env, logs, mapfile, clean)
+    return dst
+
+
+def record_verified(cell: dict, dst: Path, env: dict, logs: Path, mapfile: MapFile, clean: Path, **extra) -> None:
+    """voxshield_verify the cell's copy at its eps (once) and record the summary in map.json."""
+    label = cell_label(cell)
     report = logs.parent / f'verify_{label}.json'
     if not report.is_file():
         hb.run(['voxshield_verify', clean, dst, '-o', report, '--eps', cell['eps']], env, logs / f'verify_{label}.log')
     summary = json.loads(report.read_text()).get('summary')
     mapfile.update(lambda d: d.setdefault('protectors', {}).setdefault(label, {}).update(
-        cell=cell['cell'], dataset=str(dst), verify=summary))
+        cell=cell['cell'], dataset=str(dst), verify=summary, **extra))
+
+
+def mix_clean(cell: dict, roots: dict, env: dict, logs: Path, mapfile: MapFile, clean: Path, epochs: int) -> Path:
+    """The protected copy of the cell without ``clean=F``, with round(F x cases) training cases (drawn with seed 0)
+    replaced by their clean images: how much code-free data undoes a code (augmentation that erases a code in some
+    samples acts like this)."""
+    options = {k: v for k, v in cell['options'].items() if k != 'clean'}
+    base = parse_cell(cell['cell'].split('@')[0].split(':')[0] + ''.join(f':{k}={v}' for k, v in options.items())
+                      + '@' + cell['eps'])
+    fraction = float(cell['options']['clean'])
+    if not 0 <= fraction <= 1:
+        raise SystemExit(f'cell {cell["cell"]!r}: clean=F needs F in [0, 1]')
+    src = protect(base, roots, env, logs, mapfile, clean, epochs)
+    label = cell_label(cell)
+    dst = copy_folder(label, roots, mapfile)[1]
+    cases = sorted(p.name[:-len('_0000.nii.gz')] for p in (src / 'imagesTr').glob('*_0000.nii.gz'))
+    chosen = sorted(random.Random(0).sample(cases, round(fraction * len(cases))))
+    if not dst.is_dir():
+        tmp = dst.parent / f'.{dst.name}.partial'
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        for case in chosen:
+            shutil.copy(clean / 'imagesTr' / f'{case}_0000.nii.gz', tmp / 'imagesTr' / f'{case}_0000.nii.gz')
+        os.replace(tmp, dst)
+    record_verified(cell, dst, env, logs, mapfile, clean, clean_cases=len(chosen), cases=len(cases))
     return dst
 
 

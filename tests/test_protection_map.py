@@ -58,3 +58,36 @@ def test_map_file_merges(tmp_path):
     f.update(lambda d: d.setdefault('eval', {}).__setitem__('a', 1))
     f.update(lambda d: d.setdefault('eval', {}).__setitem__('b', 2))
     assert json.loads((tmp_path / 'map.json').read_text()) == {'eval': {'a': 1, 'b': 2}}
+
+
+def test_clean_fraction_cell_mixes_a_fixed_share_of_clean_cases(tmp_path, monkeypatch):
+    """``:clean=F`` copies the base cell's export with round(F x cases) images taken from the clean dataset,
+    the same ones every run; the base export stays as it was."""
+    def dataset(root, value):
+        for sub in ('imagesTr', 'labelsTr'):
+            (root / sub).mkdir(parents=True)
+        for i in range(8):
+            (root / 'imagesTr' / f'hippocampus_{i:03d}_0000.nii.gz').write_text(value)
+            (root / 'labelsTr' / f'hippocampus_{i:03d}.nii.gz').write_text('label')
+        return root
+    clean, raw = dataset(tmp_path / 'clean', 'clean'), tmp_path / 'raw'
+    base = dataset(raw / 'Dataset100_Hippocampus_checkerboard_eps10_255', 'protected')
+    calls = []
+    monkeypatch.setattr(pmap, 'protect', lambda cell, *a: calls.append(cell['cell']) or base)
+    monkeypatch.setattr(pmap.hb, 'run', lambda cmd, env, log: Path(cmd[cmd.index('-o') + 1]).write_text(
+        json.dumps({'summary': {'violations': 0}})))
+    mapfile = pmap.MapFile(tmp_path / 'map.json')
+    cell = pmap.parse_cell('checkerboard:clean=0.25@10/255')
+    (tmp_path / 'logs').mkdir()
+    dst = pmap.mix_clean(cell, {'nnUNet_raw': raw}, {}, tmp_path / 'logs', mapfile, clean, 5)
+    assert calls == ['checkerboard@10/255'] and dst.name.endswith('_checkerboard-clean0.25_eps10_255')
+    images = {p.name: p.read_text() for p in (dst / 'imagesTr').iterdir()}
+    assert sorted(images.values()).count('clean') == 2 and len(images) == 8
+    assert {p.read_text() for p in (base / 'imagesTr').iterdir()} == {'protected'}
+    entry = json.loads(mapfile.path.read_text())['protectors']['checkerboard-clean0.25_eps10_255']
+    assert entry['clean_cases'] == 2 and entry['verify'] == {'violations': 0}
+    again = pmap.mix_clean(cell, {'nnUNet_raw': raw}, {}, tmp_path / 'logs', mapfile, clean, 5)
+    assert {p.name: p.read_text() for p in (again / 'imagesTr').iterdir()} == images
+    with pytest.raises(SystemExit):
+        pmap.mix_clean(pmap.parse_cell('checkerboard:clean=1.5@10/255'), {'nnUNet_raw': raw}, {}, tmp_path / 'logs',
+                       mapfile, clean, 5)
