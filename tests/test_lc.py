@@ -182,6 +182,30 @@ def make_trainer(dataset='991', name='nnUNetTrainerVoxShieldLC', **attributes):
 
 
 
+def test_noDA_variant_optimises_through_no_augmentation(lc_env):
+    """``_tile4_noDA``: T is stock NoDA's pipeline (no spatial, intensity, noise/blur, low-res or mirror transform),
+    the loader crops the final patch, inference does not mirror, and a step of it trains the code."""
+    from nnunetv2_voxshield.trainers.victim_profiles import FAMILIES
+    trainer = make_trainer(name='nnUNetTrainerVoxShieldLC_tile4_noDA_eps10')
+    assert trainer.eps == pytest.approx(10 / 255) and trainer.pattern_tile == 4
+
+    def classes(t):
+        inner = getattr(t, 'transform', None)
+        return [type(t)] + sum((classes(c) for c in getattr(t, 'transforms', [])), []) + \
+            (classes(inner) if inner is not None else [])
+    augmenting = tuple(c for family in FAMILIES.values() for c in family)
+    assert not any(issubclass(c, augmenting) for c in classes(trainer.eot_transform))
+    loader = trainer.dataloader_train.data_loader  # nnU-Net's loader inside the single-threaded augmenter
+    assert list(loader.patch_size) == list(loader.final_patch_size) == list(trainer.configuration_manager.patch_size)
+    assert trainer.inference_allowed_mirroring_axes is None
+    batch = next(trainer.dataloader_train)
+    before = trainer.generator.pattern.detach().clone()
+    assert torch.is_tensor(batch['target'])  # the loader only crops; T (NoDA) runs inside the step
+    trainer.voxshield_iteration = trainer.surrogate_steps_per_cycle  # a generator step
+    trainer.train_step({'data': batch['data'][:1], 'target': batch['target'][:1], 'keys': batch['keys'][:1]})
+    assert not torch.equal(before, trainer.generator.pattern.detach())
+
+
 @pytest.mark.parametrize('multiplicative', [False, True])
 def test_training_and_export_compute_the_same_delta(lc_env, multiplicative):
     # random_phase off: the tile at the patch's origin, as export puts it at the array's origin

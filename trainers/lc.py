@@ -13,7 +13,11 @@ import numpy as np
 import torch
 from torch._dynamo import OptimizedModule
 
+from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoDA import \
+    nnUNetTrainerNoDA as StockNoDA
+
 from nnunetv2_voxshield.budget import roi_mask
+from nnunetv2_voxshield.diff_augment import differentiable
 from nnunetv2_voxshield.distributed import unwrap
 from nnunetv2_voxshield.lc import (METHOD, LabelCodedPerturbator, intensity_window, lc_bound, one_hot_labels)
 from nnunetv2_voxshield.support import background_eps, bounded_delta
@@ -129,13 +133,33 @@ class nnUNetTrainerVoxShieldLC_tile4(nnUNetTrainerVoxShieldLC):
     pattern_tile = 4
 
 
+class nnUNetTrainerVoxShieldLC_tile4_noDA(nnUNetTrainerVoxShieldLC_tile4):
+    """The period-4 code optimised against a surrogate without augmentation: T is stock ``nnUNetTrainerNoDA``'s
+    pipeline (the paper's victim setting, where a fixed checkerboard protects at 10/255), so nothing in T erases a
+    texture. Asks whether the objective finds a protecting code at all when the victim does not augment."""
+
+    def get_training_transforms(self, patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
+                                do_dummy_2d_data_aug, **kwargs):
+        self.eot_transform = differentiable(StockNoDA.get_training_transforms(
+            patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes, do_dummy_2d_data_aug, **kwargs))
+        return None
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        """As stock NoDA: the loader crops the final patch, no mirroring in training or inference."""
+        rotation, dummy_2d, _, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        self.inference_allowed_mirroring_axes = None
+        return rotation, dummy_2d, self.configuration_manager.patch_size, None
+
+
 def _module_level(cls: type) -> type:
     cls.__module__ = __name__  # epoch_variant / budget_variant name their own modules; these classes live here
     return cls
 
 
 EPOCHS = (1, 5, 10, 20)
-BASES = [nnUNetTrainerVoxShieldLC, nnUNetTrainerVoxShieldLC_patternOnly, nnUNetTrainerVoxShieldLC_tile4]
+BASES = [nnUNetTrainerVoxShieldLC, nnUNetTrainerVoxShieldLC_patternOnly, nnUNetTrainerVoxShieldLC_tile4,
+         nnUNetTrainerVoxShieldLC_tile4_noDA,
+         _module_level(budget_variant(nnUNetTrainerVoxShieldLC_tile4_noDA, 'eps10', 10 / 255))]
 BASES += [_module_level(budget_variant(b, f'eps{n}', n / 255)) for b in (nnUNetTrainerVoxShieldLC,
                                                                         nnUNetTrainerVoxShieldLC_tile4)
           for n in (8, 16, 64)]
