@@ -4,7 +4,7 @@
     python benchmarks/protection_map.py -o benchmarks/out/map --table-only
 
 A cell is ``METHOD[:key=value]@EPS``: an export-time method (random, offset, checkerboard[:block=N],
-smooth[:sigma=S], lsp) exported at EPS (any method ``:clean=F``: a fraction F of its training cases left clean), or a protector trained at EPS with nnU-Net's trainer API and exported at
+stripes[:block=N], smooth[:sigma=S], lsp) exported at EPS (any method ``:clean=F``: a fraction F of its training cases left clean), or a protector trained at EPS with nnU-Net's trainer API and exported at
 its own budget (VoxShield, VoxShield-EOT, VoxShield-LC: ``<trainer>[_eps<N>]_<E>epochs``; at 4/255 the plain
 trainer). ``--victim`` is an exploiter profile (stock: ``nnUNetTrainer_5epochs``; noda: ``nnUNetTrainerNoDA_5epochs``;
 adam, labelaware, noSpatial, noNoiseBlur, noIntensity, noLowRes, noMirror: the
@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import hippocampus as hb  # noqa: E402  (split, raw preparation, command runner)
 
-EXPORT_METHODS = ('random', 'offset', 'checkerboard', 'smooth', 'lsp')
+EXPORT_METHODS = ('random', 'offset', 'checkerboard', 'stripes', 'smooth', 'lsp')
 TRAINED = {'VoxShield': 'nnUNetTrainerVoxShield', 'VoxShield-EOT': 'nnUNetTrainerVoxShieldEOT',
            'VoxShield-LC': 'nnUNetTrainerVoxShieldLC', 'VoxShield-LC-tile4': 'nnUNetTrainerVoxShieldLC_tile4',
            'VoxShield-LC-tile4-noDA': 'nnUNetTrainerVoxShieldLC_tile4_noDA'}

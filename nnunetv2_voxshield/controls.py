@@ -5,7 +5,10 @@ sign of class k is s_k = (-1)^(k-1) (+, -, +, ... for labels 1, 2, 3, ...). i, j
 order), from its origin, so the pattern is exactly the same whatever nnU-Net's plans do to the case.
 
 ``offset``: delta = s_y b.  ``checkerboard``: delta = s_y b (-1)^(i//n + j//n + k//n) (``block`` n voxels per
-square, period 2n).  ``smooth``: delta = b F_y, F_y a fixed low-pass random field per class (white noise on a
+square, period 2n).  ``stripes``: delta = b (-1)^(i_a//n), a square wave of period 2n along ONE axis, a = (y - 1) mod
+dims: the class is coded by the stripes' orientation, not by a sign or phase (a grating of period 2n keeps more of
+its amplitude through blur and resampling than a 3D checkerboard of the same period, whose frequency is sqrt(3)
+times higher).  ``smooth``: delta = b F_y, F_y a fixed low-pass random field per class (white noise on a
 ``SMOOTH_TILE``^3 tile seeded by (seed, class), Gaussian-filtered with sigma voxels and periodic boundaries,
 scaled to max |F_y| = 1) tiled from the origin.
 """
@@ -16,7 +19,7 @@ from scipy.ndimage import gaussian_filter
 
 from nnunetv2_voxshield.dataset_io import InputError
 
-CONTROL_METHODS = ('offset', 'checkerboard', 'smooth')
+CONTROL_METHODS = ('offset', 'checkerboard', 'stripes', 'smooth')
 DEFAULT_BLOCK = 1
 DEFAULT_SMOOTH_SIGMA = 4.0
 SMOOTH_TILE = 64
@@ -32,6 +35,12 @@ def checkerboard(shape: Sequence[int], block: int = DEFAULT_BLOCK) -> np.ndarray
     parity = sum(np.arange(int(s)).reshape([-1 if d == a else 1 for d in range(len(shape))]) // int(block)
                  for a, s in enumerate(shape))
     return np.where(parity % 2 == 0, 1.0, -1.0)
+
+
+def stripes(shape: Sequence[int], axis: int, block: int = DEFAULT_BLOCK) -> np.ndarray:
+    """(-1)^(i_axis // block) over an array of ``shape``: a square wave of period 2 x block along ``axis``."""
+    i = np.arange(int(shape[axis])).reshape([-1 if d == axis else 1 for d in range(len(shape))])
+    return np.broadcast_to(np.where((i // int(block)) % 2 == 0, 1.0, -1.0), tuple(int(s) for s in shape))
 
 
 def smooth_field(label: int, seed: int = 0, sigma: float = DEFAULT_SMOOTH_SIGMA, dims: int = 3,
@@ -69,6 +78,8 @@ class LabelCodedSource:
             return np.full(tuple(shape), class_sign(label))
         if self.method == 'checkerboard':
             return class_sign(label) * checkerboard(shape, self.block)
+        if self.method == 'stripes':
+            return stripes(shape, (int(label) - 1) % len(shape), self.block)
         return class_sign(label) * tiled(smooth_field(label, self.seed, self.sigma, len(shape)), shape)
 
     def compute_delta_raw(self, images: np.ndarray, seg: np.ndarray, budget: np.ndarray, case: str) -> np.ndarray:

@@ -309,9 +309,11 @@ def export_entry(argv=None):
                              'noise, lsp (linearly separable perturbations, Yu et al. 2022), tap (targeted '
                              'adversarial poisoning, Fowl et al. 2021), or a fixed label-coded positive control at '
                              'the full budget on the raw voxels (sign +, -, +, ... per foreground class): offset, '
-                             'checkerboard (--block) or smooth (--smooth-sigma)')
+                             'checkerboard (--block), stripes (--block; orientation per class) or smooth '
+                             '(--smooth-sigma)')
     parser.add_argument('--block', type=int, default=DEFAULT_BLOCK,
-                        help='checkerboard: voxels per square along each axis (period 2 x block)')
+                        help='checkerboard: voxels per square along each axis (period 2 x block); stripes: voxels '
+                             'per stripe (period 2 x block) along axis (label - 1) mod 3 of the raw array')
     parser.add_argument('--smooth-sigma', type=float, default=DEFAULT_SMOOTH_SIGMA,
                         help='smooth: sigma in voxels of the Gaussian low-pass of each class\'s random field')
     parser.add_argument('--lsp-patch', type=int, default=DEFAULT_LSP_PATCH,
@@ -374,6 +376,7 @@ def export_entry(argv=None):
             plans_file = os.path.join(surrogate, 'plans.json')
         elif args.method in EXPORT_TIME_METHODS:
             options = {'lsp': {'patch': args.lsp_patch}, 'checkerboard': {'block': args.block},
+                       'stripes': {'block': args.block},
                        'smooth': {'sigma': args.smooth_sigma}}.get(args.method)
             plans_file = os.path.join(env_folder('nnUNet_preprocessed'), source_name, args.p + '.json')
         if args.method in EXPORT_TIME_METHODS:

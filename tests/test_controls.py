@@ -9,7 +9,7 @@ import SimpleITK as sitk
 from conftest import requires_hippocampus
 from nnunetv2_voxshield import export
 from nnunetv2_voxshield.budget import raw_budget
-from nnunetv2_voxshield.controls import LabelCodedSource, checkerboard, smooth_field
+from nnunetv2_voxshield.controls import LabelCodedSource, checkerboard, smooth_field, stripes
 from nnunetv2_voxshield.dataset_io import InputError
 from nnunetv2_voxshield.verify import verify_entry
 
@@ -30,7 +30,7 @@ def _delta(method, seg=SEG, **kw):
     return LabelCodedSource(method, **kw).compute_delta_raw(images, seg, BUDGET, 'case')
 
 
-@pytest.mark.parametrize('method', ['offset', 'checkerboard', 'smooth'])
+@pytest.mark.parametrize('method', ['offset', 'checkerboard', 'stripes', 'smooth'])
 def test_zero_off_labels_within_budget_sign_per_class(method):
     delta = _delta(method)
     assert delta.shape == (2, *SEG.shape)
@@ -57,6 +57,17 @@ def test_checkerboard_parity_and_class_phase():
     assert np.array_equal(blocks[0, 1, :4], [1, 1, -1, -1]) and blocks[0, 2, 0] == -1
 
 
+def test_stripes_orientation_codes_the_class():
+    """Label 1 varies along axis 0 only, label 2 along axis 1, label 3 along axis 2; period 2 x block."""
+    delta = _delta('stripes', block=2)[1]  # channel 1: b = 0.5
+    i, j, k = np.indices(SEG.shape)
+    wave = lambda a: np.where((a // 2) % 2 == 0, 0.5, -0.5)  # noqa: E731
+    for label, axis in ((1, i), (2, j), (3, k)):
+        assert np.array_equal(delta[SEG == label], wave(axis)[SEG == label])
+    assert np.array_equal(stripes((4, 6, 2), axis=1, block=1)[0, :, 0], [1, -1, 1, -1, 1, -1])
+    assert np.all(stripes((4, 6, 2), axis=1)[:, 2, :] == 1)  # constant across the other axes
+
+
 def test_smooth_field_fixed_per_class_and_low_pass():
     """The same class carries the same field at the same position in any case; classes differ; low-pass."""
     other = _seg((20, 16, 12), {1: np.s_[0:20, 0:16, 0:12]})
@@ -75,7 +86,7 @@ def test_bad_options_refused():
         with pytest.raises(InputError):
             LabelCodedSource('checkerboard', **kw)
     with pytest.raises(InputError):
-        LabelCodedSource('stripes')
+        LabelCodedSource('waves')
 
 
 @requires_hippocampus
@@ -86,7 +97,7 @@ def test_control_exports_pass_verify(hippocampus_env, capsys):
     with pytest.raises(SystemExit) as exc:
         export.export_entry(['-d', '4', '-o', '860', '--method', 'checkerboard', '--block', '0', '-device', 'cpu'])
     assert exc.value.code != 0 and '--block' in capsys.readouterr().err
-    for out_id, method in ((861, 'offset'), (862, 'checkerboard'), (863, 'smooth')):
+    for out_id, method in ((861, 'offset'), (862, 'checkerboard'), (863, 'smooth'), (864, 'stripes')):
         out = raw / f'Dataset{out_id}_HippocampusProtected'
         try:
             export.export_entry(['-d', '4', '-o', str(out_id), '--method', method, '--eps', '16/255',
