@@ -12,7 +12,7 @@ from nnunetv2_voxshield.budget import DEFAULT_BUDGET_MODE, dataset_std, raw_budg
 from nnunetv2_voxshield.dataset_io import (InputError, check_finite, copy_atomic, read_image, sha256_of,
                                            write_image_atomic)
 from nnunetv2_voxshield.geometry import normalisation_scales, preprocess_case, to_raw_geometry
-from nnunetv2_voxshield.metrics import psnr, ssim
+from nnunetv2_voxshield.metrics import _slab_rows, psnr, ssim
 
 
 def cast_within_budget(clean: np.ndarray, target: np.ndarray, budget: float) -> np.ndarray:
@@ -36,12 +36,25 @@ def _finite(value: float):
     return float(value) if np.isfinite(value) else None
 
 
+def _slabs(shape):
+    """Slices of axis 0 with about ``metrics.SLAB_VOXELS`` voxels each (one slice for small or 0-d arrays)."""
+    if len(shape) == 0:
+        return [Ellipsis]
+    rows = _slab_rows(shape)
+    return [slice(z0, z0 + rows) for z0 in range(0, shape[0], rows)] or [slice(None)]
+
+
 def channel_report(path: str, clean: np.ndarray, protected: np.ndarray, budget: float, roi: np.ndarray) -> dict:
-    diff = np.abs(protected.astype(np.float64) - clean.astype(np.float64))
-    max_delta = float(diff.max()) if diff.size else 0.0
+    max_delta, changed = 0.0, 0
+    for s in _slabs(clean.shape):  # |protected - clean| in float64, slab by slab: bounded memory, same values
+        diff = np.abs(protected[s].astype(np.float64) - clean[s].astype(np.float64))
+        if diff.size:
+            max_delta = float(np.maximum(max_delta, diff.max()))  # NaN propagates as in diff.max()
+        changed += int(np.count_nonzero(diff > 0))
+    fraction_changed = changed / clean.size if clean.size else float('nan')  # np.mean of a bool array, exactly
     return {'file': os.path.basename(path), 'dtype': str(clean.dtype), 'budget': float(budget),
             'max_abs_delta': max_delta, 'budget_use': max_delta / budget if budget > 0 else 0.0,
-            'fraction_changed': float(np.mean(diff > 0)), 'psnr': _finite(psnr(clean, protected)),
+            'fraction_changed': float(fraction_changed), 'psnr': _finite(psnr(clean, protected)),
             'psnr_roi': _finite(psnr(clean, protected, roi)), 'ssim': _finite(ssim(clean, protected))}
 
 
@@ -58,15 +71,25 @@ def _nnunet_arrays(files: dict, clean: List[np.ndarray], plans_manager):
 
 
 def _delta_through_nnunet(case: str, files: dict, clean: List[np.ndarray], budget: np.ndarray, shape, ctx: dict):
-    """delta in raw units (c, *spatial) and the budget weight: preprocess as nnU-Net, compute, map back."""
+    """delta in raw units (c, *spatial; float32) and the budget weight: preprocess as nnU-Net, compute, map back."""
     source, pm, cm = ctx['source'], ctx['plans_manager'], ctx['configuration_manager']
     data, seg, properties = _nnunet_arrays(files, clean, pm)
     scales = normalisation_scales(data, seg, pm, cm)
     data_pre, seg_pre, properties = preprocess_case(data, seg, properties, pm, cm, ctx['dataset_json'])
+    del data  # preprocess_case works on its own copy
     eps_norm = (budget * scales).astype(np.float32)
     delta_pre = source.compute_delta(data_pre, seg_pre, eps_norm, case)
-    delta_pre = delta_pre / scales.reshape(-1, *([1] * (delta_pre.ndim - 1)))
-    delta = to_raw_geometry(delta_pre, properties, pm, cm).astype(np.float64).reshape(len(clean), *shape)
+    del data_pre, seg_pre
+    scales_b = scales.reshape(-1, *([1] * (delta_pre.ndim - 1)))
+    if delta_pre.dtype == np.float32 and delta_pre.flags.writeable and \
+            tuple(delta_pre.shape[1:]) == tuple(properties['shape_after_cropping_and_before_resampling']):
+        # no resampling: to_raw_geometry would round the float64 quotient to float32; divide in place instead
+        np.divide(delta_pre, scales_b, out=delta_pre)  # float64 loop, rounded to float32 on store: same values
+    else:
+        delta_pre = delta_pre / scales_b
+    delta = to_raw_geometry(delta_pre, properties, pm, cm)  # float32
+    del delta_pre
+    delta = delta.reshape(len(clean), *shape)
     forward = [0, *[i + 1 for i in pm.transpose_forward]]
     backward = [0, *[i + 1 for i in pm.transpose_backward]]
     mask = roi_mask_np(seg.transpose(forward), source.roi, len(cm.patch_size)).transpose(backward)
@@ -85,8 +108,12 @@ def protect_case(case: str, files: dict, output_folder: str, ctx: dict) -> dict:
     ``ctx``: source (a ``perturbation.DeltaSource``), plans_manager, configuration_manager, dataset_json, eps,
     eps_abs, percentiles, budget_mode (None with eps_abs), dataset_std (for 'zscore-dataset').
     """
-    images = [read_image(f) for f in files['images']]
-    clean = [sitk.GetArrayFromImage(im) for im in images]
+    clean, geometries = [], []  # the arrays and what CopyInformation copies: no SimpleITK image stays alive
+    for f in files['images']:
+        image = read_image(f)
+        clean.append(sitk.GetArrayFromImage(image))
+        geometries.append((image.GetOrigin(), image.GetSpacing(), image.GetDirection()))
+        del image
     for array, path in zip(clean, files['images']):
         check_finite(array, path)
     seg_raw = sitk.GetArrayFromImage(read_image(files['label']))
@@ -110,17 +137,25 @@ def protect_case(case: str, files: dict, output_folder: str, ctx: dict) -> dict:
         else:
             delta, weight = _delta_through_nnunet(case, files, clean, budget, roi.shape, ctx)
         protected = []
-        for c, (image, path) in enumerate(zip(clean, files['images'])):
-            allowed = budget[c] * weight
-            target = image.astype(np.float64) + np.clip(delta[c], -allowed, allowed)
-            target = np.clip(target, float(image.min()), float(image.max()))
-            protected.append(cast_within_budget(image, target, budget[c]))
-        for array, image, dst in zip(protected, images, out_images):
+        for c, image in enumerate(clean):  # elementwise in float64, slab by slab (bounded memory, same values)
+            low, high = float(image.min()), float(image.max())
+            result = np.empty_like(image)
+            for s in _slabs(image.shape):
+                allowed = budget[c] * weight[s]
+                target = image[s].astype(np.float64) + np.clip(delta[c][s].astype(np.float64), -allowed, allowed)
+                result[s] = cast_within_budget(image[s], np.clip(target, low, high), budget[c])
+            protected.append(result)
+        del delta, weight
+        for array, (origin, spacing, direction), dst in zip(protected, geometries, out_images):
             out = sitk.GetImageFromArray(array)
-            out.CopyInformation(image)
+            out.SetOrigin(origin)
+            out.SetSpacing(spacing)
+            out.SetDirection(direction)
             write_image_atomic(out, dst)
+            del out
         status = 'protected'
     copy_atomic(files['label'], out_label)
+    del seg_raw
 
     channels = [channel_report(p, c, q, b, roi) for p, c, q, b in zip(files['images'], clean, protected, budget)]
     if max(ch['budget_use'] for ch in channels) > 1:

@@ -38,11 +38,21 @@ class DeltaSource(Protocol):
 
 def _bounded(raw: np.ndarray, seg_pre: np.ndarray, eps_norm: np.ndarray, roi: dict, dims: int,
              bg_weight: float = 0.0) -> np.ndarray:
-    """Eq. 3 with the trainer's scaling: clamp(raw * b, -b, b), b = eps * max(M, bg_weight)."""
+    """Eq. 3 with the trainer's scaling: clamp(raw * b, -b, b), b = eps * max(M, bg_weight).
+
+    ``raw`` (float32, a temporary of the caller) is overwritten: ``bound_perturbation``'s operations in place, so
+    a CT-sized volume needs no extra full-size copies (same values)."""
     eps = torch.as_tensor(np.asarray(eps_norm, dtype=np.float32)).view(-1, *([1] * (raw.ndim - 1)))
-    weight = torch.from_numpy(roi_mask_np(seg_pre, roi, dims)).clamp_min(bg_weight)
+    weight = torch.from_numpy(roi_mask_np(seg_pre, roi, dims)).clamp_min_(bg_weight)
     bound = eps * weight
-    return bound_perturbation(torch.from_numpy(raw) * bound, torch.ones_like(weight), bound).numpy()
+    del weight
+    delta = torch.from_numpy(raw)
+    if delta.dtype != torch.float32 or not raw.flags.writeable:
+        return bound_perturbation(delta * bound, torch.ones_like(bound[:1]), bound).numpy()
+    delta.mul_(bound)  # bound_perturbation(raw * b, 1, b): the mask of ones changes nothing
+    torch.minimum(delta, bound, out=delta)
+    torch.maximum(delta, bound.neg_(), out=delta)
+    return raw
 
 
 @torch.inference_mode()
