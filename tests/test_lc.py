@@ -206,6 +206,16 @@ def test_noDA_variant_optimises_through_no_augmentation(lc_env):
     assert not torch.equal(before, trainer.generator.pattern.detach())
 
 
+def test_checkerboard_init_starts_from_the_control(lc_env):
+    """``_cbInit``: b tanh(P) starts as +-0.95 b (-1)^(i+j+k), sign +, -, + for labels 1, 2, 3."""
+    trainer = make_trainer(name='nnUNetTrainerVoxShieldLC_tile4_noDA_cbInit_eps10')
+    tile = torch.tanh(periodic_upsample(trainer.generator.pattern.detach(), trainer.pattern_tile))
+    i, j, k = np.indices((4, 4, 4))
+    parity = torch.from_numpy(np.where((i + j + k) % 2 == 0, 0.95, -0.95)).float()
+    for index, sign in enumerate((1, -1, 1)):
+        assert torch.allclose(tile[index, 0], sign * parity, atol=1e-6)
+
+
 @pytest.mark.parametrize('multiplicative', [False, True])
 def test_training_and_export_compute_the_same_delta(lc_env, multiplicative):
     # random_phase off: the tile at the patch's origin, as export puts it at the array's origin

@@ -17,6 +17,7 @@ from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoD
     nnUNetTrainerNoDA as StockNoDA
 
 from nnunetv2_voxshield.budget import roi_mask
+from nnunetv2_voxshield.controls import class_sign
 from nnunetv2_voxshield.diff_augment import differentiable
 from nnunetv2_voxshield.distributed import unwrap
 from nnunetv2_voxshield.lc import (METHOD, LabelCodedPerturbator, intensity_window, lc_bound, one_hot_labels)
@@ -151,6 +152,22 @@ class nnUNetTrainerVoxShieldLC_tile4_noDA(nnUNetTrainerVoxShieldLC_tile4):
         return rotation, dummy_2d, self.configuration_manager.patch_size, None
 
 
+class nnUNetTrainerVoxShieldLC_tile4_noDA_cbInit(nnUNetTrainerVoxShieldLC_tile4_noDA):
+    """Diagnostic: P starts as the checkerboard control, s_k x atanh(0.95) x (-1)^(i+j+k) on the 4^3 tile (b tanh(P)
+    = +-0.95 b), a code that protects against this victim at 10/255. If training keeps it, finding the code is what
+    fails; if training moves away from it, the objective does not reward it."""
+    pattern_init_amplitude = float(np.arctanh(0.95))
+
+    def build_generator(self) -> torch.nn.Module:
+        generator = super().build_generator()
+        i = torch.arange(int(self.pattern_tile))
+        parity = 1.0 - 2.0 * ((i.view(-1, 1, 1) + i.view(1, -1, 1) + i.view(1, 1, -1)) % 2)
+        signs = torch.tensor([class_sign(k) for k in self.generator_kwargs['foreground_labels']])
+        with torch.no_grad():
+            generator.pattern.copy_(signs.view(-1, 1, 1, 1, 1) * self.pattern_init_amplitude * parity)
+        return generator
+
+
 def _module_level(cls: type) -> type:
     cls.__module__ = __name__  # epoch_variant / budget_variant name their own modules; these classes live here
     return cls
@@ -159,7 +176,8 @@ def _module_level(cls: type) -> type:
 EPOCHS = (1, 5, 10, 20)
 BASES = [nnUNetTrainerVoxShieldLC, nnUNetTrainerVoxShieldLC_patternOnly, nnUNetTrainerVoxShieldLC_tile4,
          nnUNetTrainerVoxShieldLC_tile4_noDA,
-         _module_level(budget_variant(nnUNetTrainerVoxShieldLC_tile4_noDA, 'eps10', 10 / 255))]
+         _module_level(budget_variant(nnUNetTrainerVoxShieldLC_tile4_noDA, 'eps10', 10 / 255)),
+         _module_level(budget_variant(nnUNetTrainerVoxShieldLC_tile4_noDA_cbInit, 'eps10', 10 / 255))]
 BASES += [_module_level(budget_variant(b, f'eps{n}', n / 255)) for b in (nnUNetTrainerVoxShieldLC,
                                                                         nnUNetTrainerVoxShieldLC_tile4)
           for n in (8, 16, 64)]
