@@ -34,7 +34,9 @@ EXPORT_METHODS = ('random', 'offset', 'checkerboard', 'stripes', 'smooth', 'lsp'
 TRAINED = {'VoxShield': 'nnUNetTrainerVoxShield', 'VoxShield-EOT': 'nnUNetTrainerVoxShieldEOT',
            'VoxShield-LC': 'nnUNetTrainerVoxShieldLC', 'VoxShield-LC-tile4': 'nnUNetTrainerVoxShieldLC_tile4',
            'VoxShield-LC-tile4-noDA': 'nnUNetTrainerVoxShieldLC_tile4_noDA',
-           'VoxShield-LC-tile4-noDA-cbInit': 'nnUNetTrainerVoxShieldLC_tile4_noDA_cbInit'}
+           'VoxShield-LC-tile4-noDA-cbInit': 'nnUNetTrainerVoxShieldLC_tile4_noDA_cbInit',
+           'VoxShield-LC-tile4-fastP': 'nnUNetTrainerVoxShieldLC_tile4_fastP',
+           'VoxShield-LC-tile4-noDA-fastP': 'nnUNetTrainerVoxShieldLC_tile4_noDA_fastP'}
 VICTIMS = {'stock': 'nnUNetTrainer_{e}epochs', 'noda': 'nnUNetTrainerNoDA_{e}epochs',
            'adam': 'nnUNetTrainerVanillaAdam5en4_{e}epochs', 'labelaware': 'nnUNetTrainerLabelAware_{e}epochs',
            **{f'no{f}': f'nnUNetTrainerDA_no{f}_{{e}}epochs'

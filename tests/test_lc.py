@@ -206,6 +206,24 @@ def test_noDA_variant_optimises_through_no_augmentation(lc_env):
     assert not torch.equal(before, trainer.generator.pattern.detach())
 
 
+def test_fast_pattern_rate_moves_the_code(lc_env):
+    """``_fastP``: P in its own Adam group at 1e-2, G at generator_lr; one generator step moves P by ~1e-2 (Adam's
+    first step is lr x sign(grad)), 100x what the plain trainer allows."""
+    trainer = make_trainer(name='nnUNetTrainerVoxShieldLC_tile4_noDA_fastP_eps10')
+    groups = trainer.generator_optimizer.param_groups
+    assert [g['lr'] for g in groups] == [1e-2, trainer.generator_lr] and groups[0]['params'][0] is \
+        trainer.generator.pattern
+    assert sum(p.numel() for g in groups for p in g['params']) == sum(p.numel() for p in trainer.generator.parameters())
+    batch = next(trainer.dataloader_train)
+    before = trainer.generator.pattern.detach().clone()
+    trainer.voxshield_iteration = trainer.surrogate_steps_per_cycle  # a generator step
+    trainer.train_step({'data': batch['data'][:1], 'target': batch['target'][:1], 'keys': batch['keys'][:1]})
+    moved = (trainer.generator.pattern.detach() - before).abs().max().item()
+    assert 5e-3 < moved < 2e-2
+    plain = make_trainer(name='nnUNetTrainerVoxShieldLC_tile4_noDA_eps10')
+    assert len(plain.generator_optimizer.param_groups) == 1
+
+
 def test_checkerboard_init_starts_from_the_control(lc_env):
     """``_cbInit``: b tanh(P) starts as +-0.95 b (-1)^(i+j+k), sign +, -, + for labels 1, 2, 3."""
     trainer = make_trainer(name='nnUNetTrainerVoxShieldLC_tile4_noDA_cbInit_eps10')

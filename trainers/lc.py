@@ -39,6 +39,7 @@ class nnUNetTrainerVoxShieldLC(nnUNetTrainerVoxShieldEOT):
     multiplicative = False            # True: b x clip((x - p_low) / (p_high - p_low), 0, 1) of the case (<= b)
     surrogate_reset_every = 250       # iterations (surrogate and generator steps); 0: never
     surrogate_seed = 0
+    pattern_lr = None                 # Adam rate of the class code P (None: generator_lr, as G)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -58,6 +59,15 @@ class nnUNetTrainerVoxShieldLC(nnUNetTrainerVoxShieldEOT):
                                  'pattern_init_std': float(self.pattern_init_std),
                                  'use_generator': bool(self.use_generator)}
         return LabelCodedPerturbator(**self.generator_kwargs)
+
+    def generator_param_groups(self) -> list:
+        """P at ``pattern_lr`` (if set), G at ``generator_lr``. At 1e-4, Adam moves each entry of P by at most ~1e-4
+        per step, so 625 generator steps leave P (std 1 at init) where it started."""
+        if self.pattern_lr is None:
+            return super().generator_param_groups()
+        pattern = [p for n, p in self.generator.named_parameters() if n == 'pattern']
+        rest = [p for n, p in self.generator.named_parameters() if n != 'pattern']
+        return [{'params': pattern, 'lr': float(self.pattern_lr)}, {'params': rest}]
 
     def on_train_start(self):
         super().on_train_start()
@@ -168,6 +178,16 @@ class nnUNetTrainerVoxShieldLC_tile4_noDA_cbInit(nnUNetTrainerVoxShieldLC_tile4_
         return generator
 
 
+class nnUNetTrainerVoxShieldLC_tile4_fastP(nnUNetTrainerVoxShieldLC_tile4):
+    """The period-4 code with its own Adam rate, 1e-2 (G stays at 1e-4), so that P can move by O(1) in a run."""
+    pattern_lr = 1e-2
+
+
+class nnUNetTrainerVoxShieldLC_tile4_noDA_fastP(nnUNetTrainerVoxShieldLC_tile4_noDA):
+    """``_tile4_noDA`` with P at Adam rate 1e-2: can the code be found from a random start in the paper's setting?"""
+    pattern_lr = 1e-2
+
+
 def _module_level(cls: type) -> type:
     cls.__module__ = __name__  # epoch_variant / budget_variant name their own modules; these classes live here
     return cls
@@ -177,7 +197,10 @@ EPOCHS = (1, 5, 10, 20)
 BASES = [nnUNetTrainerVoxShieldLC, nnUNetTrainerVoxShieldLC_patternOnly, nnUNetTrainerVoxShieldLC_tile4,
          nnUNetTrainerVoxShieldLC_tile4_noDA,
          _module_level(budget_variant(nnUNetTrainerVoxShieldLC_tile4_noDA, 'eps10', 10 / 255)),
-         _module_level(budget_variant(nnUNetTrainerVoxShieldLC_tile4_noDA_cbInit, 'eps10', 10 / 255))]
+         _module_level(budget_variant(nnUNetTrainerVoxShieldLC_tile4_noDA_cbInit, 'eps10', 10 / 255)),
+         nnUNetTrainerVoxShieldLC_tile4_fastP, nnUNetTrainerVoxShieldLC_tile4_noDA_fastP,
+         _module_level(budget_variant(nnUNetTrainerVoxShieldLC_tile4_noDA_fastP, 'eps10', 10 / 255)),
+         *[_module_level(budget_variant(nnUNetTrainerVoxShieldLC_tile4_fastP, f'eps{n}', n / 255)) for n in (10, 16)]]
 BASES += [_module_level(budget_variant(b, f'eps{n}', n / 255)) for b in (nnUNetTrainerVoxShieldLC,
                                                                         nnUNetTrainerVoxShieldLC_tile4)
           for n in (8, 16, 64)]

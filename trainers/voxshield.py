@@ -65,11 +65,15 @@ class nnUNetTrainerVoxShield(nnUNetTrainer):
             self.configuration_manager, self.num_input_channels, self.generator_max_stages,
             self.generator_feature_divisor)
         self.generator = self.build_generator().to(self.device)
-        self.generator_optimizer = torch.optim.Adam(self.generator.parameters(), lr=self.generator_lr)
+        self.generator_optimizer = torch.optim.Adam(self.generator_param_groups(), lr=self.generator_lr)
         if self.device.type == 'cuda':
             self.generator_grad_scaler = torch.amp.GradScaler('cuda')
         if self.is_ddp:
             self.generator = wrap_ddp(self.generator, self.device)
+
+    def generator_param_groups(self) -> list:
+        """Adam's parameter groups for G (one, at ``generator_lr``; subclasses may give parts their own rate)."""
+        return [{'params': list(self.generator.parameters())}]
 
     def build_generator(self) -> torch.nn.Module:
         """G; export rebuilds it from the checkpoint's method and generator_kwargs."""
