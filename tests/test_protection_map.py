@@ -21,7 +21,7 @@ def test_parse_cell_and_names():
     assert pmap.protector_trainer(pmap.parse_cell('VoxShield@4/255'), 5) == 'nnUNetTrainerVoxShield_5epochs'
     assert pmap.protector_trainer(pmap.parse_cell('VoxShield-EOT@16/255'), 5) == \
         'nnUNetTrainerVoxShieldEOT_eps16_5epochs'
-    for bad in ('stripes@16/255', 'offset@abc', 'offset@0', 'offset@2'):
+    for bad in ('waves@16/255', 'offset@abc', 'offset@0', 'offset@2'):
         with pytest.raises(SystemExit):
             pmap.parse_cell(bad)
     # a residual-encoder victim is its own profile: its rows never pool with the plain U-Net's
