@@ -226,7 +226,7 @@ def frontier_figure(rows: list, png: Path) -> None:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 5))
     groups = {}
     for r in rows:
         if r['psnr'] is not None:
@@ -240,7 +240,7 @@ def frontier_figure(rows: list, png: Path) -> None:
     ax.set_xlabel('PSNR of the protected training images (dB, whole volume)')
     ax.set_ylabel('victim Dice / clean victim Dice')
     ax.set_title('Protection map, Hippocampus (goal: lower right of the dotted lines)', fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=6.5, ncol=2, loc='center left', bbox_to_anchor=(1.01, 0.5))  # outside: the points stay visible
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
