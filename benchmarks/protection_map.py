@@ -4,12 +4,14 @@
     python benchmarks/protection_map.py -o benchmarks/out/map --table-only
 
 A cell is ``METHOD[:key=value]@EPS``: an export-time method (random, offset, checkerboard[:block=N],
-stripes[:block=N], smooth[:sigma=S], lsp) exported at EPS (any method ``:clean=F``: a fraction F of its training cases left clean), or a protector trained at EPS with nnU-Net's trainer API and exported at
-its own budget (VoxShield, VoxShield-EOT, VoxShield-LC: ``<trainer>[_eps<N>]_<E>epochs``; at 4/255 the plain
-trainer). ``--victim`` is an exploiter profile (stock: ``nnUNetTrainer_5epochs``; noda: ``nnUNetTrainerNoDA_5epochs``;
+stripes[:block=N], smooth[:sigma=S], lsp) exported at EPS, or a protector trained at EPS with nnU-Net's trainer
+API and exported at its own budget (VoxShield, VoxShield-EOT, VoxShield-LC: ``<trainer>[_eps<N>]_<E>epochs``; at 4/255 the plain
+trainer). Any method takes ``:clean=F``: its copy with a fixed share F of the training cases left clean.
+``--victim`` is an exploiter profile (stock: ``nnUNetTrainer_5epochs``; noda: ``nnUNetTrainerNoDA_5epochs``;
 adam, labelaware, noSpatial, noNoiseBlur, noIntensity, noLowRes, noMirror: the
 profiles of ``trainers/victim_profiles.py``; or any trainer class with ``--victim-trainer``). Every cell is one ``voxshield_evaluate`` folder
-``eval_<victim>_<cell>_seed<seeds>`` (``--victim-plans``: a residual-encoder victim, profile ``<victim>-ResEncM_cpu``); the clean victim of a profile and seed is trained once and reused by all its cells (so
+``eval_<victim>_<cell>_seed<seeds>`` (``--victim-plans``: a residual-encoder victim, profile
+``<victim>-ResEncM_cpu``); the clean victim of a profile and seed is trained once and reused by all its cells (so
 run the first cell of a profile alone before starting parallel lanes of that profile, and never the same cell in
 two lanes at once: both would export it into the same folder). Uses the split and CPU
 preset of benchmarks/hippocampus.py; results merge into -o/map.json (lanes may run side by side), the table
@@ -151,9 +153,7 @@ def mix_clean(cell: dict, roots: dict, env: dict, logs: Path, mapfile: MapFile, 
     """The protected copy of the cell without ``clean=F``, with round(F x cases) training cases (drawn with seed 0)
     replaced by their clean images: how much code-free data undoes a code (augmentation that erases a code in some
     samples acts like this)."""
-    options = {k: v for k, v in cell['options'].items() if k != 'clean'}
-    base = parse_cell(cell['cell'].split('@')[0].split(':')[0] + ''.join(f':{k}={v}' for k, v in options.items())
-                      + '@' + cell['eps'])
+    base = parse_cell(cell['cell'].replace(f':clean={cell["options"]["clean"]}', ''))
     fraction = float(cell['options']['clean'])
     if not 0 <= fraction <= 1:
         raise SystemExit(f'cell {cell["cell"]!r}: clean=F needs F in [0, 1]')

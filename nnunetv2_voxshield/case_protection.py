@@ -12,7 +12,7 @@ from nnunetv2_voxshield.budget import DEFAULT_BUDGET_MODE, dataset_std, raw_budg
 from nnunetv2_voxshield.dataset_io import (InputError, check_finite, copy_atomic, read_image, sha256_of,
                                            write_image_atomic)
 from nnunetv2_voxshield.geometry import normalisation_scales, preprocess_case, to_raw_geometry
-from nnunetv2_voxshield.metrics import _slab_rows, psnr, ssim
+from nnunetv2_voxshield.metrics import psnr, slabs, ssim
 
 
 def cast_within_budget(clean: np.ndarray, target: np.ndarray, budget: float) -> np.ndarray:
@@ -36,17 +36,9 @@ def _finite(value: float):
     return float(value) if np.isfinite(value) else None
 
 
-def _slabs(shape):
-    """Slices of axis 0 with about ``metrics.SLAB_VOXELS`` voxels each (one slice for small or 0-d arrays)."""
-    if len(shape) == 0:
-        return [Ellipsis]
-    rows = _slab_rows(shape)
-    return [slice(z0, z0 + rows) for z0 in range(0, shape[0], rows)] or [slice(None)]
-
-
 def channel_report(path: str, clean: np.ndarray, protected: np.ndarray, budget: float, roi: np.ndarray) -> dict:
     max_delta, changed = 0.0, 0
-    for s in _slabs(clean.shape):  # |protected - clean| in float64, slab by slab: bounded memory, same values
+    for s in slabs(clean.shape):  # |protected - clean| in float64, slab by slab: bounded memory, same values
         diff = np.abs(protected[s].astype(np.float64) - clean[s].astype(np.float64))
         if diff.size:
             max_delta = float(np.maximum(max_delta, diff.max()))  # NaN propagates as in diff.max()
@@ -140,7 +132,7 @@ def protect_case(case: str, files: dict, output_folder: str, ctx: dict) -> dict:
         for c, image in enumerate(clean):  # elementwise in float64, slab by slab (bounded memory, same values)
             low, high = float(image.min()), float(image.max())
             result = np.empty_like(image)
-            for s in _slabs(image.shape):
+            for s in slabs(image.shape):
                 allowed = budget[c] * weight[s]
                 target = image[s].astype(np.float64) + np.clip(delta[c][s].astype(np.float64), -allowed, allowed)
                 result[s] = cast_within_budget(image[s], np.clip(target, low, high), budget[c])

@@ -20,14 +20,21 @@ def _slab_rows(shape, at_least: int = 1) -> int:
     return max(at_least, SLAB_VOXELS // max(int(np.prod(shape[1:])), 1))
 
 
+def slabs(shape) -> list:
+    """Index slices of axis 0 of about SLAB_VOXELS voxels each (``[...]`` for a 0-d array)."""
+    if len(shape) == 0:
+        return [Ellipsis]
+    rows = _slab_rows(shape)
+    return [slice(z0, z0 + rows) for z0 in range(0, shape[0], rows)] or [slice(None)]
+
+
 def _squared_error_sum(clean: np.ndarray, protected: np.ndarray, mask: Optional[np.ndarray]) -> Tuple[float, int]:
     """Sum of squared differences (float64) and voxel count, over ``mask`` if given, slab by slab."""
     total, count = 0.0, 0
-    rows = _slab_rows(clean.shape)
-    for z0 in range(0, clean.shape[0], rows):
-        diff = protected[z0:z0 + rows].astype(np.float64) - clean[z0:z0 + rows]
+    for s in slabs(clean.shape):
+        diff = protected[s].astype(np.float64) - clean[s]
         if mask is not None:
-            diff = diff[mask[z0:z0 + rows]]
+            diff = diff[mask[s]]
         total += float(np.sum(diff ** 2))
         count += diff.size
     return total, count

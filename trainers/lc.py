@@ -17,7 +17,7 @@ from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoD
     nnUNetTrainerNoDA as StockNoDA
 
 from nnunetv2_voxshield.budget import roi_mask
-from nnunetv2_voxshield.controls import class_sign
+from nnunetv2_voxshield.controls import checkerboard, class_sign
 from nnunetv2_voxshield.diff_augment import differentiable
 from nnunetv2_voxshield.distributed import unwrap
 from nnunetv2_voxshield.lc import (METHOD, LabelCodedPerturbator, intensity_window, lc_bound, one_hot_labels)
@@ -144,22 +144,17 @@ class nnUNetTrainerVoxShieldLC_tile4(nnUNetTrainerVoxShieldLC):
     pattern_tile = 4
 
 
-class nnUNetTrainerVoxShieldLC_tile4_noDA(nnUNetTrainerVoxShieldLC_tile4):
+class nnUNetTrainerVoxShieldLC_tile4_noDA(nnUNetTrainerVoxShieldLC_tile4, StockNoDA):
     """The period-4 code optimised against a surrogate without augmentation: T is stock ``nnUNetTrainerNoDA``'s
     pipeline (the paper's victim setting, where a fixed checkerboard protects at 10/255), so nothing in T erases a
-    texture. Asks whether the objective finds a protecting code at all when the victim does not augment."""
+    texture; patch size and mirroring come from stock NoDA itself (next in the MRO). Asks whether the objective finds
+    a protecting code at all when the victim does not augment."""
 
     def get_training_transforms(self, patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
                                 do_dummy_2d_data_aug, **kwargs):
         self.eot_transform = differentiable(StockNoDA.get_training_transforms(
             patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes, do_dummy_2d_data_aug, **kwargs))
         return None
-
-    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
-        """As stock NoDA: the loader crops the final patch, no mirroring in training or inference."""
-        rotation, dummy_2d, _, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        self.inference_allowed_mirroring_axes = None
-        return rotation, dummy_2d, self.configuration_manager.patch_size, None
 
 
 class nnUNetTrainerVoxShieldLC_tile4_noDA_cbInit(nnUNetTrainerVoxShieldLC_tile4_noDA):
@@ -170,8 +165,7 @@ class nnUNetTrainerVoxShieldLC_tile4_noDA_cbInit(nnUNetTrainerVoxShieldLC_tile4_
 
     def build_generator(self) -> torch.nn.Module:
         generator = super().build_generator()
-        i = torch.arange(int(self.pattern_tile))
-        parity = 1.0 - 2.0 * ((i.view(-1, 1, 1) + i.view(1, -1, 1) + i.view(1, 1, -1)) % 2)
+        parity = torch.from_numpy(checkerboard((int(self.pattern_tile),) * 3)).float()
         signs = torch.tensor([class_sign(k) for k in self.generator_kwargs['foreground_labels']])
         with torch.no_grad():
             generator.pattern.copy_(signs.view(-1, 1, 1, 1, 1) * self.pattern_init_amplitude * parity)
