@@ -31,3 +31,25 @@ def generator_objective(seg_loss: torch.Tensor, isc_loss: torch.Tensor, spd_loss
                         lambda_isc: float, lambda_spd: float) -> torch.Tensor:
     """Eq. 6: L_G = L_seg + lambda_SPD * L_SPD + lambda_ISC * L_ISC (minimised by the generator)."""
     return seg_loss + lambda_spd * spd_loss + lambda_isc * isc_loss
+
+
+def gradient_alignment(loss_perturbed: torch.Tensor, loss_clean: torch.Tensor, params, create_graph: bool = True
+                       ) -> torch.Tensor:
+    """cos(g_delta, g_clean), g = grad_theta L_seg over all of ``params`` (one flattened vector).
+
+    One SGD step of lr on x + delta changes the clean loss by -lr <g_delta, g_clean> to first order, so a
+    perturbation that drives this cosine to 0 (or below) is one a network trains on without learning the clean task
+    (the poisoning view of an unlearnable dataset; the error-minimising L_seg alone cannot tell such a code from a
+    useless one). Parameters without a gradient in either loss are left out. ``loss_perturbed``'s graph is kept (``create_graph``) so the cosine is differentiable in delta;
+    g_clean carries no gradient. Not part of the paper's Eq. 6.
+    """
+    params = list(params)
+    g_delta = torch.autograd.grad(loss_perturbed, params, create_graph=create_graph, retain_graph=True,
+                                  allow_unused=True)
+    g_clean = torch.autograd.grad(loss_clean, params, allow_unused=True)
+    pairs = [(a, b) for a, b in zip(g_delta, g_clean) if a is not None and b is not None]  # unused heads: no gradient
+    g_delta, g_clean = [a for a, _ in pairs], [b for _, b in pairs]
+    dot = sum((a * b.detach()).sum() for a, b in zip(g_delta, g_clean))
+    norm_delta = torch.sqrt(sum((a * a).sum() for a in g_delta))
+    norm_clean = torch.sqrt(sum((b.detach() * b.detach()).sum() for b in g_clean))
+    return dot / (norm_delta * norm_clean).clamp_min(1e-12)

@@ -352,3 +352,37 @@ def test_three_class_phantom_exports_and_verifies(lc_env):
     trainer.save_checkpoint(str(Path(trainer.output_folder) / 'checkpoint_final.pth'))
     report, labels = _check_export(lc_env, THREE, 993, 'nnUNetTrainerVoxShieldLC_eps16', '16/255')
     assert labels == {1, 2, 3} and report['summary']['max_budget_use'] > 0.9
+
+
+def test_align_step_trains_the_code_on_the_gradient_cosine_and_leaves_the_surrogate(lc_env):
+    """``_align``: a generator step moves P, reports cos(g_delta, g_clean) in [-1, 1], and leaves the surrogate's
+    weights and gradients untouched; surrogate steps log the cosine every ``align_log_every`` iterations."""
+    trainer = make_trainer(name='nnUNetTrainerVoxShieldLC_align_noDA_eps10', align_log_every=4)
+    batch = next(trainer.dataloader_train)
+    one = {'data': batch['data'][:1], 'target': batch['target'][:1], 'keys': batch['keys'][:1]}
+    weights = {k: v.clone() for k, v in trainer.network.state_dict().items()}
+    before = trainer.generator.pattern.detach().clone()
+    trainer.voxshield_iteration = trainer.surrogate_steps_per_cycle  # a generator step
+    out = trainer.train_step(one)
+    assert -1 <= out['align'] <= 1 and np.isfinite(out['l_seg'])
+    assert not torch.equal(before, trainer.generator.pattern.detach())
+    assert all(torch.equal(v, trainer.network.state_dict()[k]) for k, v in weights.items())
+    assert all(p.grad is None for p in trainer.network.parameters())
+    logged = [trainer.train_step(one) for _ in range(4)]  # steps 3..6: surrogate, generator, surrogate, generator
+    assert not all(torch.equal(v, trainer.network.state_dict()[k]) for k, v in weights.items())
+    assert 'align' not in logged[0] and 'align' in logged[2]  # surrogate steps log at 1, 5, 9, ...
+    assert all(-1 <= o['align'] <= 1 for o in logged[1:])
+
+
+def test_probe_trains_only_the_surrogate_on_a_fixed_code(lc_env):
+    """``_probe_noDA``: no generator steps (P never moves), no re-initialisation; ``_cb``: the checkerboard code."""
+    trainer = make_trainer(name='nnUNetTrainerVoxShieldLC_probe_noDA_cb_eps10', align_log_every=1)
+    assert trainer.surrogate_reset_every == 0 and not trainer.use_generator
+    batch = next(trainer.dataloader_train)
+    one = {'data': batch['data'][:1], 'target': batch['target'][:1], 'keys': batch['keys'][:1]}
+    before = trainer.generator.pattern.detach().clone()
+    outs = [trainer.train_step(one) for _ in range(3)]
+    assert torch.equal(before, trainer.generator.pattern.detach())
+    assert all('align' in o and np.isnan(o['l_spd']) for o in outs)
+    tile = torch.tanh(periodic_upsample(before, trainer.pattern_tile))
+    assert tile.abs().min().item() == pytest.approx(0.95, abs=1e-6)

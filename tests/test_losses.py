@@ -4,7 +4,8 @@ import torch
 
 from nnunetv2_voxshield.budget import bound_perturbation, roi_mask
 from nnunetv2_voxshield.generator import NoiseGenerator
-from nnunetv2_voxshield.losses import generator_objective, inter_slice_spectral_loss, spectral_divergence_loss
+from nnunetv2_voxshield.losses import (generator_objective, gradient_alignment, inter_slice_spectral_loss,
+                                      spectral_divergence_loss)
 
 
 def numpy_isc(delta: np.ndarray, slice_axis: int) -> float:
@@ -78,3 +79,34 @@ def test_isc_gradient_is_finite_for_an_all_zero_perturbation():
     delta = torch.zeros(1, 1, 4, 8, 8, requires_grad=True)
     inter_slice_spectral_loss(delta).backward()
     assert torch.isfinite(delta.grad).all()
+
+
+def test_gradient_alignment_is_the_cosine_of_the_two_parameter_gradients_and_differentiable_in_the_input():
+    """Linear losses w.a and w.b (+ v.c on a second tensor) have gradients (a, c) and (b, 0): the cosine is exact;
+    a parameter neither loss uses is left out; the cosine's gradient in the perturbed input matches finite
+    differences."""
+    w, v, unused = (torch.randn(5, requires_grad=True) for _ in range(3))
+    a, b, c = torch.randn(5), torch.randn(5), torch.randn(5)
+    cos = gradient_alignment((w * a).sum() + (v * c).sum(), (w * b).sum() + 0 * v.sum(), [w, v, unused])
+    expected = torch.dot(a, b) / (torch.cat([a, c]).norm() * b.norm())
+    assert cos.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert gradient_alignment((w * a).sum(), (w * a).sum(), [w]).item() == pytest.approx(1.0, abs=1e-6)
+    assert gradient_alignment((w * a).sum(), -(w * a).sum(), [w]).item() == pytest.approx(-1.0, abs=1e-6)
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 3, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv3d(3, 2, 1))
+    net.double()
+    x = torch.randn(1, 1, 6, 6, 6, dtype=torch.float64)
+    y = (x[:, 0] > 0).long()
+    ce = torch.nn.CrossEntropyLoss()
+
+    def f(delta, create_graph=True):
+        return gradient_alignment(ce(net(x + delta), y), ce(net(x), y), list(net.parameters()), create_graph)
+    delta = (0.3 * torch.randn_like(x)).requires_grad_(True)
+    value = f(delta)
+    assert -1 <= value.item() < 1 - 1e-4
+    grad, = torch.autograd.grad(value, delta)
+    direction = torch.randn_like(x)
+    h = 1e-5
+    numeric = (f(delta + h * direction, False) - f(delta - h * direction, False)).item() / (2 * h)
+    assert (grad * direction).sum().item() == pytest.approx(numeric, rel=1e-4, abs=1e-8)

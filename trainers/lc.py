@@ -18,8 +18,9 @@ from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoD
 
 from nnunetv2_voxshield.budget import roi_mask
 from nnunetv2_voxshield.controls import checkerboard, class_sign
-from nnunetv2_voxshield.diff_augment import differentiable
+from nnunetv2_voxshield.diff_augment import differentiable, replay_rng
 from nnunetv2_voxshield.distributed import unwrap
+from nnunetv2_voxshield.losses import gradient_alignment, inter_slice_spectral_loss
 from nnunetv2_voxshield.lc import (METHOD, LabelCodedPerturbator, intensity_window, lc_bound, one_hot_labels)
 from nnunetv2_voxshield.support import background_eps, bounded_delta
 from nnunetv2_voxshield.trainers.eot import nnUNetTrainerVoxShieldEOT
@@ -182,6 +183,85 @@ class nnUNetTrainerVoxShieldLC_tile4_noDA_fastP(nnUNetTrainerVoxShieldLC_tile4_n
     pattern_lr = 1e-2
 
 
+class nnUNetTrainerVoxShieldLC_align(nnUNetTrainerVoxShieldLC_tile4_fastP):
+    """The code optimised for what training on it does to the clean task: the generator minimises
+    L_seg(F_s(T(x + delta))) + lambda_align cos(g_delta, g_clean) (``losses.gradient_alignment``; the same draw of T
+    on x + delta and on x), so a step on the protected data moves the surrogate along a direction that does not lower
+    the clean loss. The error-minimising term alone scored a protecting and a useless code the same (issue 13).
+    Also logs the cosine of surrogate steps every ``align_log_every`` iterations ('voxshield_align', per epoch).
+    Costs a double backward per generator step (~3x a step). L_SPD is not used (lambda_spd = 0)."""
+    lambda_align = 1.0
+    lambda_spd = 0.0
+    align_log_every = 10              # surrogate steps: 0 = never
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.logger.local_logger.my_fantastic_logging.setdefault('voxshield_align', [])
+
+    def _views(self, data, delta, target):
+        """T(x + delta), T(y) and T(x), T(y) under one draw of T."""
+        with replay_rng() as rewind:
+            x_t, y_t = self.victim_view(data + delta, target)
+            rewind()
+            clean_t, clean_y = self.victim_view(data, target)
+        return x_t, y_t, clean_t, clean_y
+
+    def _alignment(self, x_t, y_t, clean_t, clean_y, create_graph: bool):
+        params = [p for p in self.network.parameters()]
+        l_seg = self.loss(self.network(x_t), y_t)
+        return l_seg, gradient_alignment(l_seg, self.loss(self.network(clean_t), clean_y), params, create_graph)
+
+    def generator_step(self, data, target, keys) -> dict:
+        """min_G L_seg + lambda_align cos + lambda_ISC L_ISC, F_s's weights untouched (its gradients discarded)."""
+        self.generator_optimizer.zero_grad(set_to_none=True)
+        delta, bound = self.perturbation(data, target, keys)
+        x_t, y_t, clean_t, clean_y = self._views(data, delta, target)
+        l_seg, cos = self._alignment(x_t, y_t, clean_t, clean_y, create_graph=self.lambda_align > 0)
+        l_isc = inter_slice_spectral_loss(delta.float(), self.slice_axis)
+        l_g = l_seg + self.lambda_align * cos + self.lambda_isc * l_isc
+        self.update_generator(l_g)
+        self.network.zero_grad(set_to_none=True)
+        return {'loss': l_seg.detach().cpu().numpy(), 'l_seg': l_seg.item(), 'l_isc': l_isc.item(),
+                'l_spd': np.nan, 'align': cos.item(), 'delta_over_budget': self._delta_over_budget(delta, bound)}
+
+    def surrogate_step(self, data, target, keys) -> dict:
+        out = super().surrogate_step(data, target, keys)
+        every = int(self.align_log_every)
+        if every > 0 and (self.voxshield_iteration - 1) % every == 0:
+            with torch.no_grad():
+                delta, _ = self.perturbation(data, target, keys)
+            _, cos = self._alignment(*self._views(data, delta, target), create_graph=False)
+            self.network.zero_grad(set_to_none=True)
+            out['align'] = cos.item()
+        return out
+
+    def on_train_epoch_end(self, train_outputs):
+        values = [o['align'] for o in train_outputs if 'align' in o]
+        super().on_train_epoch_end(train_outputs)
+        mean = float(np.mean(values)) if values else float('nan')
+        self.logger.log('voxshield_align', mean, self.current_epoch)
+        self.print_to_log_file(f'VoxShieldLC_align: mean cos(g_delta, g_clean) {mean:.4f} ({len(values)} steps)')
+
+
+class nnUNetTrainerVoxShieldLC_align_noDA(nnUNetTrainerVoxShieldLC_align, nnUNetTrainerVoxShieldLC_tile4_noDA):
+    """``_align`` in the paper's victim setting (T = stock NoDA's pipeline)."""
+
+
+class nnUNetTrainerVoxShieldLC_probe_noDA(nnUNetTrainerVoxShieldLC_align_noDA):
+    """Diagnostic, no generator training: a fixed random 4^3 class code (no G), every step a surrogate step without
+    re-initialisation, the cosine logged every 10 steps. With ``_cb`` the code is the protecting checkerboard.
+    Asks whether cos(g_delta, g_clean) separates a code that protects from one that does not, and when."""
+    use_generator = False
+    generator_steps_per_cycle = 0
+    surrogate_reset_every = 0
+
+
+class nnUNetTrainerVoxShieldLC_probe_noDA_cb(nnUNetTrainerVoxShieldLC_probe_noDA,
+                                             nnUNetTrainerVoxShieldLC_tile4_noDA_cbInit):
+    """``_probe_noDA`` with the checkerboard code of ``_cbInit`` (protects this victim at 10/255 for 2 of 3 seeds)."""
+
+
 def _module_level(cls: type) -> type:
     cls.__module__ = __name__  # epoch_variant / budget_variant name their own modules; these classes live here
     return cls
@@ -194,7 +274,11 @@ BASES = [nnUNetTrainerVoxShieldLC, nnUNetTrainerVoxShieldLC_patternOnly, nnUNetT
          _module_level(budget_variant(nnUNetTrainerVoxShieldLC_tile4_noDA_cbInit, 'eps10', 10 / 255)),
          nnUNetTrainerVoxShieldLC_tile4_fastP, nnUNetTrainerVoxShieldLC_tile4_noDA_fastP,
          _module_level(budget_variant(nnUNetTrainerVoxShieldLC_tile4_noDA_fastP, 'eps10', 10 / 255)),
-         *[_module_level(budget_variant(nnUNetTrainerVoxShieldLC_tile4_fastP, f'eps{n}', n / 255)) for n in (10, 16)]]
+         *[_module_level(budget_variant(nnUNetTrainerVoxShieldLC_tile4_fastP, f'eps{n}', n / 255)) for n in (10, 16)],
+         *[_module_level(budget_variant(b, 'eps10', 10 / 255)) for b in (
+             nnUNetTrainerVoxShieldLC_align_noDA, nnUNetTrainerVoxShieldLC_probe_noDA,
+             nnUNetTrainerVoxShieldLC_probe_noDA_cb)],
+         *[_module_level(budget_variant(nnUNetTrainerVoxShieldLC_align, f'eps{n}', n / 255)) for n in (16, 64)]]
 BASES += [_module_level(budget_variant(b, f'eps{n}', n / 255)) for b in (nnUNetTrainerVoxShieldLC,
                                                                         nnUNetTrainerVoxShieldLC_tile4)
           for n in (8, 16, 64)]
