@@ -158,10 +158,9 @@ class nnUNetTrainerVoxShieldLC_tile4_noDA(nnUNetTrainerVoxShieldLC_tile4, StockN
         return None
 
 
-class nnUNetTrainerVoxShieldLC_tile4_noDA_cbInit(nnUNetTrainerVoxShieldLC_tile4_noDA):
-    """Diagnostic: P starts as the checkerboard control, s_k x atanh(0.95) x (-1)^(i+j+k) on the 4^3 tile (b tanh(P)
-    = +-0.95 b), a code that protects against this victim at 10/255. If training keeps it, finding the code is what
-    fails; if training moves away from it, the objective does not reward it."""
+class CheckerboardStart:
+    """Mixin: P starts as the checkerboard control, s_k x atanh(0.95) x (-1)^(i+j+k) on the 4^3 tile (b tanh(P) =
+    +-0.95 b), sign s_k per class as ``--method checkerboard``."""
     pattern_init_amplitude = float(np.arctanh(0.95))
 
     def build_generator(self) -> torch.nn.Module:
@@ -171,6 +170,12 @@ class nnUNetTrainerVoxShieldLC_tile4_noDA_cbInit(nnUNetTrainerVoxShieldLC_tile4_
         with torch.no_grad():
             generator.pattern.copy_(signs.view(-1, 1, 1, 1, 1) * self.pattern_init_amplitude * parity)
         return generator
+
+
+class nnUNetTrainerVoxShieldLC_tile4_noDA_cbInit(CheckerboardStart, nnUNetTrainerVoxShieldLC_tile4_noDA):
+    """Diagnostic: ``_tile4_noDA`` with P started as the checkerboard control (``CheckerboardStart``), a code that
+    protects against this victim at 10/255. If training keeps it, finding the code is what fails; if training moves
+    away from it, the objective does not reward it."""
 
 
 class nnUNetTrainerVoxShieldLC_tile4_fastP(nnUNetTrainerVoxShieldLC_tile4):
@@ -257,9 +262,19 @@ class nnUNetTrainerVoxShieldLC_probe_noDA(nnUNetTrainerVoxShieldLC_align_noDA):
     surrogate_reset_every = 0
 
 
-class nnUNetTrainerVoxShieldLC_probe_noDA_cb(nnUNetTrainerVoxShieldLC_probe_noDA,
-                                             nnUNetTrainerVoxShieldLC_tile4_noDA_cbInit):
+class nnUNetTrainerVoxShieldLC_probe_noDA_cb(CheckerboardStart, nnUNetTrainerVoxShieldLC_probe_noDA):
     """``_probe_noDA`` with the checkerboard code of ``_cbInit`` (protects this victim at 10/255 for 2 of 3 seeds)."""
+
+
+class nnUNetTrainerVoxShieldLC_probe(nnUNetTrainerVoxShieldLC_align):
+    """``_probe_noDA`` through stock augmentation (T = stock nnU-Net's pipeline): the fixed random code."""
+    use_generator = False
+    generator_steps_per_cycle = 0
+    surrogate_reset_every = 0
+
+
+class nnUNetTrainerVoxShieldLC_probe_cb(CheckerboardStart, nnUNetTrainerVoxShieldLC_probe):
+    """``_probe`` with the checkerboard code (0.83 of clean against the stock victim at 16/255, exported)."""
 
 
 def _module_level(cls: type) -> type:
@@ -278,6 +293,8 @@ BASES = [nnUNetTrainerVoxShieldLC, nnUNetTrainerVoxShieldLC_patternOnly, nnUNetT
          *[_module_level(budget_variant(b, 'eps10', 10 / 255)) for b in (
              nnUNetTrainerVoxShieldLC_align_noDA, nnUNetTrainerVoxShieldLC_probe_noDA,
              nnUNetTrainerVoxShieldLC_probe_noDA_cb)],
+         *[_module_level(budget_variant(b, 'eps16', 16 / 255)) for b in (
+             nnUNetTrainerVoxShieldLC_probe, nnUNetTrainerVoxShieldLC_probe_cb)],
          *[_module_level(budget_variant(nnUNetTrainerVoxShieldLC_align, f'eps{n}', n / 255)) for n in (16, 64)]]
 BASES += [_module_level(budget_variant(b, f'eps{n}', n / 255)) for b in (nnUNetTrainerVoxShieldLC,
                                                                         nnUNetTrainerVoxShieldLC_tile4)
