@@ -12,6 +12,7 @@ cases: a fresh network's clean Dice while it learns from the code. Any trainer t
 """
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -52,11 +53,11 @@ def main():
     if not (roots['nnUNet_preprocessed'] / 'Dataset004_Hippocampus' / f'{hb.PLANS}.json').is_file():
         raise SystemExit(f'{out}: no preprocessed Dataset004_Hippocampus; run benchmarks/protection_map.py -o {out} '
                          f'first')
-    env = {**__import__('os').environ, **{k: str(v) for k, v in roots.items()}, 'nnUNet_def_n_proc': '1',
+    env = {**os.environ, **{k: str(v) for k, v in roots.items()}, 'nnUNet_def_n_proc': '1',
            'nnUNet_compile': 'false', 'OMP_WAIT_POLICY': 'PASSIVE', 'nnUNet_n_proc_DA': '0'}
     (out / 'logs').mkdir(exist_ok=True)
     results_file = out / 'probe.json'
-    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    new = {}
     for trainer in args.trainers:
         # seed 0 trains in the protection map's results folder (a protector's place); other seeds in their own
         results_root = roots['nnUNet_results'] if args.seed == 0 else out / f'probe_seed{args.seed}' / 'nnUNet_results'
@@ -66,8 +67,9 @@ def main():
             hb.run([sys.executable, '-m', 'nnunetv2_voxshield.victims', 'run', '4', '3d_fullres', '--seed',
                     str(args.seed), '-tr', trainer, '-p', hb.PLANS, '-device', 'cpu'],
                    {**env, 'nnUNet_results': str(results_root)}, out / 'logs' / f'probe_{trainer}_seed{args.seed}.log')
-        results[f'{trainer} seed {args.seed}'] = {**read_logging(fold / 'checkpoint_final.pth'), 'seed': args.seed}
-    tmp = results_file.with_suffix('.json.tmp')
+        new[f'{trainer} seed {args.seed}'] = {**read_logging(fold / 'checkpoint_final.pth'), 'seed': args.seed}
+    results = {**(json.loads(results_file.read_text()) if results_file.is_file() else {}), **new}  # other runs' rows
+    tmp = results_file.with_suffix(f'.json.{os.getpid()}.tmp')
     tmp.write_text(json.dumps(results, indent=1))
     tmp.replace(results_file)
     print(table(results))

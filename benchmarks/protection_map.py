@@ -40,7 +40,8 @@ TRAINED = {'VoxShield': 'nnUNetTrainerVoxShield', 'VoxShield-EOT': 'nnUNetTraine
            'VoxShield-LC-tile4-fastP': 'nnUNetTrainerVoxShieldLC_tile4_fastP',
            'VoxShield-LC-tile4-noDA-fastP': 'nnUNetTrainerVoxShieldLC_tile4_noDA_fastP',
            'VoxShield-LC-align': 'nnUNetTrainerVoxShieldLC_align',
-           'VoxShield-LC-align-noDA': 'nnUNetTrainerVoxShieldLC_align_noDA'}
+           'VoxShield-LC-align-noDA': 'nnUNetTrainerVoxShieldLC_align_noDA',
+           'VoxShield-LC-align-noDA-smallInit': 'nnUNetTrainerVoxShieldLC_align_noDA_smallInit'}
 VICTIMS = {'stock': 'nnUNetTrainer_{e}epochs', 'noda': 'nnUNetTrainerNoDA_{e}epochs',
            'adam': 'nnUNetTrainerVanillaAdam5en4_{e}epochs', 'labelaware': 'nnUNetTrainerLabelAware_{e}epochs',
            **{f'no{f}': f'nnUNetTrainerDA_no{f}_{{e}}epochs'

@@ -253,6 +253,14 @@ class nnUNetTrainerVoxShieldLC_align_noDA(nnUNetTrainerVoxShieldLC_align, nnUNet
     """``_align`` in the paper's victim setting (T = stock NoDA's pipeline)."""
 
 
+class nnUNetTrainerVoxShieldLC_align_noDA_smallInit(nnUNetTrainerVoxShieldLC_align_noDA):
+    """``_align_noDA`` with P started near 0 (std 0.01) and the cosine weighted 5x: at P ~ N(0, 1), tanh saturates P
+    at its initial signs within an epoch (``_fastP`` and ``_align_noDA`` ended at the same code), so the signs are
+    never chosen by the objective; here they are."""
+    pattern_init_std = 0.01
+    lambda_align = 5.0
+
+
 class nnUNetTrainerVoxShieldLC_probe_noDA(nnUNetTrainerVoxShieldLC_align_noDA):
     """Diagnostic, no generator training: a fixed random 4^3 class code (no G), every step a surrogate step without
     re-initialisation, the cosine logged every 10 steps. With ``_cb`` the code is the protecting checkerboard.
@@ -291,7 +299,8 @@ BASES = [nnUNetTrainerVoxShieldLC, nnUNetTrainerVoxShieldLC_patternOnly, nnUNetT
          _module_level(budget_variant(nnUNetTrainerVoxShieldLC_tile4_noDA_fastP, 'eps10', 10 / 255)),
          *[_module_level(budget_variant(nnUNetTrainerVoxShieldLC_tile4_fastP, f'eps{n}', n / 255)) for n in (10, 16)],
          *[_module_level(budget_variant(b, 'eps10', 10 / 255)) for b in (
-             nnUNetTrainerVoxShieldLC_align_noDA, nnUNetTrainerVoxShieldLC_probe_noDA,
+             nnUNetTrainerVoxShieldLC_align_noDA, nnUNetTrainerVoxShieldLC_align_noDA_smallInit,
+             nnUNetTrainerVoxShieldLC_probe_noDA,
              nnUNetTrainerVoxShieldLC_probe_noDA_cb)],
          *[_module_level(budget_variant(b, 'eps16', 16 / 255)) for b in (
              nnUNetTrainerVoxShieldLC_probe, nnUNetTrainerVoxShieldLC_probe_cb)],
