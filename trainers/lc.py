@@ -8,6 +8,8 @@ optimised error-minimising through the victim's own augmentation (EOT, inherited
 re-initialised every ``surrogate_reset_every`` iterations (fresh weights from (surrogate_seed, reset index), fresh
 SGD state), so the code is what a fresh network learns first. L_ISC and L_SPD keep the VoxShield weights
 (lambda_isc = 0.2, lambda_spd = 0.05, Eq. 6). 3D label-based configurations only (no regions).
+The ``_align`` variants add cos(g_delta, g_clean) to the objective; the ``_probe`` diagnostics train only the
+surrogate on a fixed code and log that cosine (``benchmarks/probe.py``).
 """
 import numpy as np
 import torch
@@ -261,24 +263,26 @@ class nnUNetTrainerVoxShieldLC_align_noDA_smallInit(nnUNetTrainerVoxShieldLC_ali
     lambda_align = 5.0
 
 
-class nnUNetTrainerVoxShieldLC_probe_noDA(nnUNetTrainerVoxShieldLC_align_noDA):
-    """Diagnostic, no generator training: a fixed random 4^3 class code (no G), every step a surrogate step without
-    re-initialisation, the cosine logged every 10 steps. With ``_cb`` the code is the protecting checkerboard.
-    Asks whether cos(g_delta, g_clean) separates a code that protects from one that does not, and when."""
+class SurrogateOnly:
+    """Mixin for the probes: no G and no generator steps (the code P stays at its start), every step a surrogate
+    step, never re-initialised."""
     use_generator = False
     generator_steps_per_cycle = 0
     surrogate_reset_every = 0
+
+
+class nnUNetTrainerVoxShieldLC_probe_noDA(SurrogateOnly, nnUNetTrainerVoxShieldLC_align_noDA):
+    """Diagnostic: a surrogate without augmentation trains on x + a fixed random 4^3 class code, logging the cosine
+    every 10 steps; with ``_cb`` the code is the protecting checkerboard. Asks whether cos(g_delta, g_clean)
+    separates a code that protects from one that does not, and when."""
 
 
 class nnUNetTrainerVoxShieldLC_probe_noDA_cb(CheckerboardStart, nnUNetTrainerVoxShieldLC_probe_noDA):
     """``_probe_noDA`` with the checkerboard code of ``_cbInit`` (protects this victim at 10/255 for 2 of 3 seeds)."""
 
 
-class nnUNetTrainerVoxShieldLC_probe(nnUNetTrainerVoxShieldLC_align):
+class nnUNetTrainerVoxShieldLC_probe(SurrogateOnly, nnUNetTrainerVoxShieldLC_align):
     """``_probe_noDA`` through stock augmentation (T = stock nnU-Net's pipeline): the fixed random code."""
-    use_generator = False
-    generator_steps_per_cycle = 0
-    surrogate_reset_every = 0
 
 
 class nnUNetTrainerVoxShieldLC_probe_cb(CheckerboardStart, nnUNetTrainerVoxShieldLC_probe):
