@@ -11,8 +11,6 @@ cases: a fresh network's clean Dice while it learns from the code. Any trainer t
 ``_align`` protectors) is read the same way. Prints a table, writes -o/probe.json.
 """
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import hippocampus as hb  # noqa: E402
+from protection_map import MapFile, map_env  # noqa: E402
 
 
 def read_logging(checkpoint: Path) -> dict:
@@ -53,10 +52,8 @@ def main():
     if not (roots['nnUNet_preprocessed'] / 'Dataset004_Hippocampus' / f'{hb.PLANS}.json').is_file():
         raise SystemExit(f'{out}: no preprocessed Dataset004_Hippocampus; run benchmarks/protection_map.py -o {out} '
                          f'first')
-    env = {**os.environ, **{k: str(v) for k, v in roots.items()}, 'nnUNet_def_n_proc': '1',
-           'nnUNet_compile': 'false', 'OMP_WAIT_POLICY': 'PASSIVE', 'nnUNet_n_proc_DA': '0'}
+    env = {**map_env(roots), 'nnUNet_n_proc_DA': '0'}
     (out / 'logs').mkdir(exist_ok=True)
-    results_file = out / 'probe.json'
     new = {}
     for trainer in args.trainers:
         # seed 0 trains in the protection map's results folder (a protector's place); other seeds in their own
@@ -68,10 +65,7 @@ def main():
                     str(args.seed), '-tr', trainer, '-p', hb.PLANS, '-device', 'cpu'],
                    {**env, 'nnUNet_results': str(results_root)}, out / 'logs' / f'probe_{trainer}_seed{args.seed}.log')
         new[f'{trainer} seed {args.seed}'] = {**read_logging(fold / 'checkpoint_final.pth'), 'seed': args.seed}
-    results = {**(json.loads(results_file.read_text()) if results_file.is_file() else {}), **new}  # other runs' rows
-    tmp = results_file.with_suffix(f'.json.{os.getpid()}.tmp')
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(results_file)
+    results = MapFile(out / 'probe.json').update(lambda data: data.update(new))  # keeps parallel runs' rows
     print(table(results))
     (out / 'probe.md').write_text(table(results) + '\n')
 

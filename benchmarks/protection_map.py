@@ -85,8 +85,14 @@ def plans_tag(plans: str) -> str:
     return plans.replace('nnUNet', '').replace('UNet', '').replace('Plans', '').strip('_')
 
 
+def map_env(roots: dict) -> dict:
+    """The environment of the map's subprocesses: its private nnU-Net folders and the CPU settings."""
+    return {**os.environ, **{k: str(v) for k, v in roots.items()}, 'nnUNet_def_n_proc': '1',
+            'nnUNet_compile': 'false', 'OMP_WAIT_POLICY': 'PASSIVE'}
+
+
 class MapFile:
-    """map.json, merged under a lock so that lanes running side by side do not lose each other's entries."""
+    """A JSON file (map.json, probe.json) merged under a lock, so that runs side by side keep each other's entries."""
 
     def __init__(self, path: Path):
         self.path, self.lock = path, path.with_suffix('.lock')
@@ -281,8 +287,7 @@ def main():
     roots = {k: out / k for k in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results')}
     for d in roots.values():
         d.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **{k: str(v) for k, v in roots.items()}, 'nnUNet_def_n_proc': '1',
-           'nnUNet_compile': 'false', 'OMP_WAIT_POLICY': 'PASSIVE'}
+    env = map_env(roots)
     os.environ.update({**env, 'nnUNet_n_proc_DA': '0'})
     logs = out / 'logs'
     logs.mkdir(exist_ok=True)
