@@ -4,8 +4,8 @@
     python benchmarks/protection_map.py -o benchmarks/out/map --table-only
 
 A cell is ``METHOD[:key=value]@EPS``: an export-time method (random, offset, checkerboard[:block=N],
-stripes[:block=N], smooth[:sigma=S], lsp) exported at EPS, or a protector trained at EPS with nnU-Net's trainer
-API and exported at its own budget (VoxShield, VoxShield-EOT, VoxShield-LC: ``<trainer>[_eps<N>]_<E>epochs``; at 4/255 the plain
+stripes[:block=N], smooth[:sigma=S], grow[:width=N], shrink[:width=N], lsp) exported at EPS, or a protector
+trained at EPS with nnU-Net's trainer API and exported at its own budget (VoxShield, VoxShield-EOT, VoxShield-LC: ``<trainer>[_eps<N>]_<E>epochs``; at 4/255 the plain
 trainer). Any method takes ``:clean=F``: its copy with a fixed share F of the training cases left clean.
 ``--victim`` is an exploiter profile (stock: ``nnUNetTrainer_5epochs``; noda: ``nnUNetTrainerNoDA_5epochs``;
 adam, labelaware, noSpatial, noNoiseBlur, noIntensity, noLowRes, noMirror: the
@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import hippocampus as hb  # noqa: E402  (split, raw preparation, command runner)
 
-EXPORT_METHODS = ('random', 'offset', 'checkerboard', 'stripes', 'smooth', 'lsp')
+EXPORT_METHODS = ('random', 'offset', 'checkerboard', 'stripes', 'smooth', 'grow', 'shrink', 'lsp')
 TRAINED = {'VoxShield': 'nnUNetTrainerVoxShield', 'VoxShield-EOT': 'nnUNetTrainerVoxShieldEOT',
            'VoxShield-LC': 'nnUNetTrainerVoxShieldLC', 'VoxShield-LC-tile4': 'nnUNetTrainerVoxShieldLC_tile4',
            'VoxShield-LC-tile4-noDA': 'nnUNetTrainerVoxShieldLC_tile4_noDA',
@@ -138,8 +138,9 @@ def protect(cell: dict, roots: dict, env: dict, logs: Path, mapfile: MapFile, cl
         cmd += ['-tr', trainer, '-f', 'all']
     else:
         cmd += ['--method', cell['method'], '--eps', cell['eps']]
+        flags = {'block': '--block', 'sigma': '--smooth-sigma', 'patch': '--lsp-patch', 'width': '--width'}
         for key, value in cell['options'].items():
-            cmd += [{'block': '--block', 'sigma': '--smooth-sigma', 'patch': '--lsp-patch'}[key], value]
+            cmd += [flags[key], value]
     if not dst.is_dir():
         hb.log(f'{label}: export')
         hb.run(cmd, env, logs / f'export_{label}.log')

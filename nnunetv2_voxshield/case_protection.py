@@ -125,7 +125,7 @@ def protect_case(case: str, files: dict, output_folder: str, ctx: dict) -> dict:
         source = ctx['source']
         if getattr(source, 'raw_space', False):  # fixed label-coded controls: computed on the raw arrays
             delta = source.compute_delta_raw(np.stack(clean).astype(np.float64), seg_raw, budget, case)
-            weight = roi.astype(np.float64)
+            weight = source.support(seg_raw).astype(np.float64)
         else:
             delta, weight = _delta_through_nnunet(case, files, clean, budget, roi.shape, ctx)
         protected = []

@@ -11,16 +11,27 @@ its amplitude through blur and resampling than a 3D checkerboard of the same per
 times higher).  ``smooth``: delta = b F_y, F_y a fixed low-pass random field per class (white noise on a
 ``SMOOTH_TILE``^3 tile seeded by (seed, class), Gaussian-filtered with sigma voxels and periodic boundaries,
 scaled to max |F_y| = 1) tiled from the origin.
+
+Boundary displacement (``BoundaryShiftSource``) is not a shortcut but a bias that every augmentation keeps (spatial
+transforms move image and label together; blur, noise and intensity changes leave an edge where it is). ``grow``:
+each background voxel within ``width`` voxels of the foreground moves towards the intensity of its nearest foreground
+voxel, delta = clip(x[nearest fg] - x, -b, b), so the visible structure extends up to ``width`` voxels beyond its label
+and a victim learns to put the boundary inside the visible edge (it erodes on clean scans). ``shrink``: the same from
+the inside (foreground voxels within ``width`` of the background move towards their nearest background voxel).
+Distances are Euclidean in raw voxel units.
 """
 from typing import Sequence
 
 import numpy as np
-from scipy.ndimage import gaussian_filter
+from scipy.ndimage import distance_transform_edt, gaussian_filter
 
 from nnunetv2_voxshield.dataset_io import InputError
 
-CONTROL_METHODS = ('offset', 'checkerboard', 'stripes', 'smooth')
+LABEL_CODE_METHODS = ('offset', 'checkerboard', 'stripes', 'smooth')
+BOUNDARY_METHODS = ('grow', 'shrink')
+CONTROL_METHODS = LABEL_CODE_METHODS + BOUNDARY_METHODS
 DEFAULT_BLOCK = 1
+DEFAULT_WIDTH = 1
 DEFAULT_SMOOTH_SIGMA = 4.0
 SMOOTH_TILE = 64
 
@@ -63,8 +74,8 @@ class LabelCodedSource:
 
     def __init__(self, method: str, seed: int = 0, block: int = DEFAULT_BLOCK,
                  sigma: float = DEFAULT_SMOOTH_SIGMA):
-        if method not in CONTROL_METHODS:
-            raise InputError(f'unknown control method {method!r} (choose from {", ".join(CONTROL_METHODS)})')
+        if method not in LABEL_CODE_METHODS:
+            raise InputError(f'unknown control method {method!r} (choose from {", ".join(LABEL_CODE_METHODS)})')
         if int(block) < 1:
             raise InputError(f'--block must be >= 1, got {block}')
         if not float(sigma) > 0:
@@ -82,9 +93,53 @@ class LabelCodedSource:
             return stripes(shape, (int(label) - 1) % len(shape), self.block)
         return class_sign(label) * tiled(smooth_field(label, self.seed, self.sigma, len(shape)), shape)
 
+    def support(self, seg: np.ndarray) -> np.ndarray:
+        """Where delta may be non-zero: the labelled voxels."""
+        return seg > 0
+
     def compute_delta_raw(self, images: np.ndarray, seg: np.ndarray, budget: np.ndarray, case: str) -> np.ndarray:
         """delta (c, *spatial) in raw units for raw ``images`` (c, *spatial) and raw labels ``seg`` (*spatial)."""
         unit = np.zeros(seg.shape, dtype=np.float64)
         for label in np.unique(seg[seg > 0]):
             unit = np.where(seg == label, self.pattern(int(label), seg.shape), unit)
         return np.stack([unit * float(b) for b in np.asarray(budget).reshape(-1)])
+
+
+def boundary_band(seg: np.ndarray, method: str, width: int):
+    """(band, nearest): the voxels ``grow`` (background) or ``shrink`` (foreground) moves, those within ``width``
+    voxels of the other side, and for every voxel the index tuple of its nearest voxel on the other side."""
+    fg = np.asarray(seg) > 0
+    inside = ~fg if method == 'grow' else fg  # the side that moves; its distance to the other side
+    if not inside.any() or inside.all():
+        return np.zeros(fg.shape, dtype=bool), None
+    distance, nearest = distance_transform_edt(inside, return_indices=True)
+    return inside & (distance <= width), tuple(nearest)
+
+
+class BoundaryShiftSource:
+    """Boundary displacement: delta = clip(x[nearest voxel across the label boundary] - x, -b, b) on the band of
+    ``width`` voxels outside (``grow``) or inside (``shrink``) the foreground, zero elsewhere."""
+    raw_space = True
+
+    def __init__(self, method: str, width: int = DEFAULT_WIDTH):
+        if method not in BOUNDARY_METHODS:
+            raise InputError(f'unknown boundary method {method!r} (choose from {", ".join(BOUNDARY_METHODS)})')
+        if int(width) < 1:
+            raise InputError(f'--width must be >= 1, got {width}')
+        self.method, self.width = method, int(width)
+        self.roi = {'dilation': self.width if method == 'grow' else 0, 'soft_edge': 0.0}
+        self.eps_bg = 0.0
+
+    def support(self, seg: np.ndarray) -> np.ndarray:
+        """Where delta may be non-zero: the band."""
+        return boundary_band(seg, self.method, self.width)[0]
+
+    def compute_delta_raw(self, images: np.ndarray, seg: np.ndarray, budget: np.ndarray, case: str) -> np.ndarray:
+        """delta (c, *spatial) in raw units for raw ``images`` (c, *spatial) and raw labels ``seg`` (*spatial)."""
+        band, nearest = boundary_band(seg, self.method, self.width)
+        delta = np.zeros(np.shape(images), dtype=np.float64)
+        if nearest is None:
+            return delta
+        for c, (image, b) in enumerate(zip(np.asarray(images, dtype=np.float64), np.asarray(budget).reshape(-1))):
+            delta[c][band] = np.clip(image[nearest][band] - image[band], -float(b), float(b))
+        return delta

@@ -22,7 +22,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from nnunetv2_voxshield.budget import (BUDGET_MODES, DEFAULT_BUDGET_MODE, DEFAULT_EPS, DEFAULT_PERCENTILES,
                                        check_budget, check_budget_mode, parse_eps, parse_eps_abs)
 from nnunetv2_voxshield.case_protection import clean_dataset_std, protect_case
-from nnunetv2_voxshield.controls import DEFAULT_BLOCK, DEFAULT_SMOOTH_SIGMA
+from nnunetv2_voxshield.controls import DEFAULT_BLOCK, DEFAULT_SMOOTH_SIGMA, DEFAULT_WIDTH
 from nnunetv2_voxshield.dataset_io import (InputError, check_case_headers, check_finite_files,
                                            copy_atomic, dataset_id_and_name, env_folder, find_dataset_folder,
                                            list_training_cases, load_dataset_json, num_channels, sha256_of,
@@ -310,10 +310,13 @@ def export_entry(argv=None):
                              'adversarial poisoning, Fowl et al. 2021), or a fixed label-coded positive control at '
                              'the full budget on the raw voxels (sign +, -, +, ... per foreground class): offset, '
                              'checkerboard (--block), stripes (--block; orientation per class) or smooth '
-                             '(--smooth-sigma)')
+                             '(--smooth-sigma); or a boundary displacement: grow / shrink (--width) moves the voxels '
+                             'just outside / inside the labels towards the intensity across the boundary')
     parser.add_argument('--block', type=int, default=DEFAULT_BLOCK,
                         help='checkerboard: voxels per square along each axis (period 2 x block); stripes: voxels '
                              'per stripe (period 2 x block) along axis (label - 1) mod 3 of the raw array')
+    parser.add_argument('--width', type=int, default=DEFAULT_WIDTH,
+                        help='grow / shrink: width in voxels of the band moved outside / inside the labels')
     parser.add_argument('--smooth-sigma', type=float, default=DEFAULT_SMOOTH_SIGMA,
                         help='smooth: sigma in voxels of the Gaussian low-pass of each class\'s random field')
     parser.add_argument('--lsp-patch', type=int, default=DEFAULT_LSP_PATCH,
@@ -357,8 +360,8 @@ def export_entry(argv=None):
     except ValueError as e:  # one line, nothing written
         print(f'voxshield_export: error: {e}', file=sys.stderr)
         sys.exit(1)
-    if args.lsp_patch < 1 or args.tap_steps < 1 or args.block < 1:
-        parser.error('--lsp-patch, --tap-steps and --block must be >= 1')
+    if args.lsp_patch < 1 or args.tap_steps < 1 or args.block < 1 or args.width < 1:
+        parser.error('--lsp-patch, --tap-steps, --block and --width must be >= 1')
     if not args.smooth_sigma > 0:
         parser.error('--smooth-sigma must be > 0')
     try:
@@ -377,7 +380,8 @@ def export_entry(argv=None):
         elif args.method in EXPORT_TIME_METHODS:
             options = {'lsp': {'patch': args.lsp_patch}, 'checkerboard': {'block': args.block},
                        'stripes': {'block': args.block},
-                       'smooth': {'sigma': args.smooth_sigma}}.get(args.method)
+                       'smooth': {'sigma': args.smooth_sigma}, 'grow': {'width': args.width},
+                       'shrink': {'width': args.width}}.get(args.method)
             plans_file = os.path.join(env_folder('nnUNet_preprocessed'), source_name, args.p + '.json')
         if args.method in EXPORT_TIME_METHODS:
             report_folder = os.path.join(env_folder('nnUNet_results'), source_name,

@@ -1,4 +1,5 @@
-"""Positive controls of issue 12: fixed label-coded offset, checkerboard and smooth fields via voxshield_export."""
+"""Positive controls of issue 12: fixed label-coded offset, checkerboard and smooth fields via voxshield_export; the
+boundary displacements grow / shrink."""
 import json
 import shutil
 
@@ -9,7 +10,8 @@ import SimpleITK as sitk
 from conftest import requires_hippocampus
 from nnunetv2_voxshield import export
 from nnunetv2_voxshield.budget import raw_budget
-from nnunetv2_voxshield.controls import LabelCodedSource, checkerboard, smooth_field, stripes
+from nnunetv2_voxshield.controls import (BoundaryShiftSource, LabelCodedSource, boundary_band, checkerboard,
+                                         smooth_field, stripes)
 from nnunetv2_voxshield.dataset_io import InputError
 from nnunetv2_voxshield.verify import verify_entry
 
@@ -87,6 +89,58 @@ def test_bad_options_refused():
             LabelCodedSource('checkerboard', **kw)
     with pytest.raises(InputError):
         LabelCodedSource('waves')
+
+
+def test_grow_and_shrink_move_the_band_towards_the_other_side():
+    """A bright cube (10) on a dark ground (0, with a ramp): grow lifts the background shell of the given width
+    towards the cube's value, clipped at b; shrink lowers the cube's own shell; nothing else moves."""
+    seg = _seg((12, 12, 12), {1: np.s_[4:8, 4:8, 4:8], 2: np.s_[8:9, 4:8, 4:8]})
+    image = np.where(seg > 0, 10.0, 0.0) + np.arange(12.0)[:, None, None] * 0.01
+    budget = np.array([3.0])
+    delta = BoundaryShiftSource('grow', width=2).compute_delta_raw(image[None], seg, budget, 'case')[0]
+    fg = seg > 0
+    assert np.all(delta[fg] == 0)
+    assert delta[3, 5, 5] == pytest.approx(3.0) and delta[2, 5, 5] == pytest.approx(3.0)  # 1 and 2 voxels away
+    assert np.all(delta[:2] == 0) and delta[4, 5, 1] == 0  # 3 voxels away
+    assert np.all(delta >= 0) and np.abs(delta).max() <= 3.0
+    assert np.array_equal(delta != 0, boundary_band(seg, 'grow', 2)[0])
+    small = BoundaryShiftSource('grow', width=1).compute_delta_raw(image[None], seg, np.array([100.0]), 'case')[0]
+    assert small[3, 5, 5] == pytest.approx(image[4, 5, 5] - image[3, 5, 5])  # unclipped: exactly the inner value
+    assert small[2, 5, 5] == 0
+    inner = BoundaryShiftSource('shrink', width=1).compute_delta_raw(image[None], seg, budget, 'case')[0]
+    assert np.all(inner[~fg] == 0) and inner[4, 5, 5] == pytest.approx(-3.0) and inner[5, 5, 5] == 0
+    assert inner[6, 6, 6] == 0  # two voxels deep
+    assert np.array_equal(BoundaryShiftSource('shrink').support(seg), inner != 0)
+    empty = BoundaryShiftSource('grow').compute_delta_raw(image[None], np.zeros_like(seg), budget, 'case')
+    assert not empty.any()
+    for kw in ({'method': 'grow', 'width': 0}, {'method': 'offset'}):
+        with pytest.raises(InputError):
+            BoundaryShiftSource(**kw)
+
+
+@requires_hippocampus
+def test_grow_export_passes_verify(hippocampus_env):
+    """grow at 16/255 on real cases: verify passes, only the 2-voxel band outside the labels moves, towards the
+    nearest labelled voxel's intensity."""
+    raw, name = hippocampus_env['nnUNet_raw'], hippocampus_env['dataset_name']
+    src, out = raw / name, raw / 'Dataset865_HippocampusProtected'
+    try:
+        export.export_entry(['-d', '4', '-o', '865', '--method', 'grow', '--width', '2', '--eps', '16/255',
+                             '-device', 'cpu'])
+        verify_entry([str(src), str(out), '--eps', '16/255'])
+        meta = json.loads((out / 'dataset.json').read_text())['voxshield']
+        assert meta['method'] == 'grow'
+        for case in hippocampus_env['cases']:
+            label = sitk.GetArrayFromImage(sitk.ReadImage(str(src / 'labelsTr' / f'{case}.nii.gz')))
+            clean = sitk.GetArrayFromImage(sitk.ReadImage(str(src / 'imagesTr' / f'{case}_0000.nii.gz')))
+            prot = sitk.GetArrayFromImage(sitk.ReadImage(str(out / 'imagesTr' / f'{case}_0000.nii.gz')))
+            delta = prot.astype(np.float64) - clean.astype(np.float64)
+            band, nearest = boundary_band(label, 'grow', 2)
+            assert np.all(delta[~band] == 0) and np.count_nonzero(delta) > 100
+            towards = np.sign(clean[nearest].astype(np.float64) - clean)
+            assert np.all(np.sign(delta[delta != 0]) == towards[delta != 0])
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 @requires_hippocampus
