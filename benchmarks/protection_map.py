@@ -27,6 +27,7 @@ import sys
 import time
 from fractions import Fraction
 from pathlib import Path
+from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -183,6 +184,41 @@ def mix_clean(cell: dict, roots: dict, env: dict, logs: Path, mapfile: MapFile, 
     return dst
 
 
+def overlap_stats(pred_dir: Path, labels_dir: Path) -> Optional[dict]:
+    """Foreground (any label) of a victim's test predictions against the reference, summed over the cases: predicted
+    volume / reference volume, precision and recall (a shortcut victim predicts little; a boundary bias moves the
+    edge and keeps the location). None without predictions."""
+    import SimpleITK as sitk
+    files = sorted(pred_dir.glob('*.nii.gz'))
+    if not files:
+        return None
+    tp = predicted = reference = 0
+    for f in files:
+        p = sitk.GetArrayFromImage(sitk.ReadImage(str(f))) > 0
+        r = sitk.GetArrayFromImage(sitk.ReadImage(str(labels_dir / f.name))) > 0
+        tp, predicted, reference = tp + int((p & r).sum()), predicted + int(p.sum()), reference + int(r.sum())
+    return {'volume_ratio': predicted / reference, 'precision': tp / predicted if predicted else None,
+            'recall': tp / reference, 'n_cases': len(files)}
+
+
+def record_overlap(data: dict, out: Path, labels_dir: Path) -> dict:
+    """``overlap``: {seed: overlap_stats} of the protected victims of every eval entry that lacks it."""
+    for key, entry in (data.get('eval') or {}).items():
+        if 'overlap' not in entry:
+            seeds = out / f'eval_{key}' / 'victims' / 'protected' / '3d_fullres'
+            stats = {d.name.split('_')[-1]: overlap_stats(d / 'predictions', labels_dir)
+                     for d in sorted(seeds.glob('seed_*'))}
+            if stats and all(stats.values()):
+                entry['overlap'] = stats
+        clean = data.setdefault('clean_overlap', {}).setdefault(entry['victim'], {})
+        for d in sorted((out / f'eval_{key}' / 'victims' / 'clean' / '3d_fullres').glob('seed_*')):
+            if d.name.split('_')[-1] not in clean:  # the clean victim's predictions sit where it was trained
+                stats = overlap_stats(d / 'predictions', labels_dir)
+                if stats:
+                    clean[d.name.split('_')[-1]] = stats
+    return data
+
+
 def map_rows(data: dict) -> list:
     """One row per (victim profile, cell) over every eval folder and seed: mean Dice over the seeds, the clean
     victim's mean Dice over the same seeds (same profile), their ratio, the per-seed ratios and the PSNR."""
@@ -198,6 +234,12 @@ def map_rows(data: dict) -> list:
                 if seed in clean:
                     cell['seeds'][int(seed)] = (v, clean[seed])
     verify = {p.get('cell'): p.get('verify') or {} for p in (data.get('protectors') or {}).values()}
+    overlap = {}  # (victim, cell): mean over the recorded seeds of the protected victims' overlap_stats
+    for entry in (data.get('eval') or {}).values():
+        for seed, st in (entry.get('overlap') or {}).items():
+            overlap.setdefault((entry['victim'], entry['cell']), {})[seed] = st
+    overlap = {k: {m: sum((st[m] or 0) for st in v.values()) / len(v) for m in ('volume_ratio', 'precision', 'recall')}
+               for k, v in overlap.items()}
     out = []
     for (victim, name), cell in cells.items():
         seeds = sorted(cell['seeds'])
@@ -210,7 +252,7 @@ def map_rows(data: dict) -> list:
                     'dice_per_label': {k: mean(lambda v, c: v['dice_per_label'][k])
                                        for k in cell['seeds'][seeds[0]][0]['dice_per_label']},
                     'psnr': (q.get('psnr') or {}).get('mean'), 'psnr_min': (verify.get(name, {}).get('psnr') or {}).get('min'),
-                    'psnr_roi': (q.get('psnr_roi') or {}).get('mean')})
+                    'psnr_roi': (q.get('psnr_roi') or {}).get('mean'), 'overlap': overlap.get((victim, name))})
         out[-1]['ratio'] = out[-1]['dice'] / out[-1]['clean_dice']
     return out
 
@@ -218,13 +260,20 @@ def map_rows(data: dict) -> list:
 def print_table(data: dict, out: Path) -> None:
     rows = map_rows(data)
     lines = ['| victim | cell | seeds | Dice | clean Dice | Dice / clean | per seed | per label | PSNR mean / min (dB) |'
-             ' PSNR ROI (dB) |', '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+             ' PSNR ROI (dB) | fg volume / GT, precision, recall |',
+             '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
     fmt = lambda x, f='{:.1f}': '–' if x is None else f.format(x)  # noqa: E731
     for r in sorted(rows, key=lambda r: (r['victim'], r['method'], Fraction(r['eps']))):
         labels = ' / '.join(f'{x:.2f}' for x in r['dice_per_label'].values())
+        ov = '–' if not r['overlap'] else ', '.join(f'{r["overlap"][m]:.2f}' for m in ('volume_ratio', 'precision',
+                                                                                         'recall'))
         lines.append(f'| {r["victim"]} | {r["cell"]} | {",".join(map(str, r["seeds"]))} | {r["dice"]:.3f} | '
                      f'{r["clean_dice"]:.3f} | **{r["ratio"]:.2f}** | {" / ".join(map(str, r["ratio_per_seed"]))} | '
-                     f'{labels} | {fmt(r["psnr"])} / {fmt(r["psnr_min"])} | {fmt(r["psnr_roi"])} |')
+                     f'{labels} | {fmt(r["psnr"])} / {fmt(r["psnr_min"])} | {fmt(r["psnr_roi"])} | {ov} |')
+    clean = [f'{victim} seed {seed}: ' + ', '.join(f'{st[m]:.2f}' for m in ('volume_ratio', 'precision', 'recall'))
+             for victim, seeds in sorted((data.get('clean_overlap') or {}).items()) for seed, st in sorted(seeds.items())]
+    if clean:
+        lines += ['', 'Clean victims, foreground volume / GT, precision, recall: ' + '; '.join(clean) + '.']
     text = '\n'.join(lines)
     print(text)
     (out / 'map.md').write_text(text + '\n')
@@ -278,6 +327,9 @@ def main():
     if args.table_only:
         if not mapfile.path.is_file():
             parser.error(f'{mapfile.path}: not found (run some cells first)')
+        labels_dir = out / 'nnUNet_raw' / 'Dataset004_Hippocampus' / 'labelsTs'
+        if labels_dir.is_dir():  # victims' foreground volume, precision and recall where not yet recorded
+            mapfile.update(lambda d: record_overlap(d, out, labels_dir))
         return print_table(json.loads(mapfile.path.read_text()), out)
     cells = [parse_cell(c) for c in args.cells]
     if args.victim_trainer is None and args.victim not in VICTIMS:
@@ -319,6 +371,7 @@ def main():
             'victim': profile, 'victim_trainer': victim_trainer, 'victim_plans': args.victim_plans,
             'cell': cell['cell'], 'seeds': args.seeds,
             'seconds': time.time() - t0, 'report': report}))
+        mapfile.update(lambda d: record_overlap(d, out, clean / 'labelsTs'))
     print_table(json.loads(mapfile.path.read_text()), out)
 
 

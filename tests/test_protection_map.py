@@ -57,6 +57,46 @@ def test_rows_pool_seeds_across_folders_and_profiles_stay_apart(tmp_path):
     assert '**0.18**' in table and '0.25 / 0.1' in table and (tmp_path / 'frontier.png').stat().st_size > 0
 
 
+def test_overlap_of_predictions_is_recorded_per_seed(tmp_path):
+    """Foreground volume / GT, precision and recall summed over the cases, for protected victims (per seed) and for
+    the clean victim where its predictions are; a row shows the mean over its seeds."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    def write(array, path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(sitk.GetImageFromArray(array.astype(np.uint8)), str(path))
+
+    ref = np.zeros((4, 4, 4))
+    ref[:2, :2, :2] = 1  # 8 voxels
+    labels = tmp_path / 'labelsTs'
+    write(ref, labels / 'c1.nii.gz')
+    write(ref * 2, labels / 'c2.nii.gz')
+    shifted = np.zeros_like(ref)
+    shifted[1:3, :2, :2] = 1  # 4 of its 8 voxels on the reference
+    folder = tmp_path / 'eval_stock_offset_eps64_255_seed0-1' / 'victims'
+    write(shifted, folder / 'protected' / '3d_fullres' / 'seed_0' / 'predictions' / 'c1.nii.gz')
+    write(np.zeros_like(ref), folder / 'protected' / '3d_fullres' / 'seed_0' / 'predictions' / 'c2.nii.gz')
+    write(ref, folder / 'protected' / '3d_fullres' / 'seed_1' / 'predictions' / 'c1.nii.gz')
+    write(ref, folder / 'protected' / '3d_fullres' / 'seed_1' / 'predictions' / 'c2.nii.gz')
+    write(ref, folder / 'clean' / '3d_fullres' / 'seed_0' / 'predictions' / 'c1.nii.gz')
+    write(ref, folder / 'clean' / '3d_fullres' / 'seed_0' / 'predictions' / 'c2.nii.gz')
+    assert pmap.overlap_stats(folder / 'protected' / '3d_fullres' / 'seed_0' / 'predictions', labels) == \
+        {'volume_ratio': 0.5, 'precision': 0.5, 'recall': 0.25, 'n_cases': 2}
+    assert pmap.overlap_stats(tmp_path / 'nothing', labels) is None
+    data = {'eval': {'stock_offset_eps64_255_seed0-1': _entry('stock', 'offset@64/255', [0, 1], [0.8, 0.8],
+                                                              [0.2, 0.8])}}
+    pmap.record_overlap(data, tmp_path, labels)
+    assert data['eval']['stock_offset_eps64_255_seed0-1']['overlap']['1']['recall'] == 1.0
+    assert data['clean_overlap'] == {'stock': {'0': {'volume_ratio': 1.0, 'precision': 1.0, 'recall': 1.0,
+                                                     'n_cases': 2}}}
+    row = pmap.map_rows(data)[0]
+    assert row['overlap'] == pytest.approx({'volume_ratio': 0.75, 'precision': 0.75, 'recall': 0.625})
+    pmap.print_table(data, tmp_path)
+    table = (tmp_path / 'map.md').read_text()
+    assert '0.75, 0.75, 0.62' in table and 'stock seed 0: 1.00, 1.00, 1.00' in table
+
+
 def test_map_file_merges(tmp_path):
     f = pmap.MapFile(tmp_path / 'map.json')
     f.update(lambda d: d.setdefault('eval', {}).__setitem__('a', 1))
