@@ -3,7 +3,7 @@
     python benchmarks/protection_map.py -o benchmarks/out/map --victim stock --cells offset@16/255 checkerboard@16/255
     python benchmarks/protection_map.py -o benchmarks/out/map --table-only
 
-A cell is ``METHOD[:key=value]@EPS``: an export-time method (random, offset, checkerboard[:block=N],
+A cell is ``METHOD[:key=value]@EPS``: an export-time method (random, offset[:sign=S], checkerboard[:block=N],
 stripes[:block=N], smooth[:sigma=S], grow[:width=N], shrink[:width=N], lsp) exported at EPS, or a protector
 trained at EPS with nnU-Net's trainer API and exported at its own budget (VoxShield, VoxShield-EOT, VoxShield-LC: ``<trainer>[_eps<N>]_<E>epochs``; at 4/255 the plain
 trainer). Any method takes ``:clean=F``: its copy with a fixed share F of the training cases left clean.
@@ -139,7 +139,8 @@ def protect(cell: dict, roots: dict, env: dict, logs: Path, mapfile: MapFile, cl
         cmd += ['-tr', trainer, '-f', 'all']
     else:
         cmd += ['--method', cell['method'], '--eps', cell['eps']]
-        flags = {'block': '--block', 'sigma': '--smooth-sigma', 'patch': '--lsp-patch', 'width': '--width'}
+        flags = {'block': '--block', 'sigma': '--smooth-sigma', 'patch': '--lsp-patch', 'width': '--width',
+                 'sign': '--sign'}
         for key, value in cell['options'].items():
             cmd += [flags[key], value]
     if not dst.is_dir():

@@ -4,6 +4,9 @@ Each writes +-b on the voxels of each foreground class and 0 elsewhere, b = the 
 sign of class k is s_k = (-1)^(k-1) (+, -, +, ... for labels 1, 2, 3, ...). i, j, k index the raw array (SimpleITK
 order), from its origin, so the pattern is exactly the same whatever nnU-Net's plans do to the case.
 
+``sign`` 'plus' or 'minus' replaces s_k by +1 or -1 for every class (one polarity for the whole foreground, not a
+class code).
+
 ``offset``: delta = s_y b.  ``checkerboard``: delta = s_y b (-1)^(i//n + j//n + k//n) (``block`` n voxels per
 square, period 2n).  ``stripes``: delta = b (-1)^(i_a//n), a square wave of period 2n along ONE axis, a = (y - 1) mod
 dims: the class is coded by the stripes' orientation, not by a sign or phase (a grating of period 2n keeps more of
@@ -32,6 +35,7 @@ BOUNDARY_METHODS = ('grow', 'shrink')
 CONTROL_METHODS = LABEL_CODE_METHODS + BOUNDARY_METHODS
 DEFAULT_BLOCK = 1
 DEFAULT_WIDTH = 1
+SIGNS = {'alternate': None, 'plus': 1.0, 'minus': -1.0}
 DEFAULT_SMOOTH_SIGMA = 4.0
 SMOOTH_TILE = 64
 
@@ -73,25 +77,29 @@ class LabelCodedSource:
     raw_space = True  # case_protection calls compute_delta_raw on the raw arrays
 
     def __init__(self, method: str, seed: int = 0, block: int = DEFAULT_BLOCK,
-                 sigma: float = DEFAULT_SMOOTH_SIGMA):
+                 sigma: float = DEFAULT_SMOOTH_SIGMA, sign: str = 'alternate'):
         if method not in LABEL_CODE_METHODS:
             raise InputError(f'unknown control method {method!r} (choose from {", ".join(LABEL_CODE_METHODS)})')
         if int(block) < 1:
             raise InputError(f'--block must be >= 1, got {block}')
         if not float(sigma) > 0:
             raise InputError(f'--smooth-sigma must be > 0, got {sigma}')
+        if sign not in SIGNS:
+            raise InputError(f'--sign must be one of {", ".join(SIGNS)}, got {sign!r}')
         self.method, self.seed, self.block, self.sigma = method, int(seed), int(block), float(sigma)
+        self.sign = sign
         self.roi, self.eps_bg = {'dilation': 0, 'soft_edge': 0.0}, 0.0
 
     def pattern(self, label: int, shape: Sequence[int]) -> np.ndarray:
         """The unit pattern (values in [-1, 1]) of class ``label`` over an array of ``shape``."""
+        sign = class_sign(label) if SIGNS[self.sign] is None else SIGNS[self.sign]
         if self.method == 'offset':
-            return np.full(tuple(shape), class_sign(label))
+            return np.full(tuple(shape), sign)
         if self.method == 'checkerboard':
-            return class_sign(label) * checkerboard(shape, self.block)
+            return sign * checkerboard(shape, self.block)
         if self.method == 'stripes':
             return stripes(shape, (int(label) - 1) % len(shape), self.block)
-        return class_sign(label) * tiled(smooth_field(label, self.seed, self.sigma, len(shape)), shape)
+        return sign * tiled(smooth_field(label, self.seed, self.sigma, len(shape)), shape)
 
     def support(self, seg: np.ndarray) -> np.ndarray:
         """Where delta may be non-zero: the labelled voxels."""

@@ -22,7 +22,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from nnunetv2_voxshield.budget import (BUDGET_MODES, DEFAULT_BUDGET_MODE, DEFAULT_EPS, DEFAULT_PERCENTILES,
                                        check_budget, check_budget_mode, parse_eps, parse_eps_abs)
 from nnunetv2_voxshield.case_protection import clean_dataset_std, protect_case
-from nnunetv2_voxshield.controls import DEFAULT_BLOCK, DEFAULT_SMOOTH_SIGMA, DEFAULT_WIDTH
+from nnunetv2_voxshield.controls import DEFAULT_BLOCK, DEFAULT_SMOOTH_SIGMA, DEFAULT_WIDTH, SIGNS
 from nnunetv2_voxshield.dataset_io import (InputError, check_case_headers, check_finite_files,
                                            copy_atomic, dataset_id_and_name, env_folder, find_dataset_folder,
                                            list_training_cases, load_dataset_json, num_channels, sha256_of,
@@ -315,6 +315,9 @@ def export_entry(argv=None):
     parser.add_argument('--block', type=int, default=DEFAULT_BLOCK,
                         help='checkerboard: voxels per square along each axis (period 2 x block); stripes: voxels '
                              'per stripe (period 2 x block) along axis (label - 1) mod 3 of the raw array')
+    parser.add_argument('--sign', default='alternate', choices=list(SIGNS),
+                        help='offset, checkerboard, smooth: the sign per class (alternate: +, -, +, ... for labels 1, '
+                             '2, 3, ...; plus / minus: the same sign on every class)')
     parser.add_argument('--width', type=int, default=DEFAULT_WIDTH,
                         help='grow / shrink: width in voxels of the band moved outside / inside the labels')
     parser.add_argument('--smooth-sigma', type=float, default=DEFAULT_SMOOTH_SIGMA,
@@ -378,9 +381,9 @@ def export_entry(argv=None):
                        'steps': args.tap_steps}
             plans_file = os.path.join(surrogate, 'plans.json')
         elif args.method in EXPORT_TIME_METHODS:
-            options = {'lsp': {'patch': args.lsp_patch}, 'checkerboard': {'block': args.block},
-                       'stripes': {'block': args.block},
-                       'smooth': {'sigma': args.smooth_sigma}, 'grow': {'width': args.width},
+            options = {'lsp': {'patch': args.lsp_patch}, 'checkerboard': {'block': args.block, 'sign': args.sign},
+                       'stripes': {'block': args.block}, 'offset': {'sign': args.sign},
+                       'smooth': {'sigma': args.smooth_sigma, 'sign': args.sign}, 'grow': {'width': args.width},
                        'shrink': {'width': args.width}}.get(args.method)
             plans_file = os.path.join(env_folder('nnUNet_preprocessed'), source_name, args.p + '.json')
         if args.method in EXPORT_TIME_METHODS:

@@ -194,7 +194,7 @@ def make_source(method: str, state: Optional[dict], configuration_manager, devic
         return BoundaryShiftSource(method, options.get('width', DEFAULT_WIDTH))
     if method in CONTROL_METHODS:
         return LabelCodedSource(method, seed, options.get('block', DEFAULT_BLOCK),
-                                options.get('sigma', DEFAULT_SMOOTH_SIGMA))
+                                options.get('sigma', DEFAULT_SMOOTH_SIGMA), options.get('sign', 'alternate'))
     if method == 'tap':
         if not options.get('surrogate'):
             raise InputError('method \'tap\' needs a surrogate model folder (--surrogate-tr)')

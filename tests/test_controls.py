@@ -83,8 +83,19 @@ def test_smooth_field_fixed_per_class_and_low_pass():
     assert spectrum[freq > 0.15].sum() < 1e-3 * spectrum.sum()  # sigma 4: almost nothing above 0.15 cycles/voxel
 
 
+def test_sign_option_gives_one_polarity_to_every_class():
+    """sign 'minus' / 'plus': -b / +b on every class for the offset, and the checkerboard's phase no longer flips
+    between classes; 'alternate' is the default (+, -, +)."""
+    minus = _delta('offset', sign='minus')
+    assert np.all(minus[0][SEG > 0] == -3.0) and np.all(minus[:, SEG == 0] == 0)
+    assert np.all(_delta('offset', sign='plus')[1][SEG > 0] == 0.5)
+    assert np.array_equal(_delta('offset', sign='alternate'), _delta('offset'))
+    board = _delta('checkerboard', sign='plus')[0]
+    assert np.array_equal(board[SEG > 0], (3.0 * checkerboard(SEG.shape))[SEG > 0])
+
+
 def test_bad_options_refused():
-    for kw in ({'block': 0}, {'sigma': 0.0}):
+    for kw in ({'block': 0}, {'sigma': 0.0}, {'sign': 'up'}):
         with pytest.raises(InputError):
             LabelCodedSource('checkerboard', **kw)
     with pytest.raises(InputError):
@@ -139,6 +150,27 @@ def test_grow_export_passes_verify(hippocampus_env):
             assert np.all(delta[~band] == 0) and np.count_nonzero(delta) > 100
             towards = np.sign(clean[nearest].astype(np.float64) - clean)
             assert np.all(np.sign(delta[delta != 0]) == towards[delta != 0])
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+@requires_hippocampus
+def test_offset_sign_minus_export(hippocampus_env):
+    """--sign minus through voxshield_export: every labelled voxel darkens by about b, nothing else moves."""
+    raw, name = hippocampus_env['nnUNet_raw'], hippocampus_env['dataset_name']
+    src, out = raw / name, raw / 'Dataset866_HippocampusProtected'
+    try:
+        export.export_entry(['-d', '4', '-o', '866', '--method', 'offset', '--sign', 'minus', '--eps', '16/255',
+                             '-device', 'cpu'])
+        verify_entry([str(src), str(out), '--eps', '16/255'])
+        for case in hippocampus_env['cases']:
+            label = sitk.GetArrayFromImage(sitk.ReadImage(str(src / 'labelsTr' / f'{case}.nii.gz')))
+            clean = sitk.GetArrayFromImage(sitk.ReadImage(str(src / 'imagesTr' / f'{case}_0000.nii.gz')))
+            prot = sitk.GetArrayFromImage(sitk.ReadImage(str(out / 'imagesTr' / f'{case}_0000.nii.gz')))
+            delta = prot.astype(np.float64) - clean.astype(np.float64)
+            b = raw_budget(clean[None].astype(np.float64), 16 / 255)[0]
+            assert np.all(delta[label == 0] == 0) and np.all(delta[label > 0] <= 0)
+            assert np.median(delta[label > 0]) < -0.9 * b
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
