@@ -2,6 +2,7 @@
 boundary displacements grow / shrink."""
 import json
 import shutil
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -129,50 +130,44 @@ def test_grow_and_shrink_move_the_band_towards_the_other_side():
             BoundaryShiftSource(**kw)
 
 
+def _exported_deltas(env, out_id: int, args: list, eps: str = '16/255') -> list:
+    """Export Hippocampus with ``args`` at ``eps``, check it with verify, and return (label, clean, delta, b) per
+    case (delta = protected - clean in raw units, b = the case's raw budget); the copy is removed."""
+    raw, name = env['nnUNet_raw'], env['dataset_name']
+    src, out = raw / name, raw / f'Dataset{out_id}_HippocampusProtected'
+    read = lambda path: sitk.GetArrayFromImage(sitk.ReadImage(str(path)))  # noqa: E731
+    try:
+        export.export_entry(['-d', '4', '-o', str(out_id), *args, '--eps', eps, '-device', 'cpu'])
+        verify_entry([str(src), str(out), '--eps', eps])
+        assert json.loads((out / 'dataset.json').read_text())['voxshield']['method'] == args[args.index('--method') + 1]
+        cases = []
+        for case in env['cases']:
+            clean = read(src / 'imagesTr' / f'{case}_0000.nii.gz')
+            delta = read(out / 'imagesTr' / f'{case}_0000.nii.gz').astype(np.float64) - clean.astype(np.float64)
+            b = raw_budget(clean[None].astype(np.float64), float(Fraction(eps)))[0]
+            cases.append((read(src / 'labelsTr' / f'{case}.nii.gz'), clean, delta, b))
+        return cases
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
 @requires_hippocampus
 def test_grow_export_passes_verify(hippocampus_env):
     """grow at 16/255 on real cases: verify passes, only the 2-voxel band outside the labels moves, towards the
     nearest labelled voxel's intensity."""
-    raw, name = hippocampus_env['nnUNet_raw'], hippocampus_env['dataset_name']
-    src, out = raw / name, raw / 'Dataset865_HippocampusProtected'
-    try:
-        export.export_entry(['-d', '4', '-o', '865', '--method', 'grow', '--width', '2', '--eps', '16/255',
-                             '-device', 'cpu'])
-        verify_entry([str(src), str(out), '--eps', '16/255'])
-        meta = json.loads((out / 'dataset.json').read_text())['voxshield']
-        assert meta['method'] == 'grow'
-        for case in hippocampus_env['cases']:
-            label = sitk.GetArrayFromImage(sitk.ReadImage(str(src / 'labelsTr' / f'{case}.nii.gz')))
-            clean = sitk.GetArrayFromImage(sitk.ReadImage(str(src / 'imagesTr' / f'{case}_0000.nii.gz')))
-            prot = sitk.GetArrayFromImage(sitk.ReadImage(str(out / 'imagesTr' / f'{case}_0000.nii.gz')))
-            delta = prot.astype(np.float64) - clean.astype(np.float64)
-            band, nearest = boundary_band(label, 'grow', 2)
-            assert np.all(delta[~band] == 0) and np.count_nonzero(delta) > 100
-            towards = np.sign(clean[nearest].astype(np.float64) - clean)
-            assert np.all(np.sign(delta[delta != 0]) == towards[delta != 0])
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
+    for label, clean, delta, _ in _exported_deltas(hippocampus_env, 865, ['--method', 'grow', '--width', '2']):
+        band, nearest = boundary_band(label, 'grow', 2)
+        assert np.all(delta[~band] == 0) and np.count_nonzero(delta) > 100
+        towards = np.sign(clean[nearest].astype(np.float64) - clean)
+        assert np.all(np.sign(delta[delta != 0]) == towards[delta != 0])
 
 
 @requires_hippocampus
 def test_offset_sign_minus_export(hippocampus_env):
     """--sign minus through voxshield_export: every labelled voxel darkens by about b, nothing else moves."""
-    raw, name = hippocampus_env['nnUNet_raw'], hippocampus_env['dataset_name']
-    src, out = raw / name, raw / 'Dataset866_HippocampusProtected'
-    try:
-        export.export_entry(['-d', '4', '-o', '866', '--method', 'offset', '--sign', 'minus', '--eps', '16/255',
-                             '-device', 'cpu'])
-        verify_entry([str(src), str(out), '--eps', '16/255'])
-        for case in hippocampus_env['cases']:
-            label = sitk.GetArrayFromImage(sitk.ReadImage(str(src / 'labelsTr' / f'{case}.nii.gz')))
-            clean = sitk.GetArrayFromImage(sitk.ReadImage(str(src / 'imagesTr' / f'{case}_0000.nii.gz')))
-            prot = sitk.GetArrayFromImage(sitk.ReadImage(str(out / 'imagesTr' / f'{case}_0000.nii.gz')))
-            delta = prot.astype(np.float64) - clean.astype(np.float64)
-            b = raw_budget(clean[None].astype(np.float64), 16 / 255)[0]
-            assert np.all(delta[label == 0] == 0) and np.all(delta[label > 0] <= 0)
-            assert np.median(delta[label > 0]) < -0.9 * b
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
+    for label, _, delta, b in _exported_deltas(hippocampus_env, 866, ['--method', 'offset', '--sign', 'minus']):
+        assert np.all(delta[label == 0] == 0) and np.all(delta[label > 0] <= 0)
+        assert np.median(delta[label > 0]) < -0.9 * b
 
 
 @requires_hippocampus
