@@ -5,8 +5,9 @@
 
 A cell is ``METHOD[:key=value]@EPS``: an export-time method (random, offset[:sign=S], checkerboard[:block=N],
 stripes[:block=N], smooth[:sigma=S], grow[:width=N], shrink[:width=N], lsp) exported at EPS, or a protector
-trained at EPS with nnU-Net's trainer API and exported at its own budget (VoxShield, VoxShield-EOT, VoxShield-LC: ``<trainer>[_eps<N>]_<E>epochs``; at 4/255 the plain
-trainer). Any method takes ``:clean=F``: its copy with a fixed share F of the training cases left clean.
+trained at EPS with nnU-Net's trainer API and exported at its own budget (VoxShield, VoxShield-EOT, VoxShield-LC:
+``<trainer>[_eps<N>]_<E>epochs``; at 4/255 the plain trainer). Any method takes ``:clean=F``: its copy with a
+fixed share F of the training cases left clean.
 ``--victim`` is an exploiter profile (stock: ``nnUNetTrainer_5epochs``; noda: ``nnUNetTrainerNoDA_5epochs``;
 adam, labelaware, noSpatial, noNoiseBlur, noIntensity, noLowRes, noMirror: the
 profiles of ``trainers/victim_profiles.py``; or any trainer class with ``--victim-trainer``). Every cell is one ``voxshield_evaluate`` folder
@@ -272,7 +273,8 @@ def print_table(data: dict, out: Path) -> None:
                      f'{r["clean_dice"]:.3f} | **{r["ratio"]:.2f}** | {" / ".join(map(str, r["ratio_per_seed"]))} | '
                      f'{labels} | {fmt(r["psnr"])} / {fmt(r["psnr_min"])} | {fmt(r["psnr_roi"])} | {ov} |')
     clean = [f'{victim} seed {seed}: ' + ', '.join(f'{st[m]:.2f}' for m in ('volume_ratio', 'precision', 'recall'))
-             for victim, seeds in sorted((data.get('clean_overlap') or {}).items()) for seed, st in sorted(seeds.items())]
+             for victim, seeds in sorted((data.get('clean_overlap') or {}).items())
+             for seed, st in sorted(seeds.items())]
     if clean:
         lines += ['', 'Clean victims, foreground volume / GT, precision, recall: ' + '; '.join(clean) + '.']
     text = '\n'.join(lines)

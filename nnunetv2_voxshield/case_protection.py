@@ -123,9 +123,9 @@ def protect_case(case: str, files: dict, output_folder: str, ctx: dict) -> dict:
         status = 'unchanged_empty_roi'
     else:
         source = ctx['source']
-        if getattr(source, 'raw_space', False):  # fixed label-coded controls: computed on the raw arrays
-            delta = source.compute_delta_raw(np.stack(clean).astype(np.float64), seg_raw, budget, case)
-            weight = source.support(seg_raw).astype(np.float64)
+        if getattr(source, 'raw_space', False):  # fixed controls: delta and its support computed on the raw arrays
+            delta, support = source.delta_and_support_raw(np.stack(clean).astype(np.float64), seg_raw, budget, case)
+            weight = support.astype(np.float64)
         else:
             delta, weight = _delta_through_nnunet(case, files, clean, budget, roi.shape, ctx)
         protected = []

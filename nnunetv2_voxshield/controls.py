@@ -74,7 +74,7 @@ def tiled(pattern: np.ndarray, shape: Sequence[int]) -> np.ndarray:
 
 class LabelCodedSource:
     """A positive control: delta (raw units) = sign and pattern of each voxel's class x b, zero on background."""
-    raw_space = True  # case_protection calls compute_delta_raw on the raw arrays
+    raw_space = True  # case_protection calls delta_and_support_raw on the raw arrays
 
     def __init__(self, method: str, seed: int = 0, block: int = DEFAULT_BLOCK,
                  sigma: float = DEFAULT_SMOOTH_SIGMA, sign: str = 'alternate'):
@@ -104,6 +104,10 @@ class LabelCodedSource:
     def support(self, seg: np.ndarray) -> np.ndarray:
         """Where delta may be non-zero: the labelled voxels."""
         return seg > 0
+
+    def delta_and_support_raw(self, images: np.ndarray, seg: np.ndarray, budget: np.ndarray, case: str) -> tuple:
+        """(``compute_delta_raw``, ``support``): what case_protection asks of a raw-space source."""
+        return self.compute_delta_raw(images, seg, budget, case), self.support(seg)
 
     def compute_delta_raw(self, images: np.ndarray, seg: np.ndarray, budget: np.ndarray, case: str) -> np.ndarray:
         """delta (c, *spatial) in raw units for raw ``images`` (c, *spatial) and raw labels ``seg`` (*spatial)."""
@@ -144,10 +148,14 @@ class BoundaryShiftSource:
 
     def compute_delta_raw(self, images: np.ndarray, seg: np.ndarray, budget: np.ndarray, case: str) -> np.ndarray:
         """delta (c, *spatial) in raw units for raw ``images`` (c, *spatial) and raw labels ``seg`` (*spatial)."""
+        return self.delta_and_support_raw(images, seg, budget, case)[0]
+
+    def delta_and_support_raw(self, images: np.ndarray, seg: np.ndarray, budget: np.ndarray, case: str) -> tuple:
+        """(delta, band) from one distance transform."""
         band, nearest = boundary_band(seg, self.method, self.width)
         delta = np.zeros(np.shape(images), dtype=np.float64)
         if nearest is None:
-            return delta
+            return delta, band
         for c, (image, b) in enumerate(zip(np.asarray(images, dtype=np.float64), np.asarray(budget).reshape(-1))):
             delta[c][band] = np.clip(image[nearest][band] - image[band], -float(b), float(b))
-        return delta
+        return delta, band
