@@ -141,7 +141,8 @@ def main():
     roots = {k: out / k for k in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results')}
     for d in roots.values():
         d.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **{k: str(v) for k, v in roots.items()}, 'nnUNet_def_n_proc': '1',
+    env = {**{k: v for k, v in os.environ.items() if k != 'nnUNet_n_proc_DA'},  # the planner fails with 0 workers
+           **{k: str(v) for k, v in roots.items()}, 'nnUNet_def_n_proc': '1',
            'nnUNet_compile': 'false', 'OMP_WAIT_POLICY': 'PASSIVE'}
     train_env = {**env, 'nnUNet_n_proc_DA': '0'}
     os.environ.update(train_env)

@@ -13,8 +13,8 @@ adam, labelaware, noSpatial, noNoiseBlur, noIntensity, noLowRes, noMirror: the
 profiles of ``trainers/victim_profiles.py``; or any trainer class with ``--victim-trainer``). Every cell is one ``voxshield_evaluate`` folder
 ``eval_<victim>_<cell>_seed<seeds>`` (``--victim-plans``: a residual-encoder victim, profile
 ``<victim>-ResEncM_cpu``); the clean victim of a profile and seed is trained once and reused by all its cells (so
-run the first cell of a profile alone before starting parallel lanes of that profile, and never the same cell in
-two lanes at once: both would export it into the same folder). Uses the split and CPU
+run the first cell of a profile alone before starting parallel lanes of that profile; a lane that needs a copy
+another lane is training or exporting waits for it under a lock). Uses the split and CPU
 preset of benchmarks/hippocampus.py; results merge into -o/map.json (lanes may run side by side), the table
 prints, map.md and frontier.png are written.
 """
@@ -89,7 +89,8 @@ def plans_tag(plans: str) -> str:
 
 def map_env(roots: dict) -> dict:
     """The environment of the map's subprocesses: its private nnU-Net folders and the CPU settings."""
-    return {**os.environ, **{k: str(v) for k, v in roots.items()}, 'nnUNet_def_n_proc': '1',
+    base = {k: v for k, v in os.environ.items() if k != 'nnUNet_n_proc_DA'}  # the planner fails with 0 workers
+    return {**base, **{k: str(v) for k, v in roots.items()}, 'nnUNet_def_n_proc': '1',
             'nnUNet_compile': 'false', 'OMP_WAIT_POLICY': 'PASSIVE'}
 
 
@@ -125,6 +126,13 @@ def protect(cell: dict, roots: dict, env: dict, logs: Path, mapfile: MapFile, cl
     if 'clean' in cell['options']:
         return mix_clean(cell, roots, env, logs, mapfile, clean, epochs)
     label = cell_label(cell)
+    with open(logs / f'protect_{label}.lock', 'w') as lock:  # a lane that needs a copy another lane is making waits
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _protect(cell, label, roots, env, logs, mapfile, clean, epochs)
+
+
+def _protect(cell: dict, label: str, roots: dict, env: dict, logs: Path, mapfile: MapFile, clean: Path,
+             epochs: int) -> Path:
     dataset_id, dst = copy_folder(label, roots, mapfile)
     cmd = ['voxshield_export', '-d', '4', '-o', dataset_id, '--name', dst.name, '-p', hb.PLANS, '-c', '3d_fullres',
            '-device', 'cpu']
@@ -284,7 +292,9 @@ def print_table(data: dict, out: Path) -> None:
 
 
 def frontier_figure(rows: list, png: Path) -> None:
-    """Victim Dice / clean against whole-volume PSNR: one curve per method and victim profile."""
+    """Victim Dice / clean against whole-volume PSNR: one curve per method and victim profile (a colour per method,
+    a marker and line style per profile), bars from the lowest to the highest seed's ratio where a row has several
+    (the point is the ratio of the mean Dice, which may lie a little outside them)."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -292,11 +302,19 @@ def frontier_figure(rows: list, png: Path) -> None:
     groups = {}
     for r in rows:
         if r['psnr'] is not None:
-            groups.setdefault((r['method'], r['victim']), []).append((r['psnr'], r['ratio']))
+            groups.setdefault((r['method'], r['victim']), []).append(
+                (r['psnr'], r['ratio'], min(r['ratio_per_seed']), max(r['ratio_per_seed'])))
+    methods = sorted({m for m, _ in groups})
+    victims = sorted({v for _, v in groups}, key=lambda v: (v != 'stock', v != 'noda', v))
+    palette = [c for name in ('tab10', 'Dark2', 'tab20b', 'Set1') for c in plt.get_cmap(name).colors]  # 46 colours
+    markers, styles = 'osD^v<>ph*', ['-', '--', ':', '-.']
     for (method, victim), pts in sorted(groups.items()):
         pts.sort()
-        ax.plot(*zip(*pts), marker='o' if victim == 'stock' else 's', linestyle='-' if victim == 'stock' else '--',
-                label=f'{method} ({victim})')
+        x, y, lo, hi = (list(c) for c in zip(*pts))
+        k = victims.index(victim)
+        ax.errorbar(x, y, yerr=[[max(a - b, 0) for a, b in zip(y, lo)], [max(b - a, 0) for a, b in zip(y, hi)]],
+                    color=palette[methods.index(method) % len(palette)], marker=markers[k % len(markers)],
+                    linestyle=styles[k % len(styles)], markersize=4, capsize=2, lw=1, label=f'{method} ({victim})')
     ax.axhline(0.05, color='k', lw=0.8, ls=':')
     ax.axvline(50, color='k', lw=0.8, ls=':')
     ax.set_xlabel('PSNR of the protected training images (dB, whole volume)')

@@ -135,3 +135,46 @@ def test_clean_fraction_cell_mixes_a_fixed_share_of_clean_cases(tmp_path, monkey
     with pytest.raises(SystemExit):
         pmap.mix_clean(pmap.parse_cell('checkerboard:clean=1.5@10/255'), {'nnUNet_raw': raw}, {}, tmp_path / 'logs',
                        mapfile, clean, 5)
+
+
+def test_map_env_leaves_the_planner_its_workers(tmp_path, monkeypatch):
+    """nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA): a caller's nnUNet_n_proc_DA=0 (the CPU
+    training setting) must not reach it."""
+    monkeypatch.setenv('nnUNet_n_proc_DA', '0')
+    env = pmap.map_env({'nnUNet_raw': tmp_path / 'raw'})
+    assert 'nnUNet_n_proc_DA' not in env
+    assert env['nnUNet_raw'] == str(tmp_path / 'raw') and env['nnUNet_def_n_proc'] == '1'
+
+
+def test_protect_holds_the_cells_lock(tmp_path, monkeypatch):
+    """Two lanes that need the same copy: the second waits on protect_<label>.lock while the first makes it."""
+    import fcntl
+    logs = tmp_path / 'logs'
+    logs.mkdir()
+    seen = []
+
+    def fake_protect(cell, label, *args):
+        with open(logs / f'protect_{label}.lock', 'w') as other:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        seen.append(label)
+        return tmp_path / label
+
+    monkeypatch.setattr(pmap, '_protect', fake_protect)
+    cell = pmap.parse_cell('offset@16/255')
+    assert pmap.protect(cell, {}, {}, logs, None, tmp_path, 5) == tmp_path / 'offset_eps16_255'
+    assert seen == ['offset_eps16_255']
+    with open(logs / 'protect_offset_eps16_255.lock', 'w') as after:  # released on return
+        fcntl.flock(after, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_frontier_figure_draws_seed_bars(tmp_path):
+    """The point is the ratio of mean Dice; it may lie just outside the per-seed ratios, which must not break the
+    bars."""
+    rows = [{'method': 'offset', 'victim': 'stock', 'psnr': 31.7, 'ratio': 0.27, 'ratio_per_seed': [0.308, 0.234]},
+            {'method': 'offset', 'victim': 'stock', 'psnr': 43.9, 'ratio': 0.905, 'ratio_per_seed': [0.908, 0.918]},
+            {'method': 'random', 'victim': 'noda', 'psnr': 36.5, 'ratio': 0.21, 'ratio_per_seed': [0.209]},
+            {'method': 'random', 'victim': 'noda', 'psnr': None, 'ratio': 1.0, 'ratio_per_seed': [1.0]}]
+    png = tmp_path / 'frontier.png'
+    pmap.frontier_figure(rows, png)
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and png.stat().st_size > 10_000
