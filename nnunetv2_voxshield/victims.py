@@ -112,16 +112,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def cpu_threads() -> int:
+    """Torch threads for training on CPU: ``$VOXSHIELD_TORCH_THREADS`` if set (e.g. 1 per run when several runs
+    share the cores), else every core, as ``nnUNetv2_train`` does."""
+    import multiprocessing
+
+    value = os.environ.get('VOXSHIELD_TORCH_THREADS', '')
+    if not value:
+        return multiprocessing.cpu_count()
+    if not value.isdigit() or int(value) < 1:
+        raise VictimError(f'VOXSHIELD_TORCH_THREADS={value!r}: must be a positive integer')
+    return int(value)
+
+
 def train_seeded(dataset_name_or_id: str, configuration: str, seed: int, trainer_name: str = 'nnUNetTrainer',
                  plans_identifier: str = 'nnUNetPlans', device: str = 'cpu') -> str:
     """In-process: seeded stock training on fold 'all', resumed from checkpoint_latest; returns the output folder."""
-    import multiprocessing
-
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
 
     if device == 'cpu':
-        torch.set_num_threads(multiprocessing.cpu_count())
+        torch.set_num_threads(cpu_threads())
     seed_everything(seed)
     trainer = get_trainer_from_args(str(dataset_name_or_id), configuration, 'all', trainer_name, plans_identifier,
                                     False, device=torch.device(device))

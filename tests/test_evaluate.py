@@ -14,7 +14,7 @@ import SimpleITK as sitk
 from conftest import copy_hippocampus_cases, requires_hippocampus
 from nnunetv2_voxshield.evaluate import (EvaluationError, Workspace, evaluate, parse_plans, reuse_victim, row_source,
                                          victim_jobs)
-from nnunetv2_voxshield.victims import victim_trainer_name
+from nnunetv2_voxshield.victims import VictimError, cpu_threads, victim_trainer_name
 
 
 def tree_digest(folder: Path) -> dict:
@@ -182,6 +182,19 @@ def test_user_errors_are_one_line(clean_and_protected, tmp_path):
         assert res.stderr.startswith('voxshield_evaluate: error:') and message in res.stderr, res.stderr
         assert len(res.stderr.strip().splitlines()) == 1
         assert not (tmp_path / 'o3').exists()
+
+
+def test_cpu_threads_from_the_environment(monkeypatch):
+    """Every core by default (as nnUNetv2_train); VOXSHIELD_TORCH_THREADS when runs share the cores; bad values refused."""
+    import multiprocessing
+    monkeypatch.delenv('VOXSHIELD_TORCH_THREADS', raising=False)
+    assert cpu_threads() == multiprocessing.cpu_count()
+    monkeypatch.setenv('VOXSHIELD_TORCH_THREADS', '1')
+    assert cpu_threads() == 1
+    for bad in ('0', '-2', 'two'):
+        monkeypatch.setenv('VOXSHIELD_TORCH_THREADS', bad)
+        with pytest.raises(VictimError, match='VOXSHIELD_TORCH_THREADS'):
+            cpu_threads()
 
 
 def test_victim_jobs_defences_only_in_their_configurations():
