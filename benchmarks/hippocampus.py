@@ -42,6 +42,14 @@ def log(msg):
     print(f'[{time.strftime("%H:%M:%S")}] {msg}', flush=True)
 
 
+def bench_env(roots: dict) -> dict:
+    """The environment of a benchmark's subprocesses: its private nnU-Net folders and the CPU settings, without a
+    caller's nnUNet_n_proc_DA (the planner fails with 0 workers; training adds it back)."""
+    base = {k: v for k, v in os.environ.items() if k != 'nnUNet_n_proc_DA'}
+    return {**base, **{k: str(v) for k, v in roots.items()}, 'nnUNet_def_n_proc': '1',
+            'nnUNet_compile': 'false', 'OMP_WAIT_POLICY': 'PASSIVE'}
+
+
 def run(cmd, env, log_file):
     """Run a command, output to log_file; raise with the log's tail on failure. Returns seconds taken."""
     t0 = time.time()
@@ -141,9 +149,7 @@ def main():
     roots = {k: out / k for k in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results')}
     for d in roots.values():
         d.mkdir(parents=True, exist_ok=True)
-    env = {**{k: v for k, v in os.environ.items() if k != 'nnUNet_n_proc_DA'},  # the planner fails with 0 workers
-           **{k: str(v) for k, v in roots.items()}, 'nnUNet_def_n_proc': '1',
-           'nnUNet_compile': 'false', 'OMP_WAIT_POLICY': 'PASSIVE'}
+    env = bench_env(roots)
     train_env = {**env, 'nnUNet_n_proc_DA': '0'}
     os.environ.update(train_env)
     logs = out / 'logs'

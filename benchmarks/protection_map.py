@@ -88,10 +88,8 @@ def plans_tag(plans: str) -> str:
 
 
 def map_env(roots: dict) -> dict:
-    """The environment of the map's subprocesses: its private nnU-Net folders and the CPU settings."""
-    base = {k: v for k, v in os.environ.items() if k != 'nnUNet_n_proc_DA'}  # the planner fails with 0 workers
-    return {**base, **{k: str(v) for k, v in roots.items()}, 'nnUNet_def_n_proc': '1',
-            'nnUNet_compile': 'false', 'OMP_WAIT_POLICY': 'PASSIVE'}
+    """The environment of the map's subprocesses: the Hippocampus benchmark's (``hb.bench_env``)."""
+    return hb.bench_env(roots)
 
 
 class MapFile:
@@ -123,11 +121,11 @@ def copy_folder(label: str, roots: dict, mapfile: MapFile) -> tuple:
 def protect(cell: dict, roots: dict, env: dict, logs: Path, mapfile: MapFile, clean: Path, epochs: int) -> Path:
     """Export (after training the protector where the method trains) and verify one cell; resumable. Option
     ``clean=F`` (any method): the cell's copy with a fixed random fraction F of its training cases left clean."""
-    if 'clean' in cell['options']:
-        return mix_clean(cell, roots, env, logs, mapfile, clean, epochs)
     label = cell_label(cell)
     with open(logs / f'protect_{label}.lock', 'w') as lock:  # a lane that needs a copy another lane is making waits
         fcntl.flock(lock, fcntl.LOCK_EX)
+        if 'clean' in cell['options']:
+            return mix_clean(cell, roots, env, logs, mapfile, clean, epochs)
         return _protect(cell, label, roots, env, logs, mapfile, clean, epochs)
 
 
@@ -306,7 +304,7 @@ def frontier_figure(rows: list, png: Path) -> None:
                 (r['psnr'], r['ratio'], min(r['ratio_per_seed']), max(r['ratio_per_seed'])))
     methods = sorted({m for m, _ in groups})
     victims = sorted({v for _, v in groups}, key=lambda v: (v != 'stock', v != 'noda', v))
-    palette = [c for name in ('tab10', 'Dark2', 'tab20b', 'Set1') for c in plt.get_cmap(name).colors]  # 46 colours
+    palette = [c for name in ('tab10', 'Dark2', 'tab20b', 'Set1') for c in plt.get_cmap(name).colors]  # 47 colours
     markers, styles = 'osD^v<>ph*', ['-', '--', ':', '-.']
     for (method, victim), pts in sorted(groups.items()):
         pts.sort()
