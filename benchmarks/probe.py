@@ -19,7 +19,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import hippocampus as hb  # noqa: E402
-from protection_map import MapFile, map_env  # noqa: E402
+from protection_map import MapFile  # noqa: E402
 
 
 def read_logging(checkpoint: Path) -> dict:
@@ -52,7 +52,7 @@ def main():
     if not (roots['nnUNet_preprocessed'] / 'Dataset004_Hippocampus' / f'{hb.PLANS}.json').is_file():
         raise SystemExit(f'{out}: no preprocessed Dataset004_Hippocampus; run benchmarks/protection_map.py -o {out} '
                          f'first')
-    env = {**map_env(roots), 'nnUNet_n_proc_DA': '0'}
+    env = {**hb.bench_env(roots), 'nnUNet_n_proc_DA': '0'}
     (out / 'logs').mkdir(exist_ok=True)
     new = {}
     for trainer in args.trainers:

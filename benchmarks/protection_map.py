@@ -87,11 +87,6 @@ def plans_tag(plans: str) -> str:
     return plans.replace('nnUNet', '').replace('UNet', '').replace('Plans', '').strip('_')
 
 
-def map_env(roots: dict) -> dict:
-    """The environment of the map's subprocesses: the Hippocampus benchmark's (``hb.bench_env``)."""
-    return hb.bench_env(roots)
-
-
 class MapFile:
     """A JSON file (map.json, probe.json) merged under a lock, so that runs side by side keep each other's entries."""
 
@@ -359,7 +354,7 @@ def main():
     roots = {k: out / k for k in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results')}
     for d in roots.values():
         d.mkdir(parents=True, exist_ok=True)
-    env = map_env(roots)
+    env = hb.bench_env(roots)
     os.environ.update({**env, 'nnUNet_n_proc_DA': '0'})
     logs = out / 'logs'
     logs.mkdir(exist_ok=True)

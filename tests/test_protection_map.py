@@ -137,11 +137,11 @@ def test_clean_fraction_cell_mixes_a_fixed_share_of_clean_cases(tmp_path, monkey
                        mapfile, clean, 5)
 
 
-def test_map_env_leaves_the_planner_its_workers(tmp_path, monkeypatch):
+def test_bench_env_leaves_the_planner_its_workers(tmp_path, monkeypatch):
     """nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA): a caller's nnUNet_n_proc_DA=0 (the CPU
     training setting) must not reach it."""
     monkeypatch.setenv('nnUNet_n_proc_DA', '0')
-    env = pmap.map_env({'nnUNet_raw': tmp_path / 'raw'})
+    env = pmap.hb.bench_env({'nnUNet_raw': tmp_path / 'raw'})
     assert 'nnUNet_n_proc_DA' not in env
     assert env['nnUNet_raw'] == str(tmp_path / 'raw') and env['nnUNet_def_n_proc'] == '1'
 
