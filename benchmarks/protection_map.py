@@ -11,8 +11,10 @@ fixed share F of the training cases left clean.
 ``--victim`` is an exploiter profile (stock: ``nnUNetTrainer_5epochs``; noda: ``nnUNetTrainerNoDA_5epochs``;
 adam, labelaware, noSpatial, noNoiseBlur, noIntensity, noLowRes, noMirror: the
 profiles of ``trainers/victim_profiles.py``; or any trainer class with ``--victim-trainer``). Every cell is one ``voxshield_evaluate`` folder
-``eval_<victim>_<cell>_seed<seeds>`` (``--victim-plans``: a residual-encoder victim, profile
-``<victim>-ResEncM_cpu``); the clean victim of a profile and seed is trained once and reused by all its cells (so
+``eval_<victim>_<cell>[+<defence>...]_seed<seeds>`` (``--victim-plans``: a residual-encoder victim, profile
+``<victim>-ResEncM_cpu``; ``--configuration 2d``: profile ``<victim>-2d``; ``--defences``: the exploiter purifies the
+protected copy first, one row ``<method>+<defence>@<eps>`` each, next to ``clean+<defence>@0``, its victim on the
+purified clean data, which says what the purification alone costs); the clean victim of a profile and seed is trained once and reused by all its cells (so
 run the first cell of a profile alone before starting parallel lanes of that profile; a lane that needs a copy
 another lane is training or exporting waits for it under a lock). Uses the split and CPU
 preset of benchmarks/hippocampus.py; results merge into -o/map.json (lanes may run side by side), the table
@@ -208,13 +210,14 @@ def record_overlap(data: dict, out: Path, labels_dir: Path) -> dict:
     """``overlap``: {seed: overlap_stats} of the protected victims of every eval entry that lacks it."""
     for key, entry in (data.get('eval') or {}).items():
         if 'overlap' not in entry:
-            seeds = out / f'eval_{key}' / 'victims' / 'protected' / '3d_fullres'
+            seeds = out / f'eval_{key}' / 'victims' / 'protected' / entry.get('configuration', '3d_fullres')
             stats = {d.name.split('_')[-1]: overlap_stats(d / 'predictions', labels_dir)
                      for d in sorted(seeds.glob('seed_*'))}
             if stats and all(stats.values()):
                 entry['overlap'] = stats
         clean = data.setdefault('clean_overlap', {}).setdefault(entry['victim'], {})
-        for d in sorted((out / f'eval_{key}' / 'victims' / 'clean' / '3d_fullres').glob('seed_*')):
+        for d in sorted((out / f'eval_{key}' / 'victims' / 'clean' / entry.get('configuration', '3d_fullres'))
+                        .glob('seed_*')):
             if d.name.split('_')[-1] not in clean:  # the clean victim's predictions sit where it was trained
                 stats = overlap_stats(d / 'predictions', labels_dir)
                 if stats:
@@ -222,18 +225,30 @@ def record_overlap(data: dict, out: Path, labels_dir: Path) -> dict:
     return data
 
 
+def row_cell(entry: dict, row: dict) -> str:
+    """The map's cell name of one report row: the entry's cell, '<method>+<defence>@<eps>' for its purified copy and
+    'clean+<defence>@0' for the purified clean data."""
+    if not row.get('defence_spec'):
+        return entry['cell']
+    if row['row'].startswith('clean+'):
+        return f'clean+{row["defence_spec"]}@0'
+    method, eps = entry['cell'].split('@')
+    return f'{method}+{row["defence_spec"]}@{eps}'
+
+
 def map_rows(data: dict) -> list:
     """One row per (victim profile, cell) over every eval folder and seed: mean Dice over the seeds, the clean
-    victim's mean Dice over the same seeds (same profile), their ratio, the per-seed ratios and the PSNR."""
+    victim's mean Dice over the same seeds (same profile), their ratio, the per-seed ratios and the PSNR. A purified
+    row's ratio is against the clean victim on unpurified data."""
     cells = {}
     for entry in (data.get('eval') or {}).values():
-        rows = entry['report']['rows']
-        clean = next(r for r in rows if r['row'] == 'clean')['per_seed'].get('3d_fullres', {})
+        rows, config = entry['report']['rows'], entry.get('configuration', '3d_fullres')
+        clean = next(r for r in rows if r['row'] == 'clean')['per_seed'].get(config, {})
         for r in rows:
-            if r['row'] == 'clean' or not r['per_seed'].get('3d_fullres'):
+            if r['row'] == 'clean' or not r['per_seed'].get(config):
                 continue
-            cell = cells.setdefault((entry['victim'], entry['cell']), {'seeds': {}, 'quality': r.get('quality')})
-            for seed, v in r['per_seed']['3d_fullres'].items():
+            cell = cells.setdefault((entry['victim'], row_cell(entry, r)), {'seeds': {}, 'quality': r.get('quality')})
+            for seed, v in r['per_seed'][config].items():
                 if seed in clean:
                     cell['seeds'][int(seed)] = (v, clean[seed])
     verify = {p.get('cell'): p.get('verify') or {} for p in (data.get('protectors') or {}).values()}
@@ -332,6 +347,11 @@ def main():
     parser.add_argument('--victim-plans', default=hb.PLANS,
                         help=f'victim plans (default {hb.PLANS}); e.g. nnUNetResEncUNetMPlans_cpu for a residual-encoder '
                              'victim (the profile is then named <victim>-ResEncM_cpu in the table)')
+    parser.add_argument('--configuration', default='3d_fullres',
+                        help='victim configuration (default 3d_fullres); another is its own profile <victim>-<config>')
+    parser.add_argument('--defences', nargs='*', default=[],
+                        help='the exploiter purifies the protected copy (and, as a control, the clean data) first: '
+                             'blur, zmedian, zresample, quantise (NAME:PARAM); one row each')
     parser.add_argument('--seeds', nargs='+', type=int, default=[0])
     parser.add_argument('--table-only', action='store_true', help='print the table of -o/map.json, draw the figure')
     args = parser.parse_args()
@@ -350,6 +370,14 @@ def main():
         parser.error(f'--victim {args.victim!r} needs --victim-trainer (built in: {", ".join(VICTIMS)})')
     victim_trainer = args.victim_trainer or VICTIMS[args.victim].format(e=args.victim_epochs)
     profile = args.victim if args.victim_plans == hb.PLANS else f'{args.victim}-{plans_tag(args.victim_plans)}'
+    if args.configuration != '3d_fullres':
+        profile = f'{profile}-{args.configuration}'
+    from nnunetv2_voxshield.defences import defence_key, parse_defence
+    for spec in args.defences:
+        try:
+            parse_defence(spec)
+        except ValueError as e:
+            parser.error(f'--defences {spec}: {e}')
 
     roots = {k: out / k for k in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results')}
     for d in roots.values():
@@ -372,7 +400,8 @@ def main():
     train_env = {**env, 'nnUNet_n_proc_DA': '0'}
     for cell in cells:
         dataset = protect(cell, roots, train_env, logs, mapfile, clean, args.protector_epochs)
-        key = f'{profile}_{cell_label(cell)}_seed{"-".join(map(str, args.seeds))}'
+        key = (f'{profile}_{cell_label(cell)}{"".join("+" + defence_key(d) for d in args.defences)}'
+               f'_seed{"-".join(map(str, args.seeds))}')
         folder = out / f'eval_{key}'
         others = [str(d) for d in sorted(out.glob('eval_*')) if d != folder and (d / 'state.json').is_file()]
         hb.log(f'victims ({victim_trainer}, seeds {args.seeds}): clean vs {cell["cell"]} -> {folder.name}')
@@ -380,10 +409,11 @@ def main():
         report = evaluate('4', [str(dataset)], str(folder), test_images=str(clean / 'imagesTs'),
                           test_labels=str(clean / 'labelsTs'), plans=args.victim_plans, trainer=victim_trainer,
                           seeds=args.seeds, device='cpu', disable_tta=True, method_name=[cell['cell']],
-                          reuse_from=others)
+                          reuse_from=others, configurations=[args.configuration], defences=args.defences,
+                          defend_clean=bool(args.defences))
         mapfile.update(lambda d: d.setdefault('eval', {}).__setitem__(key, {
             'victim': profile, 'victim_trainer': victim_trainer, 'victim_plans': args.victim_plans,
-            'cell': cell['cell'], 'seeds': args.seeds,
+            'configuration': args.configuration, 'defences': args.defences, 'cell': cell['cell'], 'seeds': args.seeds,
             'seconds': time.time() - t0, 'report': report}))
         mapfile.update(lambda d: record_overlap(d, out, clean / 'labelsTs'))
     print_table(json.loads(mapfile.path.read_text()), out)

@@ -57,6 +57,27 @@ def test_rows_pool_seeds_across_folders_and_profiles_stay_apart(tmp_path):
     assert '**0.18**' in table and '0.25 / 0.1' in table and (tmp_path / 'frontier.png').stat().st_size > 0
 
 
+def test_purified_and_2d_rows_are_their_own_cells(tmp_path):
+    """A defence folder gives '<method>+<defence>@<eps>' rows and the purification's own cost 'clean+<defence>@0',
+    each against the unpurified clean victim; a 2d entry reads its own configuration's victims."""
+    def victims(config, d):
+        return {config: {s: {'dice': x, 'dice_per_label': {'1': x, '2': x}} for s, x in d.items()}}
+    rows = [{'row': 'clean', 'per_seed': victims('3d_fullres', {'0': 0.8})},
+            {'row': 'clean+blur', 'defence_spec': 'blur', 'per_seed': victims('3d_fullres', {'0': 0.72})},
+            {'row': 'protected', 'defence_spec': None, 'per_seed': victims('3d_fullres', {'0': 0.04})},
+            {'row': 'protected+blur', 'defence_spec': 'blur', 'per_seed': victims('3d_fullres', {'0': 0.4})}]
+    twod = [{'row': 'clean', 'per_seed': victims('2d', {'0': 0.5})},
+            {'row': 'protected', 'per_seed': victims('2d', {'0': 0.25})}]
+    data = {'eval': {
+        'a': {'victim': 'noda', 'cell': 'checkerboard@10/255', 'defences': ['blur'], 'report': {'rows': rows}},
+        'b': {'victim': 'noda-2d', 'cell': 'checkerboard@10/255', 'configuration': '2d', 'report': {'rows': twod}}}}
+    got = {(r['victim'], r['cell']): round(r['ratio'], 3) for r in pmap.map_rows(data)}
+    assert got == {('noda', 'checkerboard@10/255'): 0.05, ('noda', 'checkerboard+blur@10/255'): 0.5,
+                   ('noda', 'clean+blur@0'): 0.9, ('noda-2d', 'checkerboard@10/255'): 0.5}
+    pmap.print_table(data, tmp_path)
+    assert '| noda | clean+blur@0 | 0 |' in (tmp_path / 'map.md').read_text()
+
+
 def test_overlap_of_predictions_is_recorded_per_seed(tmp_path):
     """Foreground volume / GT, precision and recall summed over the cases, for protected victims (per seed) and for
     the clean victim where its predictions are; a row shows the mean over its seeds."""
