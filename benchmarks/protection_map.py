@@ -14,7 +14,8 @@ profiles of ``trainers/victim_profiles.py``; or any trainer class with ``--victi
 ``eval_<victim>_<cell>[+<defence>...]_seed<seeds>`` (``--victim-plans``: a residual-encoder victim, profile
 ``<victim>-ResEncM_cpu``; ``--configuration 2d``: profile ``<victim>-2d``; ``--defences``: the exploiter purifies the
 protected copy first, one row ``<method>+<defence>@<eps>`` each, next to ``clean+<defence>@0``, its victim on the
-purified clean data, which says what the purification alone costs); the clean victim of a profile and seed is trained once and reused by all its cells (so
+purified clean data, which says what the purification alone costs (``--no-defend-clean`` skips those); a defence
+folder's unpurified row is left to the cell's own folder); the clean victim of a profile and seed is trained once and reused by all its cells (so
 run the first cell of a profile alone before starting parallel lanes of that profile; a lane that needs a copy
 another lane is training or exporting waits for it under a lock). Uses the split and CPU
 preset of benchmarks/hippocampus.py; results merge into -o/map.json (lanes may run side by side), the table
@@ -245,7 +246,8 @@ def map_rows(data: dict) -> list:
         rows, config = entry['report']['rows'], entry.get('configuration', '3d_fullres')
         clean = next(r for r in rows if r['row'] == 'clean')['per_seed'].get(config, {})
         for r in rows:
-            if r['row'] == 'clean' or not r['per_seed'].get(config):
+            if r['row'] == 'clean' or not r['per_seed'].get(config) or (entry.get('defences')
+                                                                         and not r.get('defence_spec')):
                 continue
             cell = cells.setdefault((entry['victim'], row_cell(entry, r)), {'seeds': {}, 'quality': r.get('quality')})
             for seed, v in r['per_seed'][config].items():
@@ -352,6 +354,8 @@ def main():
     parser.add_argument('--defences', nargs='*', default=[],
                         help='the exploiter purifies the protected copy (and, as a control, the clean data) first: '
                              'blur, zmedian, zresample, quantise (NAME:PARAM); one row each')
+    parser.add_argument('--defend-clean', action=argparse.BooleanOptionalAction, default=True,
+                        help='with --defences, also the victims on the purified clean data (default: yes)')
     parser.add_argument('--seeds', nargs='+', type=int, default=[0])
     parser.add_argument('--table-only', action='store_true', help='print the table of -o/map.json, draw the figure')
     args = parser.parse_args()
@@ -410,7 +414,7 @@ def main():
                           test_labels=str(clean / 'labelsTs'), plans=args.victim_plans, trainer=victim_trainer,
                           seeds=args.seeds, device='cpu', disable_tta=True, method_name=[cell['cell']],
                           reuse_from=others, configurations=[args.configuration], defences=args.defences,
-                          defend_clean=bool(args.defences))
+                          defend_clean=bool(args.defences) and args.defend_clean)
         mapfile.update(lambda d: d.setdefault('eval', {}).__setitem__(key, {
             'victim': profile, 'victim_trainer': victim_trainer, 'victim_plans': args.victim_plans,
             'configuration': args.configuration, 'defences': args.defences, 'cell': cell['cell'], 'seeds': args.seeds,

@@ -59,7 +59,8 @@ def test_rows_pool_seeds_across_folders_and_profiles_stay_apart(tmp_path):
 
 def test_purified_and_2d_rows_are_their_own_cells(tmp_path):
     """A defence folder gives '<method>+<defence>@<eps>' rows and the purification's own cost 'clean+<defence>@0',
-    each against the unpurified clean victim; a 2d entry reads its own configuration's victims."""
+    each against the unpurified clean victim; its unpurified row stays out (the cell's own folder has it); a 2d
+    entry reads its own configuration's victims."""
     def victims(config, d):
         return {config: {s: {'dice': x, 'dice_per_label': {'1': x, '2': x}} for s, x in d.items()}}
     rows = [{'row': 'clean', 'per_seed': victims('3d_fullres', {'0': 0.8})},
@@ -72,8 +73,12 @@ def test_purified_and_2d_rows_are_their_own_cells(tmp_path):
         'a': {'victim': 'noda', 'cell': 'checkerboard@10/255', 'defences': ['blur'], 'report': {'rows': rows}},
         'b': {'victim': 'noda-2d', 'cell': 'checkerboard@10/255', 'configuration': '2d', 'report': {'rows': twod}}}}
     got = {(r['victim'], r['cell']): round(r['ratio'], 3) for r in pmap.map_rows(data)}
-    assert got == {('noda', 'checkerboard@10/255'): 0.05, ('noda', 'checkerboard+blur@10/255'): 0.5,
-                   ('noda', 'clean+blur@0'): 0.9, ('noda-2d', 'checkerboard@10/255'): 0.5}
+    # the defence folder's unpurified victim (0.04) is not pooled into the cell's own row
+    assert got == {('noda', 'checkerboard+blur@10/255'): 0.5, ('noda', 'clean+blur@0'): 0.9,
+                   ('noda-2d', 'checkerboard@10/255'): 0.5}
+    data['eval']['c'] = _entry('noda', 'checkerboard@10/255', [0], [0.8], [0.024])
+    assert {(r['victim'], r['cell']): round(r['ratio'], 3) for r in pmap.map_rows(data)}[
+        ('noda', 'checkerboard@10/255')] == 0.03
     pmap.print_table(data, tmp_path)
     assert '| noda | clean+blur@0 | 0 |' in (tmp_path / 'map.md').read_text()
 
