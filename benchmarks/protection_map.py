@@ -256,6 +256,8 @@ def map_rows(data: dict) -> list:
     verify = {p.get('cell'): p.get('verify') or {} for p in (data.get('protectors') or {}).values()}
     overlap = {}  # (victim, cell): mean over the recorded seeds of the protected victims' overlap_stats
     for entry in (data.get('eval') or {}).values():
+        if entry.get('defences'):  # its unpurified victim is not the row's (as above)
+            continue
         for seed, st in (entry.get('overlap') or {}).items():
             overlap.setdefault((entry['victim'], entry['cell']), {})[seed] = st
     overlap = {k: {m: sum((st[m] or 0) for st in v.values()) / len(v) for m in ('volume_ratio', 'precision', 'recall')}
@@ -304,14 +306,15 @@ def print_table(data: dict, out: Path) -> None:
 def frontier_figure(rows: list, png: Path) -> None:
     """Victim Dice / clean against whole-volume PSNR: one curve per method and victim profile (a colour per method,
     a marker and line style per profile), bars from the lowest to the highest seed's ratio where a row has several
-    (the point is the ratio of the mean Dice, which may lie a little outside them)."""
+    (the point is the ratio of the mean Dice, which may lie a little outside them). Purified rows ('+' in the
+    method) stay in the table only: their PSNR is the purified copy's, not the protection's cost."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(11, 5))
     groups = {}
     for r in rows:
-        if r['psnr'] is not None:
+        if r['psnr'] is not None and '+' not in r['method']:
             groups.setdefault((r['method'], r['victim']), []).append(
                 (r['psnr'], r['ratio'], min(r['ratio_per_seed']), max(r['ratio_per_seed'])))
     methods = sorted({m for m, _ in groups})

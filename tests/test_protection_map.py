@@ -76,9 +76,11 @@ def test_purified_and_2d_rows_are_their_own_cells(tmp_path):
     # the defence folder's unpurified victim (0.04) is not pooled into the cell's own row
     assert got == {('noda', 'checkerboard+blur@10/255'): 0.5, ('noda', 'clean+blur@0'): 0.9,
                    ('noda-2d', 'checkerboard@10/255'): 0.5}
+    data['eval']['a']['overlap'] = {'0': {'volume_ratio': 9.0, 'precision': 0.0, 'recall': 0.0}}
     data['eval']['c'] = _entry('noda', 'checkerboard@10/255', [0], [0.8], [0.024])
     assert {(r['victim'], r['cell']): round(r['ratio'], 3) for r in pmap.map_rows(data)}[
         ('noda', 'checkerboard@10/255')] == 0.03
+    assert all(r['overlap'] is None for r in pmap.map_rows(data))
     pmap.print_table(data, tmp_path)
     assert '| noda | clean+blur@0 | 0 |' in (tmp_path / 'map.md').read_text()
 
