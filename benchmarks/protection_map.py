@@ -9,16 +9,17 @@ trained at EPS with nnU-Net's trainer API and exported at its own budget (VoxShi
 ``<trainer>[_eps<N>]_<E>epochs``; at 4/255 the plain trainer). Any method takes ``:clean=F``: its copy with a
 fixed share F of the training cases left clean.
 ``--victim`` is an exploiter profile (stock: ``nnUNetTrainer_5epochs``; noda: ``nnUNetTrainerNoDA_5epochs``;
-adam, labelaware, noSpatial, noNoiseBlur, noIntensity, noLowRes, noMirror: the
-profiles of ``trainers/victim_profiles.py``; or any trainer class with ``--victim-trainer``). Every cell is one ``voxshield_evaluate`` folder
+adam, labelaware, noSpatial, noNoiseBlur, noIntensity, noLowRes, noMirror: the profiles of
+``trainers/victim_profiles.py``; or any trainer class with ``--victim-trainer``). Every cell is one
+``voxshield_evaluate`` folder
 ``eval_<victim>_<cell>[+<defence>...]_seed<seeds>`` (``--victim-plans``: a residual-encoder victim, profile
 ``<victim>-ResEncM_cpu``; ``--configuration 2d``: profile ``<victim>-2d``; ``--defences``: the exploiter purifies the
 protected copy first, one row ``<method>+<defence>@<eps>`` each, next to ``clean+<defence>@0``, its victim on the
 purified clean data, which says what the purification alone costs (``--no-defend-clean`` skips those); a defence
-folder's unpurified row is left to the cell's own folder); the clean victim of a profile and seed is trained once and reused by all its cells (so
-run the first cell of a profile alone before starting parallel lanes of that profile; a lane that needs a copy
-another lane is training or exporting waits for it under a lock). Uses the split and CPU
-preset of benchmarks/hippocampus.py; results merge into -o/map.json (lanes may run side by side), the table
+folder's unpurified row is left to the cell's own folder); the clean victim of a profile and seed is trained once
+and reused by all its cells (so run the first cell of a profile alone before starting parallel lanes of that
+profile; a lane that needs a copy another lane is training or exporting waits for it under a lock). Uses the split
+and CPU preset of benchmarks/hippocampus.py; results merge into -o/map.json (lanes may run side by side), the table
 prints, map.md and frontier.png are written.
 """
 import argparse
@@ -249,7 +250,8 @@ def map_rows(data: dict) -> list:
             if r['row'] == 'clean' or not r['per_seed'].get(config) or (entry.get('defences')
                                                                          and not r.get('defence_spec')):
                 continue
-            cell = cells.setdefault((entry['victim'], row_cell(entry, r)), {'seeds': {}, 'quality': r.get('quality')})
+            cell = cells.setdefault((entry['victim'], row_cell(entry, r)),
+                                    {'seeds': {}, 'quality': r.get('quality')})
             for seed, v in r['per_seed'][config].items():
                 if seed in clean:
                     cell['seeds'][int(seed)] = (v, clean[seed])
