@@ -11,16 +11,15 @@ fixed share F of the training cases left clean.
 ``--victim`` is an exploiter profile (stock: ``nnUNetTrainer_5epochs``; noda: ``nnUNetTrainerNoDA_5epochs``;
 adam, labelaware, noSpatial, noNoiseBlur, noIntensity, noLowRes, noMirror: the profiles of
 ``trainers/victim_profiles.py``; or any trainer class with ``--victim-trainer``). Every cell is one
-``voxshield_evaluate`` folder
-``eval_<victim>_<cell>[+<defence>...]_seed<seeds>`` (``--victim-plans``: a residual-encoder victim, profile
-``<victim>-ResEncM_cpu``; ``--configuration 2d``: profile ``<victim>-2d``; ``--defences``: the exploiter purifies the
-protected copy first, one row ``<method>+<defence>@<eps>`` each, next to ``clean+<defence>@0``, its victim on the
-purified clean data, which says what the purification alone costs (``--no-defend-clean`` skips those); a defence
-folder's unpurified row is left to the cell's own folder); the clean victim of a profile and seed is trained once
-and reused by all its cells (so run the first cell of a profile alone before starting parallel lanes of that
-profile; a lane that needs a copy another lane is training or exporting waits for it under a lock). Uses the split
-and CPU preset of benchmarks/hippocampus.py; results merge into -o/map.json (lanes may run side by side), the table
-prints, map.md and frontier.png are written.
+``voxshield_evaluate`` folder ``eval_<victim>_<cell>[+<defence>...]_seed<seeds>`` (``--victim-plans``: a
+residual-encoder victim, profile ``<victim>-ResEncM_cpu``; ``--configuration 2d``: profile ``<victim>-2d``;
+``--defences``: the exploiter purifies the protected copy first, one row ``<method>+<defence>@<eps>`` each, next to
+``clean+<defence>@0``, its victim on the purified clean data, which says what the purification alone costs
+(``--no-defend-clean`` skips those); a defence folder's unpurified row is left to the cell's own folder); the clean
+victim of a profile and seed is trained once and reused by all its cells (so run the first cell of a profile alone
+before starting parallel lanes of that profile; a lane that needs a copy another lane is training or exporting waits
+for it under a lock). Uses the split and CPU preset of benchmarks/hippocampus.py; results merge into -o/map.json
+(lanes may run side by side), the table prints, map.md and frontier.png are written.
 """
 import argparse
 import fcntl
@@ -381,12 +380,11 @@ def main():
     profile = args.victim if args.victim_plans == hb.PLANS else f'{args.victim}-{plans_tag(args.victim_plans)}'
     if args.configuration != '3d_fullres':
         profile = f'{profile}-{args.configuration}'
-    from nnunetv2_voxshield.defences import defence_key, parse_defence
-    for spec in args.defences:
-        try:
-            parse_defence(spec)
-        except ValueError as e:
-            parser.error(f'--defences {spec}: {e}')
+    from nnunetv2_voxshield.defences import defence_key
+    try:  # checked before any protector trains; also the folder name's suffix
+        purified = ''.join('+' + defence_key(d) for d in args.defences)
+    except ValueError as e:
+        parser.error(f'--defences: {e}')
 
     roots = {k: out / k for k in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results')}
     for d in roots.values():
@@ -409,8 +407,7 @@ def main():
     train_env = {**env, 'nnUNet_n_proc_DA': '0'}
     for cell in cells:
         dataset = protect(cell, roots, train_env, logs, mapfile, clean, args.protector_epochs)
-        key = (f'{profile}_{cell_label(cell)}{"".join("+" + defence_key(d) for d in args.defences)}'
-               f'_seed{"-".join(map(str, args.seeds))}')
+        key = f'{profile}_{cell_label(cell)}{purified}_seed{"-".join(map(str, args.seeds))}'
         folder = out / f'eval_{key}'
         others = [str(d) for d in sorted(out.glob('eval_*')) if d != folder and (d / 'state.json').is_file()]
         hb.log(f'victims ({victim_trainer}, seeds {args.seeds}): clean vs {cell["cell"]} -> {folder.name}')
