@@ -13,6 +13,7 @@ adam, labelaware, noSpatial, noNoiseBlur, noIntensity, noLowRes, noMirror: the p
 ``trainers/victim_profiles.py``; or any trainer class with ``--victim-trainer``). Every cell is one
 ``voxshield_evaluate`` folder ``eval_<victim>_<cell>[+<defence>...]_seed<seeds>`` (``--victim-plans``: a
 residual-encoder victim, profile ``<victim>-ResEncM_cpu``; ``--configuration 2d``: profile ``<victim>-2d``;
+``--victim-epochs N`` other than 5: profile ``<victim>-<N>ep``;
 ``--defences``: the exploiter purifies the protected copy first, one row ``<method>+<defence>@<eps>`` each, next to
 ``clean+<defence>@0``, its victim on the purified clean data, which says what the purification alone costs
 (``--no-defend-clean`` skips those); a defence folder's unpurified row is left to the cell's own folder); the clean
@@ -37,9 +38,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import hippocampus as hb  # noqa: E402  (split, raw preparation, command runner)
 
+DEFAULT_VICTIM_EPOCHS = 5
 EXPORT_METHODS = ('random', 'offset', 'checkerboard', 'stripes', 'smooth', 'grow', 'shrink', 'lsp')
 TRAINED = {'VoxShield': 'nnUNetTrainerVoxShield', 'VoxShield-EOT': 'nnUNetTrainerVoxShieldEOT',
-           'VoxShield-LC': 'nnUNetTrainerVoxShieldLC', 'VoxShield-LC-tile4': 'nnUNetTrainerVoxShieldLC_tile4',
+           'VoxShield-LC': 'nnUNetTrainerVoxShieldLC', 'VoxShield-LC-noReg': 'nnUNetTrainerVoxShieldLC_noReg',
+           'VoxShield-LC-tile4': 'nnUNetTrainerVoxShieldLC_tile4',
            'VoxShield-LC-tile4-noDA': 'nnUNetTrainerVoxShieldLC_tile4_noDA',
            'VoxShield-LC-tile4-noDA-cbInit': 'nnUNetTrainerVoxShieldLC_tile4_noDA_cbInit',
            'VoxShield-LC-tile4-fastP': 'nnUNetTrainerVoxShieldLC_tile4_fastP',
@@ -88,6 +91,16 @@ def protector_trainer(cell: dict, epochs: int) -> str:
 def plans_tag(plans: str) -> str:
     """'nnUNetResEncUNetMPlans_cpu' -> 'ResEncM_cpu' (the victim profile's suffix for non-default victim plans)."""
     return plans.replace('nnUNet', '').replace('UNet', '').replace('Plans', '').strip('_')
+
+
+def profile_name(victim: str, plans: str, configuration: str, victim_epochs: int) -> str:
+    """The table's victim profile: ``victim`` [-<plans tag>] [-<configuration>] [-<N>ep], each suffix only where it
+    differs from the map's default (stock plans, 3d_fullres, ``DEFAULT_VICTIM_EPOCHS``), so a longer or other victim
+    never pools with the default one."""
+    profile = victim if plans == hb.PLANS else f'{victim}-{plans_tag(plans)}'
+    if configuration != '3d_fullres':
+        profile = f'{profile}-{configuration}'
+    return profile if victim_epochs == DEFAULT_VICTIM_EPOCHS else f'{profile}-{victim_epochs}ep'
 
 
 class MapFile:
@@ -348,7 +361,8 @@ def main():
     parser.add_argument('--victim', default='stock', help='exploiter profile name: stock, noda, or a name of your '
                                                           'choice with --victim-trainer')
     parser.add_argument('--victim-trainer', default=None, help='victim trainer class (default: from --victim)')
-    parser.add_argument('--victim-epochs', type=int, default=5)
+    parser.add_argument('--victim-epochs', type=int, default=DEFAULT_VICTIM_EPOCHS,
+                        help='victim schedule (default 5); another is its own profile <victim>-<N>ep')
     parser.add_argument('--protector-epochs', type=int, default=5)
     parser.add_argument('--victim-plans', default=hb.PLANS,
                         help=f'victim plans (default {hb.PLANS}); e.g. nnUNetResEncUNetMPlans_cpu for a residual-encoder '
@@ -377,9 +391,7 @@ def main():
     if args.victim_trainer is None and args.victim not in VICTIMS:
         parser.error(f'--victim {args.victim!r} needs --victim-trainer (built in: {", ".join(VICTIMS)})')
     victim_trainer = args.victim_trainer or VICTIMS[args.victim].format(e=args.victim_epochs)
-    profile = args.victim if args.victim_plans == hb.PLANS else f'{args.victim}-{plans_tag(args.victim_plans)}'
-    if args.configuration != '3d_fullres':
-        profile = f'{profile}-{args.configuration}'
+    profile = profile_name(args.victim, args.victim_plans, args.configuration, args.victim_epochs)
     from nnunetv2_voxshield.defences import defence_key
     try:  # checked before any protector trains; also the folder name's suffix
         purified = ''.join('+' + defence_key(d) for d in args.defences)
@@ -400,7 +412,7 @@ def main():
         hb.run(['nnUNetv2_plan_and_preprocess', '-d', '4', '-c', '3d_fullres', '-np', '1'], env, logs / 'plan.log')
         hb.run(['voxshield_plans', '-d', '4', '--preset', 'cpu'], env, logs / 'plan.log')
     mapfile.update(lambda d: d.setdefault('settings', {}).update(
-        split=str(hb.SPLIT.relative_to(HERE.parent)), plans=hb.PLANS, victim_epochs=args.victim_epochs,
+        split=str(hb.SPLIT.relative_to(HERE.parent)), plans=hb.PLANS, victim_epochs=DEFAULT_VICTIM_EPOCHS,
         protector_epochs=args.protector_epochs, victim_configuration='3d_fullres', tta=False))
 
     from nnunetv2_voxshield.evaluate import evaluate
@@ -419,7 +431,8 @@ def main():
                           defend_clean=bool(args.defences) and args.defend_clean)
         mapfile.update(lambda d: d.setdefault('eval', {}).__setitem__(key, {
             'victim': profile, 'victim_trainer': victim_trainer, 'victim_plans': args.victim_plans,
-            'configuration': args.configuration, 'defences': args.defences, 'cell': cell['cell'], 'seeds': args.seeds,
+            'configuration': args.configuration, 'victim_epochs': args.victim_epochs, 'defences': args.defences,
+            'cell': cell['cell'], 'seeds': args.seeds,
             'seconds': time.time() - t0, 'report': report}))
         mapfile.update(lambda d: record_overlap(d, out, clean / 'labelsTs'))
     print_table(json.loads(mapfile.path.read_text()), out)

@@ -206,6 +206,24 @@ def test_noDA_variant_optimises_through_no_augmentation(lc_env):
     assert not torch.equal(before, trainer.generator.pattern.detach())
 
 
+@pytest.mark.parametrize('name, regularised', [('nnUNetTrainerVoxShieldLC_noReg_eps64', False),
+                                                ('nnUNetTrainerVoxShieldLC_eps64', True)])
+def test_noReg_generator_minimises_L_seg_alone(lc_env, name, regularised):
+    """``_noReg`` (issue 13.2): a generator step's objective is L_seg alone; the plain trainer's adds 0.2 L_ISC +
+    0.05 L_SPD (Eq. 6). Both at 64/255, and the checkpoint records the lambdas."""
+    trainer = make_trainer(name=name)
+    assert trainer.eps == pytest.approx(64 / 255)
+    objectives = []
+    trainer.update_generator = lambda l_g: objectives.append(float(l_g))
+    batch = next(trainer.dataloader_train)
+    out = trainer.generator_step(batch['data'][:1], batch['target'][:1], batch['keys'][:1])
+    expected = out['l_seg'] + (0.2 * out['l_isc'] + 0.05 * out['l_spd'] if regularised else 0.0)
+    assert objectives == [pytest.approx(expected, rel=1e-5)]
+    assert abs(0.2 * out['l_isc'] + 0.05 * out['l_spd']) > 1e-3  # so the two objectives differ measurably
+    state = trainer.voxshield_state()
+    assert (state['lambda_isc'], state['lambda_spd']) == ((0.2, 0.05) if regularised else (0.0, 0.0))
+
+
 def test_fast_pattern_rate_moves_the_code(lc_env):
     """``_fastP``: P in its own Adam group at 1e-2, G at generator_lr; one generator step moves P by ~1e-2 (Adam's
     first step is lr x sign(grad)), 100x what the plain trainer allows."""

@@ -31,6 +31,10 @@ def test_parse_cell_and_names():
     # a residual-encoder victim is its own profile: its rows never pool with the plain U-Net's
     assert pmap.plans_tag('nnUNetResEncUNetMPlans_cpu') == 'ResEncM_cpu'
     assert pmap.plans_tag('nnUNetResEncUNetLPlans') == 'ResEncL'
+    # so is every other victim setting; the map's defaults (stock plans, 3d_fullres, 5 epochs) add no suffix
+    assert pmap.profile_name('stock', pmap.hb.PLANS, '3d_fullres', 5) == 'stock'
+    assert pmap.profile_name('stock', pmap.hb.PLANS, '3d_fullres', 20) == 'stock-20ep'
+    assert pmap.profile_name('noda', 'nnUNetResEncUNetMPlans_cpu', '2d', 20) == 'noda-ResEncM_cpu-2d-20ep'
 
 
 def _entry(victim, cell, seeds, clean, protected):

@@ -140,6 +140,13 @@ class nnUNetTrainerVoxShieldLC_patternOnly(nnUNetTrainerVoxShieldLC):
     use_generator = False
 
 
+class nnUNetTrainerVoxShieldLC_noReg(nnUNetTrainerVoxShieldLC):
+    """Ablation (issue 13.2: do L_ISC and L_SPD help here?): lambda_isc = lambda_spd = 0, so the generator minimises
+    L_seg alone (Eq. 6 without its two regularisers)."""
+    lambda_isc = 0.0
+    lambda_spd = 0.0
+
+
 class nnUNetTrainerVoxShieldLC_tile4(nnUNetTrainerVoxShieldLC):
     """A period-4 class code: one free parameter per voxel of a 4^3 tile (the band that survives stock augmentation
     best among the fixed controls), instead of a 4^3 grid upsampled to 16^3."""
@@ -295,7 +302,8 @@ def _module_level(cls: type) -> type:
 
 
 EPOCHS = (1, 5, 10, 20)
-BASES = [nnUNetTrainerVoxShieldLC, nnUNetTrainerVoxShieldLC_patternOnly, nnUNetTrainerVoxShieldLC_tile4,
+BASES = [nnUNetTrainerVoxShieldLC, nnUNetTrainerVoxShieldLC_patternOnly, nnUNetTrainerVoxShieldLC_noReg,
+         nnUNetTrainerVoxShieldLC_tile4,
          nnUNetTrainerVoxShieldLC_tile4_noDA,
          _module_level(budget_variant(nnUNetTrainerVoxShieldLC_tile4_noDA, 'eps10', 10 / 255)),
          _module_level(budget_variant(nnUNetTrainerVoxShieldLC_tile4_noDA_cbInit, 'eps10', 10 / 255)),
@@ -310,6 +318,7 @@ BASES = [nnUNetTrainerVoxShieldLC, nnUNetTrainerVoxShieldLC_patternOnly, nnUNetT
              nnUNetTrainerVoxShieldLC_probe, nnUNetTrainerVoxShieldLC_probe_cb)],
          *[_module_level(budget_variant(nnUNetTrainerVoxShieldLC_align, f'eps{n}', n / 255)) for n in (16, 64)]]
 BASES += [_module_level(budget_variant(b, f'eps{n}', n / 255)) for b in (nnUNetTrainerVoxShieldLC,
+                                                                        nnUNetTrainerVoxShieldLC_noReg,
                                                                         nnUNetTrainerVoxShieldLC_tile4)
           for n in (8, 16, 64)]
 globals().update({cls.__name__: cls for cls in BASES})
