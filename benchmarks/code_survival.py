@@ -16,8 +16,9 @@ and, replayed with the same random state, to x. Per sample and code, in the labe
   relative to before T (noise and blur change the denominator).
 
 band: textures (checkerboard, stripes) keep the detail v - Gaussian(v, 2 voxels); for offset and smooth it is the
-code itself, and the image minus its mean over the labels. The same draws of T serve every code. Prints a table (median, share of samples below 0.5 and 0.25),
-writes -o/code_survival.json.
+code itself, and the image minus its mean over the labels. The same draws of T serve every code. ``--without
+FAMILY``: the same with stock minus one augmentation family (the victim profiles ``nnUNetTrainerDA_no<Family>``).
+Prints a table (median, share of samples below 0.5 and 0.25), writes -o/code_survival[_without_<family>].json.
 """
 import argparse
 import json
@@ -79,6 +80,10 @@ def main():
     parser.add_argument('--samples', type=int, default=400)
     parser.add_argument('--cases', type=int, default=40, help='training cases drawn from (sorted, first N)')
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--codes', nargs='+', default=list(CODES), choices=list(CODES))
+    parser.add_argument('--without', default=None,
+                        help='stock minus one augmentation family (spatial, noise_blur, intensity, lowres, '
+                             'mirror: the victim profiles nnUNetTrainerDA_no<Family>)')
     args = parser.parse_args()
     out = Path(args.o).resolve()
     for k in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'):
@@ -95,10 +100,14 @@ def main():
                                     device=torch.device('cpu'))
     patch = trainer.configuration_manager.patch_size
     rotation, dummy_2d, initial, mirror = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-    transform = trainer.get_training_transforms(patch, rotation, None, mirror, dummy_2d,
-                                                use_mask_for_norm=trainer.configuration_manager.use_mask_for_norm,
-                                                is_cascaded=False, foreground_labels=trainer.label_manager.foreground_labels,
-                                                regions=None, ignore_label=None)
+    transform = trainer.get_training_transforms(
+        patch, rotation, None, mirror, dummy_2d, use_mask_for_norm=trainer.configuration_manager.use_mask_for_norm,
+        is_cascaded=False, foreground_labels=trainer.label_manager.foreground_labels, regions=None, ignore_label=None)
+    if args.without is not None:
+        from nnunetv2_voxshield.trainers.victim_profiles import FAMILIES, without
+        if args.without not in FAMILIES:
+            parser.error(f'--without: one of {", ".join(FAMILIES)}, got {args.without!r}')
+        transform = without(transform, FAMILIES[args.without])
     folder = trainer.preprocessed_dataset_folder
     keys = sorted(infer_dataset_class(folder).get_identifiers(folder))[:args.cases]
     dataset = infer_dataset_class(folder)(folder, keys)
@@ -109,7 +118,8 @@ def main():
         lo, hi = np.percentile(x, [0.5, 99.5])
         cases[key] = (x, y, eps * (hi - lo))
     rng = np.random.default_rng(args.seed)
-    results = {name: {'retained': [], 'readable': []} for name in CODES}
+    codes = {name: CODES[name] for name in args.codes}
+    results = {name: {'retained': [], 'readable': []} for name in codes}
     for i in range(args.samples):
         key = keys[rng.integers(len(keys))]
         x, y, b = cases[key]
@@ -120,7 +130,7 @@ def main():
         np.random.seed((args.seed * 100003 + i) % 2 ** 32)
         with replay_rng() as rewind:
             clean = transform(image=torch.from_numpy(xc[None].copy()), segmentation=torch.from_numpy(yc[None].copy()))
-            for name, (method, block) in CODES.items():
+            for name, (method, block) in codes.items():
                 delta = LabelCodedSource(method, block=block).compute_delta_raw(x[None], y, np.array([b]), key)[0]
                 dc = crop_around((delta.astype(np.float32),), centre, initial)[0]
                 rewind()
@@ -131,7 +141,8 @@ def main():
                 results[name]['retained'].append(r)
                 results[name]['readable'].append(q)
     summary = {}
-    lines = [f'Stock augmentation, {args.samples} draws, eps {args.eps} (per sample, in the labels after T)', '',
+    pipeline = 'Stock augmentation' + (f' without {args.without}' if args.without else '')
+    lines = [f'{pipeline}, {args.samples} draws, eps {args.eps} (per sample, in the labels after T)', '',
              '| code | retained: median | < 0.5 | < 0.25 | readable: median | < 0.5 | < 0.25 |',
              '| --- | --- | --- | --- | --- | --- | --- |']
     for name, r in results.items():
@@ -142,14 +153,18 @@ def main():
             row[metric] = {'median': float(np.median(v)), 'below_0.5': float(np.mean(v < 0.5)),
                            'below_0.25': float(np.mean(v < 0.25)), 'n': int(v.size)}
         summary[name] = row
-        lines.append(f'| {name} | ' + ' | '.join(f'{row[m]["median"]:.2f} | {row[m]["below_0.5"]:.2f} | '
-                                                 f'{row[m]["below_0.25"]:.2f}' for m in ('retained', 'readable')) + ' |')
+        cells = [f'{row[m]["median"]:.2f} | {row[m]["below_0.5"]:.2f} | {row[m]["below_0.25"]:.2f}'
+                 for m in ('retained', 'readable')]
+        lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
     print('\n'.join(lines))
-    (out / 'code_survival.json').write_text(json.dumps({
-        'settings': {'eps': args.eps, 'samples': args.samples, 'cases': args.cases, 'seed': args.seed,
+    name = 'code_survival' + (f'_without_{args.without}' if args.without else '') + '.json'
+    (out / name).write_text(json.dumps({
+        'settings': {'without': args.without, 'eps': args.eps, 'samples': args.samples, 'cases': args.cases,
+                     'seed': args.seed,
                      'patch_size': list(patch), 'initial_patch_size': [int(s) for s in initial],
                      'plans': 'nnUNetPlans_cpu'},
-        'summary': summary, 'per_sample': results}, indent=1))
+        'summary': summary,
+        'per_sample': {n: {m: [round(v, 4) for v in r[m]] for m in r} for n, r in results.items()}}, indent=1))
 
 
 if __name__ == '__main__':
