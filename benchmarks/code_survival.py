@@ -18,7 +18,8 @@ and, replayed with the same random state, to x. Per sample and code, in the labe
 band: textures (checkerboard, stripes) keep the detail v - Gaussian(v, 2 voxels); for offset and smooth it is the
 code itself, and the image minus its mean over the labels. The same draws of T serve every code. ``--without
 FAMILY``: the same with stock minus one augmentation family (the victim profiles ``nnUNetTrainerDA_no<Family>``).
-Prints a table (median, share of samples below 0.5 and 0.25), writes -o/code_survival[_without_<family>].json.
+Prints a table (median, share of samples below 0.5 and 0.25), writes -o/code_survival[_without_<family>].json;
+``--table-only`` prints the share below 0.5 of every run in -o side by side.
 """
 import argparse
 import json
@@ -73,6 +74,22 @@ def crop_around(arrays, centre, size):
     return out
 
 
+def combined_table(out: Path, metric: str = 'retained') -> str:
+    """One row per code, one column per pipeline (stock, then stock without each family measured in -o): the share
+    of samples that keep < 0.5 of the code's amplitude (``metric``)."""
+    runs = {'stock': out / 'code_survival.json'}
+    runs.update({f'without {f.stem[len("code_survival_without_"):]}': f
+                 for f in sorted(out.glob('code_survival_without_*.json'))})
+    summaries = {k: json.loads(f.read_text())['summary'] for k, f in runs.items() if f.is_file()}
+    codes = list(next(iter(summaries.values()))) if summaries else []
+    lines = [f'Share of samples with {metric} < 0.5', '', '| code | ' + ' | '.join(summaries) + ' |',
+             '| --- |' + ' --- |' * len(summaries)]
+    for code in codes:
+        cells = [f'{s[code][metric]["below_0.5"]:.2f}' if code in s else '-' for s in summaries.values()]
+        lines.append(f'| {code} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('-o', default=str(HERE / 'out' / 'map'), help="the protection map's output folder")
@@ -81,11 +98,17 @@ def main():
     parser.add_argument('--cases', type=int, default=40, help='training cases drawn from (sorted, first N)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--codes', nargs='+', default=list(CODES), choices=list(CODES))
+    parser.add_argument('--table-only', action='store_true',
+                        help='print the share below 0.5 of every run in -o (stock and each --without)')
     parser.add_argument('--without', default=None,
                         help='stock minus one augmentation family (spatial, noise_blur, intensity, lowres, '
                              'mirror: the victim profiles nnUNetTrainerDA_no<Family>)')
     args = parser.parse_args()
     out = Path(args.o).resolve()
+    if args.table_only:
+        if not (out / 'code_survival.json').is_file():
+            parser.error(f'{out / "code_survival.json"}: not found (run without --table-only first)')
+        return print(combined_table(out))
     for k in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'):
         os.environ[k] = str(out / k)
     import torch

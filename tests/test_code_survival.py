@@ -49,3 +49,13 @@ def test_crop_around_centres_and_pads():
     assert c.shape == (3, 3, 3) and c[1, 1, 1] == a[2, 3, 3] and np.array_equal(c, a[1:4, 2:5, 2:5])
     (edge,) = cs.crop_around((a,), (0, 0, 0), (4, 4, 4))  # centre at the corner: zeros outside the array
     assert edge.shape == (4, 4, 4) and edge[2, 2, 2] == a[0, 0, 0] and edge[0].sum() == 0
+
+
+def test_combined_table_puts_each_pipeline_in_a_column(tmp_path):
+    import json
+    run = lambda shares: {'summary': {c: {'retained': {'below_0.5': v}} for c, v in shares.items()}}  # noqa: E731
+    (tmp_path / 'code_survival.json').write_text(json.dumps(run({'checkerboard': 0.48, 'offset': 0.0})))
+    (tmp_path / 'code_survival_without_spatial.json').write_text(json.dumps(run({'checkerboard': 0.19})))
+    table = cs.combined_table(tmp_path).split('\n')
+    assert table[2] == '| code | stock | without spatial |'
+    assert table[4:] == ['| checkerboard | 0.48 | 0.19 |', '| offset | 0.00 | - |']
