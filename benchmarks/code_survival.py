@@ -134,19 +134,20 @@ def main():
     folder = trainer.preprocessed_dataset_folder
     keys = sorted(infer_dataset_class(folder).get_identifiers(folder))[:args.cases]
     dataset = infer_dataset_class(folder)(folder, keys)
-    cases = {}
+    codes = {name: CODES[name] for name in args.codes}
+    cases = {}  # key: (x, y, foreground voxels, {code: delta}), each code's delta computed once per case
     for key in keys:
         data, seg, _, _ = dataset.load_case(key)
         x, y = np.asarray(data[0], dtype=np.float32), np.asarray(seg[0]).astype(np.int16)
-        lo, hi = np.percentile(x, [0.5, 99.5])
-        cases[key] = (x, y, eps * (hi - lo))
+        b = np.array([eps * np.subtract(*np.percentile(x, [99.5, 0.5]))])
+        deltas = {name: LabelCodedSource(method, block=block).compute_delta_raw(x[None], y, b, key)[0]
+                  .astype(np.float32) for name, (method, block) in codes.items()}
+        cases[key] = (x, y, np.argwhere(y > 0), deltas)
     rng = np.random.default_rng(args.seed)
-    codes = {name: CODES[name] for name in args.codes}
     results = {name: {'retained': [], 'readable': []} for name in codes}
     for i in range(args.samples):
         key = keys[rng.integers(len(keys))]
-        x, y, b = cases[key]
-        fg = np.argwhere(y > 0)
+        x, y, fg, deltas = cases[key]
         centre = fg[rng.integers(len(fg))]
         xc, yc = crop_around((x, y), centre, initial)
         torch.manual_seed(args.seed * 100003 + i)
@@ -154,8 +155,7 @@ def main():
         with replay_rng() as rewind:
             clean = transform(image=torch.from_numpy(xc[None].copy()), segmentation=torch.from_numpy(yc[None].copy()))
             for name, (method, block) in codes.items():
-                delta = LabelCodedSource(method, block=block).compute_delta_raw(x[None], y, np.array([b]), key)[0]
-                dc = crop_around((delta.astype(np.float32),), centre, initial)[0]
+                dc = crop_around((deltas[name],), centre, initial)[0]
                 rewind()
                 coded = transform(image=torch.from_numpy((xc + dc)[None].copy()),
                                   segmentation=torch.from_numpy(yc[None].copy()))
