@@ -1,0 +1,128 @@
+"""How strong each fixed class code is against the image's own content in its frequency band (issue 13).
+
+    python benchmarks/code_strength.py -o benchmarks/out/map --eps 16/255
+
+The protection map says that against a victim without augmentation (NoDA) a fine code protects and a coarse one does
+not (checkerboard at 16/255: period 2 -> 0.02 of clean, period 4 -> 0.44, period 8 -> 0.99). This asks why without
+training anything: in a Hann-windowed ``--window``^3 neighbourhood of every labelled voxel, the power of the code's
+band (the window's DFT bin where the code's unit pattern has its peak, per class) in the code, b x pattern, and in
+the clean image. The ratio of their means over the labelled voxels of the training cases is the code's local SNR:
+how far a linear detector tuned to the code stands above what the anatomy puts in the same band.
+
+Images are the raw training cases of the map's Dataset004_Hippocampus (``-o``/nnUNet_raw; ``--dataset`` another raw
+folder), in units of each case's p0.5-p99.5 range minus its mean (b = eps, the export's rule; the mean does not
+matter to any band but the offset's). The offset's band is bin 0 (the local mean), so its image power is how much
+the local mean intensity varies over the labels and cases. Prints a table, writes -o/code_strength.json.
+"""
+import argparse
+import json
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+CODES = {'checkerboard': ('checkerboard', 1), 'checkerboard:block=2': ('checkerboard', 2),
+         'checkerboard:block=4': ('checkerboard', 4), 'stripes': ('stripes', 1), 'stripes:block=2': ('stripes', 2),
+         'stripes:block=4': ('stripes', 4), 'offset': ('offset', 1), 'smooth': ('smooth', 1)}
+DEFAULT_WINDOW = 8
+
+
+def window_kernel(k: tuple, n: int) -> np.ndarray:
+    """Hann window x exp(-2 pi i k.w / n) over an n^3 block: correlating with it gives bin k of the local DFT."""
+    h = np.hanning(n + 2)[1:-1]
+    w = np.arange(n)
+    grids = np.meshgrid(w, w, w, indexing='ij')
+    return (h[:, None, None] * h[None, :, None] * h[None, None, :]
+            * np.exp(-2j * np.pi * sum(ki * g for ki, g in zip(k, grids)) / n))
+
+
+def peak_bin(pattern: np.ndarray, n: int) -> tuple:
+    """The DFT bin (of a Hann-windowed n^3 block of ``pattern``, taken at its origin) with the most power; ties go to
+    the lowest bin in C order. Only 0..n/2 per axis: a real pattern's power is symmetric."""
+    h = np.hanning(n + 2)[1:-1]
+    block = pattern[:n, :n, :n] * h[:, None, None] * h[None, :, None] * h[None, None, :]
+    power = np.abs(np.fft.fftn(block)) ** 2
+    half = power[:n // 2 + 1, :n // 2 + 1, :n // 2 + 1]
+    return tuple(int(i) for i in np.unravel_index(int(np.argmax(np.round(half, 9))), half.shape))
+
+
+def band_power(v: np.ndarray, k: tuple, n: int) -> np.ndarray:
+    """Power of bin ``k`` of the Hann-windowed local n^3 DFT of ``v`` around every voxel (the block from n/2 voxels
+    before it on each axis; mirrored at the edges)."""
+    from scipy.signal import fftconvolve
+    padded = np.pad(np.asarray(v, dtype=np.float64), [(n // 2, n - 1 - n // 2)] * np.ndim(v), mode='symmetric')
+    return np.abs(fftconvolve(padded, window_kernel(k, n)[::-1, ::-1, ::-1], mode='valid')) ** 2
+
+
+def code_strength(cases, method: str, block: int, eps: float, n: int = DEFAULT_WINDOW) -> dict:
+    """For ``cases`` (pairs of a 3D image in range units and its labels): per class, the code's bin, and over the
+    labelled voxels of every case the mean band power of the image and of the code, and their ratio (SNR)."""
+    from nnunetv2_voxshield.controls import LabelCodedSource
+    source = LabelCodedSource(method, block=block)
+    image, code, bins = [], [], {}
+    for x, seg in cases:
+        delta = source.compute_delta_raw(x[None], seg, np.array([eps]), 'case')[0]
+        for label in np.unique(seg[seg > 0]):
+            label = int(label)
+            if label not in bins:
+                bins[label] = peak_bin(source.pattern(label, (n, n, n)), n)
+            where = seg == label
+            image.append(band_power(x, bins[label], n)[where])
+            code.append(band_power(delta, bins[label], n)[where])
+    if not image:
+        raise ValueError('no labelled voxels in any case')
+    image_power, code_power = float(np.mean(np.concatenate(image))), float(np.mean(np.concatenate(code)))
+    return {'bins': {str(k): list(v) for k, v in sorted(bins.items())}, 'image_power': image_power,
+            'code_power': code_power, 'snr': code_power / image_power}
+
+
+def load_cases(dataset: Path, n_cases: int) -> list:
+    """(image in units of its p0.5-p99.5 range, minus its mean; labels) of the first ``n_cases`` training cases."""
+    import SimpleITK as sitk
+    labels = sorted((dataset / 'labelsTr').glob('*.nii.gz'))[:n_cases]
+    if not labels:
+        raise SystemExit(f'{dataset / "labelsTr"}: no .nii.gz labels')
+    cases = []
+    for label in labels:
+        image = dataset / 'imagesTr' / label.name.replace('.nii.gz', '_0000.nii.gz')
+        x = sitk.GetArrayFromImage(sitk.ReadImage(str(image))).astype(np.float64)
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(str(label))).astype(np.int16)
+        low, high = np.percentile(x, [0.5, 99.5])
+        cases.append(((x - x.mean()) / max(high - low, 1e-12), seg))
+    return cases
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('-o', default=str(HERE / 'out' / 'map'), help="the protection map's output folder")
+    parser.add_argument('--dataset', default=None, help='a raw nnU-Net dataset folder (default: the map\'s '
+                                                        'nnUNet_raw/Dataset004_Hippocampus)')
+    parser.add_argument('--eps', default='16/255')
+    parser.add_argument('--cases', type=int, default=40, help='training cases (sorted, first N)')
+    parser.add_argument('--window', type=int, default=DEFAULT_WINDOW, help='local DFT block edge (voxels)')
+    parser.add_argument('--codes', nargs='+', default=list(CODES), choices=list(CODES))
+    args = parser.parse_args()
+    out = Path(args.o).resolve()
+    dataset = Path(args.dataset) if args.dataset else out / 'nnUNet_raw' / 'Dataset004_Hippocampus'
+    if not dataset.is_dir():
+        parser.error(f'{dataset}: not a folder (run protection_map.py first, or pass --dataset)')
+    cases = load_cases(dataset, args.cases)
+    eps = float(Fraction(args.eps))
+    results = {name: code_strength(cases, *CODES[name], eps, args.window) for name in args.codes}
+    lines = [f'Local band power in the labels ({len(cases)} cases, {args.window}^3 Hann window, eps {args.eps})', '',
+             '| code | bin per class | image power | code power | SNR |', '| --- | --- | --- | --- | --- |']
+    for name, r in results.items():
+        bins = ', '.join(f'{k}: {tuple(v)}' for k, v in r['bins'].items())
+        lines.append(f'| {name} | {bins} | {r["image_power"]:.3g} | {r["code_power"]:.3g} | {r["snr"]:.3g} |')
+    print('\n'.join(lines))
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / 'code_strength.json.partial'
+    tmp.write_text(json.dumps({'settings': {'dataset': str(dataset), 'eps': args.eps, 'cases': len(cases),
+                                            'window': args.window}, 'codes': results}, indent=1))
+    tmp.replace(out / 'code_strength.json')
+
+
+if __name__ == '__main__':
+    sys.exit(main())
