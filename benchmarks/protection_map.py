@@ -53,7 +53,8 @@ TRAINED = {'VoxShield': 'nnUNetTrainerVoxShield', 'VoxShield-EOT': 'nnUNetTraine
 VICTIMS = {'stock': 'nnUNetTrainer_{e}epochs', 'noda': 'nnUNetTrainerNoDA_{e}epochs',
            'adam': 'nnUNetTrainerVanillaAdam5en4_{e}epochs', 'labelaware': 'nnUNetTrainerLabelAware_{e}epochs',
            **{f'no{f}': f'nnUNetTrainerDA_no{f}_{{e}}epochs'
-              for f in ('Spatial', 'NoiseBlur', 'Intensity', 'LowRes', 'Mirror')}}
+              for f in ('Spatial', 'NoiseBlur', 'Intensity', 'LowRes', 'Mirror')},
+           'intensityMirrorOnly': 'nnUNetTrainerDA_intensityMirrorOnly_{e}epochs'}
 FIRST_ID = 100  # protected copies get dataset ids from here, one per cell (recorded in map.json)
 
 

@@ -22,6 +22,8 @@ FAMILY_PROFILES = {  # profile -> transform classes (by name) it must lack, from
     vp.nnUNetTrainerDA_noIntensity: {'MultiplicativeBrightnessTransform', 'ContrastTransform', 'GammaTransform'},
     vp.nnUNetTrainerDA_noLowRes: {'SimulateLowResolutionTransform'},
     vp.nnUNetTrainerDA_noMirror: {'MirrorTransform'},
+    vp.nnUNetTrainerDA_intensityMirrorOnly: {'SpatialTransform', 'GaussianNoiseTransform', 'GaussianBlurTransform',
+                                             'SimulateLowResolutionTransform'},
 }
 PSEUDO_2D = {'Convert3DTo2DTransform', 'Convert2DTo3DTransform'}
 
@@ -72,7 +74,7 @@ def test_every_profile_and_schedule_is_found_by_nnunets_lookup_as_ours():
 def test_family_profile_is_stock_minus_exactly_that_family(profile, dummy_2d):
     stock = leaves(nnUNetTrainer.get_training_transforms(PATCH, (-0.5, 0.5), DS_SCALES, (0, 1, 2), dummy_2d))
     ours = leaves(training_pipeline(profile, dummy_2d))
-    family = FAMILY_PROFILES[profile] | (PSEUDO_2D if profile is vp.nnUNetTrainerDA_noSpatial else set())
+    family = FAMILY_PROFILES[profile] | (PSEUDO_2D if issubclass(profile, vp.nnUNetTrainerDA_noSpatial) else set())
     assert not family & set(ours)
     assert ours == [name for name in stock if name not in family]  # every other transform kept, in stock's order
     assert set(Counter(stock) - Counter(ours)) == family & set(stock) and FAMILY_PROFILES[profile] <= set(stock)
@@ -220,7 +222,7 @@ def test_every_profile_trains_a_step_on_real_data(profile, hippocampus_env):
     trainer.on_train_start()
     patch = tuple(trainer.configuration_manager.patch_size)
     assert trainer.num_epochs == 1
-    if profile is vp.nnUNetTrainerDA_noSpatial:
+    if issubclass(profile, vp.nnUNetTrainerDA_noSpatial):
         assert tuple(trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[2]) == patch
     if profile is vp.nnUNetTrainerDA_noMirror:  # training mirroring only: test-time mirroring stays stock
         assert tuple(trainer.inference_allowed_mirroring_axes) == (0, 1, 2)

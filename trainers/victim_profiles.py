@@ -2,6 +2,8 @@
 
 - ``nnUNetTrainerNoDA_<N>epochs``: stock ``nnUNetTrainerNoDA`` (the paper's victim setting), fixed epochs.
 - ``nnUNetTrainerDA_no<Family>``: stock augmentation minus one transform family (``FAMILIES``).
+- ``nnUNetTrainerDA_intensityMirrorOnly``: stock minus the three families that filter the image (spatial
+  resampling, noise/blur, low resolution): only brightness, contrast, gamma and mirroring stay.
 - ``nnUNetTrainerVanillaAdam5en4``: the paper's victim optimiser (stock's ``nnUNetTrainerAdam`` is AdamW, lr 1e-2).
 - ``nnUNetTrainerLabelAware``: stock augmentation + per-class offsets and a smooth field (``exploiter_transforms``).
 """
@@ -92,6 +94,11 @@ class nnUNetTrainerDA_noMirror(_StockMinusFamily):
     removed = FAMILIES['mirror']
 
 
+class nnUNetTrainerDA_intensityMirrorOnly(nnUNetTrainerDA_noSpatial):
+    """Stock minus spatial, noise/blur and low-resolution simulation: brightness, contrast, gamma and mirroring."""
+    removed = FAMILIES['spatial'] + FAMILIES['noise_blur'] + FAMILIES['lowres']
+
+
 class nnUNetTrainerVanillaAdam5en4(StockVanillaAdam):
     """Adam, lr 5e-4 (the paper's victim optimiser); as stock VanillaAdam: weight decay 3e-5, poly LR schedule."""
 
@@ -115,7 +122,8 @@ class nnUNetTrainerLabelAware(nnUNetTrainer):
 
 
 PROFILES = (StockNoDA, nnUNetTrainerDA_noSpatial, nnUNetTrainerDA_noNoiseBlur, nnUNetTrainerDA_noIntensity,
-            nnUNetTrainerDA_noLowRes, nnUNetTrainerDA_noMirror, nnUNetTrainerVanillaAdam5en4, nnUNetTrainerLabelAware)
+            nnUNetTrainerDA_noLowRes, nnUNetTrainerDA_noMirror, nnUNetTrainerDA_intensityMirrorOnly,
+            nnUNetTrainerVanillaAdam5en4, nnUNetTrainerLabelAware)
 
 
 def _schedule(base: type, epochs: int) -> type:
