@@ -1,4 +1,5 @@
-"""Exploiter profiles as victim trainers: each differs from stock nnU-Net in one thing; ``<profile>_<N>epochs`` too.
+"""Exploiter profiles as victim trainers: each differs from stock nnU-Net in one thing (``_intensityMirrorOnly``,
+a mechanism test, in three); ``<profile>_<N>epochs`` too.
 
 - ``nnUNetTrainerNoDA_<N>epochs``: stock ``nnUNetTrainerNoDA`` (the paper's victim setting), fixed epochs.
 - ``nnUNetTrainerDA_no<Family>``: stock augmentation minus one transform family (``FAMILIES``).
