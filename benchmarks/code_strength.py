@@ -3,19 +3,18 @@
     python benchmarks/code_strength.py -o benchmarks/out/map --eps 16/255
 
 The protection map says that against a victim without augmentation (NoDA) a fine code protects and a coarse one does
-not (checkerboard at 16/255: period 2 -> 0.02 of clean, period 4 -> 0.44, period 8 -> 0.99). This asks why without
+not (checkerboard at 16/255: period 2 -> 0.02 of clean, period 4 -> 0.70, period 8 -> 0.99). This asks why without
 training anything: in a Hann-windowed ``--window``^3 neighbourhood of every labelled voxel, the power of the code's
 band (the window's DFT bin where the code's unit pattern has its peak, per class) in the code, b x pattern, and in
 the clean image. The ratio of their means over the labelled voxels of the training cases is the code's local SNR:
 how far a linear detector tuned to the code stands above what the anatomy puts in the same band.
 
 Images are the raw training cases of the map's Dataset004_Hippocampus (``-o``/nnUNet_raw; ``--dataset`` another raw
-folder), in units of each case's p0.5-p99.5 range minus its mean (b = eps, the export's rule; the mean does not
+folder; channel 0), in units of each case's p0.5-p99.5 range minus its mean (b = eps, the export's rule; the mean does not
 matter to any band but the offset's). The offset's band is bin 0 (the local mean), so its image power is how much
 the local mean intensity varies over the labels and cases. Prints a table, writes -o/code_strength.json.
 """
 import argparse
-import json
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -29,21 +28,22 @@ CODES = {'checkerboard': ('checkerboard', 1), 'checkerboard:block=2': ('checkerb
 DEFAULT_WINDOW = 8
 
 
+def hann3(n: int) -> np.ndarray:
+    """The separable n^3 Hann window (no zero end points)."""
+    h = np.hanning(n + 2)[1:-1]
+    return h[:, None, None] * h[None, :, None] * h[None, None, :]
+
+
 def window_kernel(k: tuple, n: int) -> np.ndarray:
     """Hann window x exp(-2 pi i k.w / n) over an n^3 block: correlating with it gives bin k of the local DFT."""
-    h = np.hanning(n + 2)[1:-1]
-    w = np.arange(n)
-    grids = np.meshgrid(w, w, w, indexing='ij')
-    return (h[:, None, None] * h[None, :, None] * h[None, None, :]
-            * np.exp(-2j * np.pi * sum(ki * g for ki, g in zip(k, grids)) / n))
+    grids = np.meshgrid(*[np.arange(n)] * 3, indexing='ij')
+    return hann3(n) * np.exp(-2j * np.pi * sum(ki * g for ki, g in zip(k, grids)) / n)
 
 
 def peak_bin(pattern: np.ndarray, n: int) -> tuple:
     """The DFT bin (of a Hann-windowed n^3 block of ``pattern``, taken at its origin) with the most power; ties go to
     the lowest bin in C order. Only 0..n/2 per axis: a real pattern's power is symmetric."""
-    h = np.hanning(n + 2)[1:-1]
-    block = pattern[:n, :n, :n] * h[:, None, None] * h[None, :, None] * h[None, None, :]
-    power = np.abs(np.fft.fftn(block)) ** 2
+    power = np.abs(np.fft.fftn(pattern[:n, :n, :n] * hann3(n))) ** 2
     half = power[:n // 2 + 1, :n // 2 + 1, :n // 2 + 1]
     return tuple(int(i) for i in np.unravel_index(int(np.argmax(np.round(half, 9))), half.shape))
 
@@ -79,18 +79,17 @@ def code_strength(cases, method: str, block: int, eps: float, n: int = DEFAULT_W
 
 
 def load_cases(dataset: Path, n_cases: int) -> list:
-    """(image in units of its p0.5-p99.5 range, minus its mean; labels) of the first ``n_cases`` training cases."""
+    """(channel 0 in units of its p0.5-p99.5 range, minus its mean; labels) of the first ``n_cases`` training cases
+    (sorted), read and checked as the export does."""
     import SimpleITK as sitk
-    labels = sorted((dataset / 'labelsTr').glob('*.nii.gz'))[:n_cases]
-    if not labels:
-        raise SystemExit(f'{dataset / "labelsTr"}: no .nii.gz labels')
+    from nnunetv2_voxshield.budget import percentile_range
+    from nnunetv2_voxshield.dataset_io import list_training_cases, load_dataset_json, read_image
+    files = list_training_cases(str(dataset), load_dataset_json(str(dataset)))
     cases = []
-    for label in labels:
-        image = dataset / 'imagesTr' / label.name.replace('.nii.gz', '_0000.nii.gz')
-        x = sitk.GetArrayFromImage(sitk.ReadImage(str(image))).astype(np.float64)
-        seg = sitk.GetArrayFromImage(sitk.ReadImage(str(label))).astype(np.int16)
-        low, high = np.percentile(x, [0.5, 99.5])
-        cases.append(((x - x.mean()) / max(high - low, 1e-12), seg))
+    for case in sorted(files)[:n_cases]:
+        x = sitk.GetArrayFromImage(read_image(files[case]['images'][0])).astype(np.float64)
+        seg = sitk.GetArrayFromImage(read_image(files[case]['label'])).astype(np.int16)
+        cases.append(((x - x.mean()) / max(float(percentile_range(x[None])[0]), 1e-12), seg))
     return cases
 
 
@@ -108,7 +107,11 @@ def main():
     dataset = Path(args.dataset) if args.dataset else out / 'nnUNet_raw' / 'Dataset004_Hippocampus'
     if not dataset.is_dir():
         parser.error(f'{dataset}: not a folder (run protection_map.py first, or pass --dataset)')
-    cases = load_cases(dataset, args.cases)
+    from nnunetv2_voxshield.dataset_io import InputError, write_json_atomic
+    try:
+        cases = load_cases(dataset, args.cases)
+    except InputError as e:
+        parser.error(str(e))
     eps = float(Fraction(args.eps))
     results = {name: code_strength(cases, *CODES[name], eps, args.window) for name in args.codes}
     lines = [f'Local band power in the labels ({len(cases)} cases, {args.window}^3 Hann window, eps {args.eps})', '',
@@ -118,10 +121,8 @@ def main():
         lines.append(f'| {name} | {bins} | {r["image_power"]:.3g} | {r["code_power"]:.3g} | {r["snr"]:.3g} |')
     print('\n'.join(lines))
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / 'code_strength.json.partial'
-    tmp.write_text(json.dumps({'settings': {'dataset': str(dataset), 'eps': args.eps, 'cases': len(cases),
-                                            'window': args.window}, 'codes': results}, indent=1))
-    tmp.replace(out / 'code_strength.json')
+    write_json_atomic({'settings': {'dataset': str(dataset), 'eps': args.eps, 'cases': len(cases),
+                                    'window': args.window}, 'codes': results}, str(out / 'code_strength.json'))
 
 
 if __name__ == '__main__':

@@ -68,6 +68,8 @@ def test_cli_writes_json_for_a_raw_dataset(tmp_path):
     dataset = tmp_path / 'Dataset900_T'
     (dataset / 'imagesTr').mkdir(parents=True)
     (dataset / 'labelsTr').mkdir()
+    (dataset / 'dataset.json').write_text(json.dumps({'channel_names': {'0': 'MRI'}, 'file_ending': '.nii.gz',
+                                                      'labels': {'background': 0, 'a': 1, 'b': 2}, 'numTraining': 2}))
     rng = np.random.default_rng(1)
     for i in range(2):
         sitk.WriteImage(sitk.GetImageFromArray(gaussian_filter(rng.standard_normal((24, 24, 24)), 2.0)),
@@ -81,6 +83,7 @@ def test_cli_writes_json_for_a_raw_dataset(tmp_path):
     assert data['settings']['cases'] == 2 and set(data['codes']) == {'checkerboard', 'offset'}
     assert data['codes']['checkerboard']['snr'] > data['codes']['offset']['snr']
     assert '| checkerboard |' in done.stdout and not list(out.glob('*.partial'))
+    assert sorted(p.name for p in out.iterdir()) == ['code_strength.json']  # no temp file left behind
     missing = subprocess.run([sys.executable, str(BENCH / 'code_strength.py'), '-o', str(out), '--dataset',
                               str(tmp_path / 'nope')], capture_output=True, text=True)
     assert missing.returncode != 0 and 'nope: not a folder' in missing.stderr
