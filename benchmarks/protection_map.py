@@ -9,7 +9,8 @@ trained at EPS with nnU-Net's trainer API and exported at its own budget (VoxShi
 ``<trainer>[_eps<N>]_<E>epochs``; at 4/255 the plain trainer). Any method takes ``:clean=F``: its copy with a
 fixed share F of the training cases left clean.
 ``--victim`` is an exploiter profile (stock: ``nnUNetTrainer_5epochs``; noda: ``nnUNetTrainerNoDA_5epochs``;
-adam, labelaware, noSpatial, noNoiseBlur, noIntensity, noLowRes, noMirror: the profiles of
+adam, labelaware, noSpatial, noNoiseBlur, noIntensity, noLowRes, noMirror, intensityMirrorOnly, onlySpatial,
+onlyNoiseBlur, onlyLowRes: the profiles of
 ``trainers/victim_profiles.py``; or any trainer class with ``--victim-trainer``). Every cell is one
 ``voxshield_evaluate`` folder ``eval_<victim>_<cell>[+<defence>...]_seed<seeds>`` (``--victim-plans``: a
 residual-encoder victim, profile ``<victim>-ResEncM_cpu``; ``--configuration 2d``: profile ``<victim>-2d``;
@@ -54,7 +55,8 @@ VICTIMS = {'stock': 'nnUNetTrainer_{e}epochs', 'noda': 'nnUNetTrainerNoDA_{e}epo
            'adam': 'nnUNetTrainerVanillaAdam5en4_{e}epochs', 'labelaware': 'nnUNetTrainerLabelAware_{e}epochs',
            **{f'no{f}': f'nnUNetTrainerDA_no{f}_{{e}}epochs'
               for f in ('Spatial', 'NoiseBlur', 'Intensity', 'LowRes', 'Mirror')},
-           'intensityMirrorOnly': 'nnUNetTrainerDA_intensityMirrorOnly_{e}epochs'}
+           'intensityMirrorOnly': 'nnUNetTrainerDA_intensityMirrorOnly_{e}epochs',
+           **{f'only{f}': f'nnUNetTrainerDA_only{f}_{{e}}epochs' for f in ('Spatial', 'NoiseBlur', 'LowRes')}}
 FIRST_ID = 100  # protected copies get dataset ids from here, one per cell (recorded in map.json)
 
 

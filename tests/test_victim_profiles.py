@@ -24,6 +24,10 @@ FAMILY_PROFILES = {  # profile -> transform classes (by name) it must lack, from
     vp.nnUNetTrainerDA_noMirror: {'MirrorTransform'},
     vp.nnUNetTrainerDA_intensityMirrorOnly: {'SpatialTransform', 'GaussianNoiseTransform', 'GaussianBlurTransform',
                                              'SimulateLowResolutionTransform'},
+    vp.nnUNetTrainerDA_onlySpatial: {'GaussianNoiseTransform', 'GaussianBlurTransform',
+                                     'SimulateLowResolutionTransform'},
+    vp.nnUNetTrainerDA_onlyNoiseBlur: {'SpatialTransform', 'SimulateLowResolutionTransform'},
+    vp.nnUNetTrainerDA_onlyLowRes: {'SpatialTransform', 'GaussianNoiseTransform', 'GaussianBlurTransform'},
 }
 PSEUDO_2D = {'Convert3DTo2DTransform', 'Convert2DTo3DTransform'}
 

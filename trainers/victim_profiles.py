@@ -5,6 +5,8 @@ a mechanism test, in three); ``<profile>_<N>epochs`` too.
 - ``nnUNetTrainerDA_no<Family>``: stock augmentation minus one transform family (``FAMILIES``).
 - ``nnUNetTrainerDA_intensityMirrorOnly``: stock minus the three families that filter the image (spatial
   resampling, noise/blur, low resolution): only brightness, contrast, gamma and mirroring stay.
+- ``nnUNetTrainerDA_only<Family>`` (Spatial, NoiseBlur, LowRes): stock minus the other two filtering families, so one
+  family alone filters the image (mechanism tests, like ``_intensityMirrorOnly``).
 - ``nnUNetTrainerVanillaAdam5en4``: the paper's victim optimiser (stock's ``nnUNetTrainerAdam`` is AdamW, lr 1e-2).
 - ``nnUNetTrainerLabelAware``: stock augmentation + per-class offsets and a smooth field (``exploiter_transforms``).
 """
@@ -100,6 +102,21 @@ class nnUNetTrainerDA_intensityMirrorOnly(nnUNetTrainerDA_noSpatial):
     removed = FAMILIES['spatial'] + FAMILIES['noise_blur'] + FAMILIES['lowres']
 
 
+class nnUNetTrainerDA_onlySpatial(_StockMinusFamily):
+    """Stock minus noise/blur and low-resolution simulation: of the filtering families only resampling stays."""
+    removed = FAMILIES['noise_blur'] + FAMILIES['lowres']
+
+
+class nnUNetTrainerDA_onlyNoiseBlur(nnUNetTrainerDA_noSpatial):
+    """Stock minus spatial and low-resolution simulation: of the filtering families only noise/blur stays."""
+    removed = FAMILIES['spatial'] + FAMILIES['lowres']
+
+
+class nnUNetTrainerDA_onlyLowRes(nnUNetTrainerDA_noSpatial):
+    """Stock minus spatial and noise/blur: of the filtering families only low-resolution simulation stays."""
+    removed = FAMILIES['spatial'] + FAMILIES['noise_blur']
+
+
 class nnUNetTrainerVanillaAdam5en4(StockVanillaAdam):
     """Adam, lr 5e-4 (the paper's victim optimiser); as stock VanillaAdam: weight decay 3e-5, poly LR schedule."""
 
@@ -124,6 +141,7 @@ class nnUNetTrainerLabelAware(nnUNetTrainer):
 
 PROFILES = (StockNoDA, nnUNetTrainerDA_noSpatial, nnUNetTrainerDA_noNoiseBlur, nnUNetTrainerDA_noIntensity,
             nnUNetTrainerDA_noLowRes, nnUNetTrainerDA_noMirror, nnUNetTrainerDA_intensityMirrorOnly,
+            nnUNetTrainerDA_onlySpatial, nnUNetTrainerDA_onlyNoiseBlur, nnUNetTrainerDA_onlyLowRes,
             nnUNetTrainerVanillaAdam5en4, nnUNetTrainerLabelAware)
 
 
