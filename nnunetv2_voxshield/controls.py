@@ -11,7 +11,11 @@ class code).
 square, period 2n).  ``stripes``: delta = b (-1)^(i_a//n), a square wave of period 2n along ONE axis, a = (y - 1) mod
 dims: the class is coded by the stripes' orientation, not by a sign or phase (a grating of period 2n keeps more of
 its amplitude through blur and resampling than a 3D checkerboard of the same period, whose frequency is sqrt(3)
-times higher).  ``smooth``: delta = b F_y, F_y a fixed low-pass random field per class (white noise on a
+times higher).  ``diagonal``: delta = b (-1)^((d_y . r) // n), the same square wave across a diagonal d_y = DIAGONALS[(y -
+1) mod 4] (r = (i, j, k)): per axis its period is 2n as for ``stripes``, but its power sits in the local-DFT bin
+(1, -1, 1) (block 4) where the Hippocampus anatomy has 25 times less power than in the (1, 0, 0) of axis stripes
+(``benchmarks/code_strength.py --spectrum 1``); mirroring maps each diagonal to another, so the orientation codes
+the class only within a sample.  ``smooth``: delta = b F_y, F_y a fixed low-pass random field per class (white noise on a
 ``SMOOTH_TILE``^3 tile seeded by (seed, class), Gaussian-filtered with sigma voxels and periodic boundaries,
 scaled to max |F_y| = 1) tiled from the origin.
 
@@ -30,7 +34,7 @@ from scipy.ndimage import distance_transform_edt, gaussian_filter
 
 from nnunetv2_voxshield.dataset_io import InputError
 
-LABEL_CODE_METHODS = ('offset', 'checkerboard', 'stripes', 'smooth')
+LABEL_CODE_METHODS = ('offset', 'checkerboard', 'stripes', 'diagonal', 'smooth')
 BOUNDARY_METHODS = ('grow', 'shrink')
 CONTROL_METHODS = LABEL_CODE_METHODS + BOUNDARY_METHODS
 DEFAULT_BLOCK = 1
@@ -38,6 +42,7 @@ DEFAULT_WIDTH = 1
 SIGNS = {'alternate': None, 'plus': 1.0, 'minus': -1.0}
 DEFAULT_SMOOTH_SIGMA = 4.0
 SMOOTH_TILE = 64
+DIAGONALS = ((1, -1, 1), (1, -1, -1), (1, 1, 1), (1, 1, -1))  # class y: DIAGONALS[(y - 1) % 4]
 
 
 def class_sign(label: int) -> float:
@@ -56,6 +61,14 @@ def stripes(shape: Sequence[int], axis: int, block: int = DEFAULT_BLOCK) -> np.n
     """(-1)^(i_axis // block) over an array of ``shape``: a square wave of period 2 x block along ``axis``."""
     i = np.arange(int(shape[axis])).reshape([-1 if d == axis else 1 for d in range(len(shape))])
     return np.broadcast_to(np.where((i // int(block)) % 2 == 0, 1.0, -1.0), tuple(int(s) for s in shape))
+
+
+def diagonal_stripes(shape: Sequence[int], direction: Sequence[int], block: int = DEFAULT_BLOCK) -> np.ndarray:
+    """(-1)^((d . r) // block) over an array of ``shape`` (r: voxel index, d: ``direction``, its first len(shape)
+    components): a square wave of period 2 x block along s = d . r."""
+    s = sum(int(d) * np.arange(int(n)).reshape([-1 if a == b else 1 for b in range(len(shape))])
+            for a, (n, d) in enumerate(zip(shape, direction)))
+    return np.broadcast_to(np.where((s // int(block)) % 2 == 0, 1.0, -1.0), tuple(int(n) for n in shape))
 
 
 def smooth_field(label: int, seed: int = 0, sigma: float = DEFAULT_SMOOTH_SIGMA, dims: int = 3,
@@ -99,6 +112,8 @@ class LabelCodedSource:
             return sign * checkerboard(shape, self.block)
         if self.method == 'stripes':
             return stripes(shape, (int(label) - 1) % len(shape), self.block)
+        if self.method == 'diagonal':
+            return diagonal_stripes(shape, DIAGONALS[(int(label) - 1) % len(DIAGONALS)], self.block)
         return sign * tiled(smooth_field(label, self.seed, self.sigma, len(shape)), shape)
 
     def support(self, seg: np.ndarray) -> np.ndarray:

@@ -309,12 +309,14 @@ def export_entry(argv=None):
                              'noise, lsp (linearly separable perturbations, Yu et al. 2022), tap (targeted '
                              'adversarial poisoning, Fowl et al. 2021), or a fixed label-coded positive control at '
                              'the full budget on the raw voxels (sign +, -, +, ... per foreground class): offset, '
-                             'checkerboard (--block), stripes (--block; orientation per class) or smooth '
+                             'checkerboard (--block), stripes (--block; orientation per class), diagonal (--block; '
+                             'stripes across a diagonal per class) or smooth '
                              '(--smooth-sigma); or a boundary displacement: grow / shrink (--width) moves the voxels '
                              'just outside / inside the labels towards the intensity across the boundary')
     parser.add_argument('--block', type=int, default=DEFAULT_BLOCK,
                         help='checkerboard: voxels per square along each axis (period 2 x block); stripes: voxels '
-                             'per stripe (period 2 x block) along axis (label - 1) mod 3 of the raw array')
+                             'per stripe (period 2 x block) along axis (label - 1) mod 3 of the raw array; diagonal: '
+                             'the same across diagonal (label - 1) mod 4 of (1,-1,1), (1,-1,-1), (1,1,1), (1,1,-1)')
     parser.add_argument('--sign', default='alternate', choices=list(SIGNS),
                         help='offset, checkerboard, smooth: the sign per class (alternate: +, -, +, ... for labels 1, '
                              '2, 3, ...; plus / minus: the same sign on every class)')
@@ -382,7 +384,7 @@ def export_entry(argv=None):
             plans_file = os.path.join(surrogate, 'plans.json')
         elif args.method in EXPORT_TIME_METHODS:
             options = {'lsp': {'patch': args.lsp_patch}, 'checkerboard': {'block': args.block, 'sign': args.sign},
-                       'stripes': {'block': args.block}, 'offset': {'sign': args.sign},
+                       'stripes': {'block': args.block}, 'diagonal': {'block': args.block}, 'offset': {'sign': args.sign},
                        'smooth': {'sigma': args.smooth_sigma, 'sign': args.sign}, 'grow': {'width': args.width},
                        'shrink': {'width': args.width}}.get(args.method)
             plans_file = os.path.join(env_folder('nnUNet_preprocessed'), source_name, args.p + '.json')

@@ -77,13 +77,35 @@ def test_cli_writes_json_for_a_raw_dataset(tmp_path):
         sitk.WriteImage(sitk.GetImageFromArray(_seg()), str(dataset / 'labelsTr' / f'c{i}.nii.gz'))
     out = tmp_path / 'out'
     done = subprocess.run([sys.executable, str(BENCH / 'code_strength.py'), '-o', str(out), '--dataset', str(dataset),
-                           '--codes', 'checkerboard', 'offset'], capture_output=True, text=True)
+                           '--codes', 'checkerboard', 'offset', '--spectrum', '1'], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     data = json.loads((out / 'code_strength.json').read_text())
     assert data['settings']['cases'] == 2 and set(data['codes']) == {'checkerboard', 'offset'}
     assert data['codes']['checkerboard']['snr'] > data['codes']['offset']['snr']
+    assert len(data['spectrum']) == 14 and '| (1, 0, 0) |' in done.stdout
+    # a smooth image: the local mean carries the most power of all bins
+    powers = {tuple(r['bin']): r['image_power'] for r in data['spectrum']}
+    assert max(powers, key=powers.get) == (0, 0, 0)
     assert '| checkerboard |' in done.stdout and not list(out.glob('*.partial'))
     assert sorted(p.name for p in out.iterdir()) == ['code_strength.json']  # no temp file left behind
     missing = subprocess.run([sys.executable, str(BENCH / 'code_strength.py'), '-o', str(out), '--dataset',
                               str(tmp_path / 'nope')], capture_output=True, text=True)
     assert missing.returncode != 0 and 'nope: not a folder' in missing.stderr
+
+
+def test_image_spectrum_is_band_power_averaged_over_the_labels():
+    rng = np.random.default_rng(1)
+    seg = _seg()
+    cases = [(gaussian_filter(rng.standard_normal(seg.shape), 1.5), seg) for _ in range(2)]
+    spectrum = cst.image_spectrum(cases, 8, 1)
+    # one of each pair k, -k: 13 bins (27 minus the origin, halved) and the origin
+    assert len(spectrum) == 14 and (0, 0, 0) in spectrum and (1, -1, 0) in spectrum and (-1, 1, 0) not in spectrum
+    for k in [(0, 0, 0), (1, 0, 0), (0, 1, -1), (1, 1, 1)]:
+        expected = np.mean(np.concatenate([cst.band_power(x, k, 8)[s > 0] for x, s in cases]))
+        assert spectrum[k] == pytest.approx(expected, rel=1e-9)
+    # k and -k carry the same power in a real image
+    x = cases[0][0]
+    assert np.mean(cst.band_power(x, (0, -1, 1), 8)[seg > 0]) == pytest.approx(
+        np.mean(cst.band_power(x, (0, 1, -1), 8)[seg > 0]), rel=1e-9)
+    with pytest.raises(ValueError, match='no labelled voxels'):
+        cst.image_spectrum([(x, np.zeros_like(seg))], 8, 1)

@@ -11,8 +11,8 @@ import SimpleITK as sitk
 from conftest import requires_hippocampus
 from nnunetv2_voxshield import export
 from nnunetv2_voxshield.budget import raw_budget
-from nnunetv2_voxshield.controls import (BoundaryShiftSource, LabelCodedSource, boundary_band, checkerboard,
-                                         smooth_field, stripes)
+from nnunetv2_voxshield.controls import (DIAGONALS, BoundaryShiftSource, LabelCodedSource, boundary_band,
+                                         checkerboard, diagonal_stripes, smooth_field, stripes)
 from nnunetv2_voxshield.dataset_io import InputError
 from nnunetv2_voxshield.verify import verify_entry
 
@@ -33,7 +33,7 @@ def _delta(method, seg=SEG, **kw):
     return LabelCodedSource(method, **kw).compute_delta_raw(images, seg, BUDGET, 'case')
 
 
-@pytest.mark.parametrize('method', ['offset', 'checkerboard', 'stripes', 'smooth'])
+@pytest.mark.parametrize('method', ['offset', 'checkerboard', 'stripes', 'diagonal', 'smooth'])
 def test_zero_off_labels_within_budget_sign_per_class(method):
     delta = _delta(method)
     assert delta.shape == (2, *SEG.shape)
@@ -69,6 +69,24 @@ def test_stripes_orientation_codes_the_class():
         assert np.array_equal(delta[SEG == label], wave(axis)[SEG == label])
     assert np.array_equal(stripes((4, 6, 2), axis=1, block=1)[0, :, 0], [1, -1, 1, -1, 1, -1])
     assert np.all(stripes((4, 6, 2), axis=1)[:, 2, :] == 1)  # constant across the other axes
+
+
+def test_diagonal_stripes_cross_one_diagonal_per_class():
+    """Label y: a square wave of period 2 x block along s = d . (i, j, k), d = DIAGONALS[(y - 1) % 4]."""
+    delta = _delta('diagonal', block=4)[0]  # channel 0: b = 3
+    i, j, k = np.indices(SEG.shape)
+    for label in (1, 2, 3):
+        d = DIAGONALS[label - 1]
+        s = d[0] * i + d[1] * j + d[2] * k
+        assert np.array_equal(delta[SEG == label], np.where((s // 4) % 2 == 0, 3.0, -3.0)[SEG == label])
+    assert DIAGONALS[:2] == ((1, -1, 1), (1, -1, -1))
+    wave = diagonal_stripes((16, 16, 16), (1, -1, 1), block=4)
+    assert np.array_equal(wave[:, 0, 0], [1, 1, 1, 1, -1, -1, -1, -1] * 2)  # period 8 along each axis
+    assert np.all(wave[np.arange(8), np.arange(8), 0] == 1)  # constant along (1, 1, 0), orthogonal to d
+    # its power sits in one local-DFT bin of an 8^3 block: (1, -1, 1) (and its mirror image), nothing at (1, 0, 0)
+    h = np.hanning(10)[1:-1]
+    power = np.abs(np.fft.fftn(wave[:8, :8, :8] * h[:, None, None] * h[None, :, None] * h[None, None, :])) ** 2
+    assert power[1, -1, 1] == power.max() and power[1, -1, 1] > 30 * power[1, 0, 0]
 
 
 def test_smooth_field_fixed_per_class_and_low_pass():
@@ -178,7 +196,8 @@ def test_control_exports_pass_verify(hippocampus_env, capsys):
     with pytest.raises(SystemExit) as exc:
         export.export_entry(['-d', '4', '-o', '860', '--method', 'checkerboard', '--block', '0', '-device', 'cpu'])
     assert exc.value.code != 0 and '--block' in capsys.readouterr().err
-    for out_id, method in ((861, 'offset'), (862, 'checkerboard'), (863, 'smooth'), (864, 'stripes')):
+    for out_id, method in ((861, 'offset'), (862, 'checkerboard'), (863, 'smooth'), (864, 'stripes'),
+                           (865, 'diagonal')):
         out = raw / f'Dataset{out_id}_HippocampusProtected'
         try:
             export.export_entry(['-d', '4', '-o', str(out_id), '--method', method, '--eps', '16/255',
