@@ -34,8 +34,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 CODES = {'checkerboard': ('checkerboard', 1), 'checkerboard:block=2': ('checkerboard', 2),
          'stripes': ('stripes', 1), 'stripes:block=2': ('stripes', 2), 'stripes:block=4': ('stripes', 4),
+         'diagonal:block=4': ('diagonal', 4),
          'offset': ('offset', 1), 'smooth': ('smooth', 1)}
-TEXTURES = ('checkerboard', 'stripes')
+TEXTURES = ('checkerboard', 'stripes', 'diagonal')
 
 
 def band(v: np.ndarray, mask: np.ndarray, texture: bool, image: bool = False) -> np.ndarray:
