@@ -10,9 +10,9 @@ the clean image. The ratio of their means over the labelled voxels of the traini
 how far a linear detector tuned to the code stands above what the anatomy puts in the same band.
 
 Images are the raw training cases of the map's Dataset004_Hippocampus (``-o``/nnUNet_raw; ``--dataset`` another raw
-folder; channel 0), in units of each case's p0.5-p99.5 range minus its mean (b = eps, the export's rule; the mean does not
-matter to any band but the offset's). The offset's band is bin 0 (the local mean), so its image power is how much
-the local mean intensity varies over the labels and cases. Prints a table, writes -o/code_strength.json.
+folder; channel 0), in units of each case's p0.5-p99.5 range minus its mean (b = eps, the export's rule; the mean
+does not matter to any band but the offset's). The offset's band is bin 0 (the local mean), so its image power is
+how much the local mean intensity varies over the labels and cases. Prints a table, writes -o/code_strength.json.
 
 ``--spectrum K``: also the image's mean power in every bin of the local DFT with |k_i| <= K on each axis (one of each
 pair k, -k), lowest first, relative to the bin of the period-n grating along the first axis ((1, 0, 0)); with K = 1
@@ -30,7 +30,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 CODES = {'checkerboard': ('checkerboard', 1), 'checkerboard:block=2': ('checkerboard', 2),
          'checkerboard:block=4': ('checkerboard', 4), 'stripes': ('stripes', 1), 'stripes:block=2': ('stripes', 2),
-         'stripes:block=4': ('stripes', 4), 'diagonal:block=4': ('diagonal', 4), 'offset': ('offset', 1), 'smooth': ('smooth', 1)}
+         'stripes:block=4': ('stripes', 4), 'diagonal:block=4': ('diagonal', 4), 'offset': ('offset', 1),
+         'smooth': ('smooth', 1)}
 DEFAULT_WINDOW = 8
 
 
@@ -46,6 +47,12 @@ def window_kernel(k: tuple, n: int) -> np.ndarray:
     return hann3(n) * np.exp(-2j * np.pi * sum(ki * g for ki, g in zip(k, grids)) / n)
 
 
+def canonical(k) -> tuple:
+    """The one of k, -k whose first nonzero component is positive (a real signal has the same power in both)."""
+    k = tuple(int(i) for i in k)
+    return tuple(-i for i in k) if next((i for i in k if i), 0) < 0 else k
+
+
 def peak_bin(pattern: np.ndarray, n: int) -> tuple:
     """The DFT bin (of a Hann-windowed n^3 block of ``pattern``, taken at its origin) with the most power: in 0..n/2
     on every axis if one there has it (ties go to the lowest in C order), else the strongest bin anywhere as signed
@@ -54,8 +61,7 @@ def peak_bin(pattern: np.ndarray, n: int) -> tuple:
     half = power[:n // 2 + 1, :n // 2 + 1, :n // 2 + 1]
     if half.max() >= power.max():
         return tuple(int(i) for i in np.unravel_index(int(np.argmax(half)), half.shape))
-    k = [int(i) if i <= n // 2 else int(i) - n for i in np.unravel_index(int(np.argmax(power)), power.shape)]
-    return tuple(-i for i in k) if next(i for i in k if i) < 0 else tuple(k)
+    return canonical(i if i <= n // 2 else i - n for i in np.unravel_index(int(np.argmax(power)), power.shape))
 
 
 def band_power(v: np.ndarray, k: tuple, n: int) -> np.ndarray:
@@ -92,10 +98,9 @@ def image_spectrum(cases, n: int = DEFAULT_WINDOW, max_bin: int = 1) -> dict:
     """Mean power of every bin k of the Hann-windowed local n^3 DFT (``band_power``'s block) over the labelled
     voxels of ``cases``, for |k_i| <= ``max_bin`` (k and -k have the same power in a real image: the first nonzero
     component of each bin kept is positive). Returns {bin: power}."""
+    from itertools import product
     from numpy.lib.stride_tricks import sliding_window_view
-    bins = [k for k in np.ndindex(*[2 * max_bin + 1] * 3)]
-    bins = [tuple(int(i) - max_bin for i in k) for k in bins]
-    bins = [k for k in bins if next((i for i in k if i), 1) > 0]
+    bins = sorted({canonical(k) for k in product(range(-max_bin, max_bin + 1), repeat=3)})
     index = tuple(np.array([k[a] % n for k in bins]) for a in range(3))
     total, count = np.zeros(len(bins)), 0
     for x, seg in cases:

@@ -11,13 +11,13 @@ class code).
 square, period 2n).  ``stripes``: delta = b (-1)^(i_a//n), a square wave of period 2n along ONE axis, a = (y - 1) mod
 dims: the class is coded by the stripes' orientation, not by a sign or phase (a grating of period 2n keeps more of
 its amplitude through blur and resampling than a 3D checkerboard of the same period, whose frequency is sqrt(3)
-times higher).  ``diagonal``: delta = b (-1)^((d_y . r) // n), the same square wave across a diagonal d_y = DIAGONALS[(y -
-1) mod 4] (r = (i, j, k)): per axis its period is 2n as for ``stripes``, but its power sits in the local-DFT bin
-(1, -1, 1) (block 4) where the Hippocampus anatomy has 25 times less power than in the (1, 0, 0) of axis stripes
-(``benchmarks/code_strength.py --spectrum 1``); mirroring maps each diagonal to another, so the orientation codes
-the class only within a sample.  ``smooth``: delta = b F_y, F_y a fixed low-pass random field per class (white noise on a
-``SMOOTH_TILE``^3 tile seeded by (seed, class), Gaussian-filtered with sigma voxels and periodic boundaries,
-scaled to max |F_y| = 1) tiled from the origin.
+times higher).  ``diagonal``: delta = b (-1)^((d_y . r) // n), the same square wave across a diagonal
+d_y = DIAGONALS[(y - 1) mod 4] (r = (i, j, k)): per axis its period is 2n as for ``stripes``, but its power sits
+in the local-DFT bin (1, -1, 1) (block 4) where the Hippocampus anatomy has 25 times less power than in the
+(1, 0, 0) of axis stripes (``benchmarks/code_strength.py --spectrum 1``); mirroring maps each diagonal to another,
+so the orientation codes the class only within a sample.  ``smooth``: delta = b F_y, F_y a fixed low-pass random
+field per class (white noise on a ``SMOOTH_TILE``^3 tile seeded by (seed, class), Gaussian-filtered with sigma
+voxels and periodic boundaries, scaled to max |F_y| = 1) tiled from the origin.
 
 Boundary displacement (``BoundaryShiftSource``) is not a shortcut but a bias that every augmentation keeps (spatial
 transforms move image and label together; blur, noise and intensity changes leave an edge where it is). ``grow``:
@@ -59,8 +59,7 @@ def checkerboard(shape: Sequence[int], block: int = DEFAULT_BLOCK) -> np.ndarray
 
 def stripes(shape: Sequence[int], axis: int, block: int = DEFAULT_BLOCK) -> np.ndarray:
     """(-1)^(i_axis // block) over an array of ``shape``: a square wave of period 2 x block along ``axis``."""
-    i = np.arange(int(shape[axis])).reshape([-1 if d == axis else 1 for d in range(len(shape))])
-    return np.broadcast_to(np.where((i // int(block)) % 2 == 0, 1.0, -1.0), tuple(int(s) for s in shape))
+    return diagonal_stripes(shape, [int(a == axis) for a in range(len(shape))], block)
 
 
 def diagonal_stripes(shape: Sequence[int], direction: Sequence[int], block: int = DEFAULT_BLOCK) -> np.ndarray:

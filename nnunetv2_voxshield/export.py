@@ -384,7 +384,8 @@ def export_entry(argv=None):
             plans_file = os.path.join(surrogate, 'plans.json')
         elif args.method in EXPORT_TIME_METHODS:
             options = {'lsp': {'patch': args.lsp_patch}, 'checkerboard': {'block': args.block, 'sign': args.sign},
-                       'stripes': {'block': args.block}, 'diagonal': {'block': args.block}, 'offset': {'sign': args.sign},
+                       'stripes': {'block': args.block}, 'diagonal': {'block': args.block},
+                       'offset': {'sign': args.sign},
                        'smooth': {'sigma': args.smooth_sigma, 'sign': args.sign}, 'grow': {'width': args.width},
                        'shrink': {'width': args.width}}.get(args.method)
             plans_file = os.path.join(env_folder('nnUNet_preprocessed'), source_name, args.p + '.json')
