@@ -19,6 +19,11 @@ pair k, -k), lowest first, relative to the bin of the period-n grating along the
 and n = 8 that is every direction of period >= 8 voxels per axis, the band stock augmentation leaves (the codes in
 it lose at most 4% of samples). A single-bin code in the least anatomical bin stands at most 1 / that ratio above
 the grating's SNR at the same code power. Written to the JSON as ``spectrum``.
+
+``--contrast W``: the anatomy's own contrast, per label and case: the mean of the label's voxels minus the mean of
+the background shell within W voxels of the foreground, in units of the case's p0.5-p99.5 range (the unit of eps),
+median and p10 / p90 over the cases. An offset of sign s on a class of contrast c leaves it at c + s eps: a code of
+the opposite sign erases the class's edge at eps = |c| and inverts it beyond. Written to the JSON as ``contrast``.
 """
 import argparse
 import sys
@@ -115,6 +120,21 @@ def image_spectrum(cases, n: int = DEFAULT_WINDOW, max_bin: int = 1) -> dict:
     return dict(zip(bins, (total / count).tolist()))
 
 
+def anatomy_contrast(cases, width: int = 2) -> dict:
+    """{label: per-case (mean of the label's voxels - mean of the background within ``width`` voxels of the
+    foreground)}, in the cases' own units (``load_cases``: the p0.5-p99.5 range). A case without that label or
+    without a shell is skipped."""
+    from scipy.ndimage import distance_transform_edt
+    contrast = {}
+    for x, seg in cases:
+        shell = ~(seg > 0) & (distance_transform_edt(seg == 0) <= width)
+        if not shell.any():
+            continue
+        for label in np.unique(seg[seg > 0]):
+            contrast.setdefault(int(label), []).append(float(x[seg == label].mean() - x[shell].mean()))
+    return contrast
+
+
 def load_cases(dataset: Path, n_cases: int) -> list:
     """(channel 0 in units of its p0.5-p99.5 range, minus its mean; labels) of the first ``n_cases`` training cases
     (sorted), read and checked as the export does."""
@@ -141,6 +161,8 @@ def main():
     parser.add_argument('--codes', nargs='+', default=list(CODES), choices=list(CODES))
     parser.add_argument('--spectrum', type=int, default=None, metavar='K',
                         help="also the image's power in every bin with |k_i| <= K, lowest first")
+    parser.add_argument('--contrast', type=int, default=None, metavar='W',
+                        help="also each label's mean contrast against the background within W voxels, per case")
     args = parser.parse_args()
     out = Path(args.o).resolve()
     dataset = Path(args.dataset) if args.dataset else out / 'nnUNet_raw' / 'Dataset004_Hippocampus'
@@ -168,6 +190,17 @@ def main():
         for k, v in sorted(spectrum.items(), key=lambda kv: kv[1]):
             lines.append(f'| {k} | {v:.3g} | {v / ref:.3g} |' if ref else f'| {k} | {v:.3g} | - |')
         report['spectrum'] = [{'bin': list(k), 'image_power': v} for k, v in sorted(spectrum.items())]
+    if args.contrast is not None:
+        contrast = anatomy_contrast(cases, args.contrast)
+        lines += ['', f'Contrast of each label against the background within {args.contrast} voxels (units: the '
+                      'case\'s p0.5-p99.5 range = eps), over the cases', '',
+                  '| label | cases | median | p10 | p90 | median as eps |', '| --- | --- | --- | --- | --- | --- |']
+        report['contrast'] = {'width': args.contrast, 'labels': {}}
+        for label, values in sorted(contrast.items()):
+            med, p10, p90 = (float(v) for v in np.percentile(values, [50, 10, 90]))
+            lines.append(f'| {label} | {len(values)} | {med:.3f} | {p10:.3f} | {p90:.3f} | {abs(med) * 255:.0f}/255 |')
+            report['contrast']['labels'][str(label)] = {'cases': len(values), 'median': med, 'p10': p10,
+                                                        'p90': p90, 'per_case': values}
     print('\n'.join(lines))
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(report, str(out / 'code_strength.json'))

@@ -4,7 +4,8 @@
     python benchmarks/protection_map.py -o benchmarks/out/map --table-only
 
 A cell is ``METHOD[:key=value]@EPS``: an export-time method (random, offset[:sign=S], checkerboard[:block=N],
-stripes[:block=N], diagonal[:block=N], smooth[:sigma=S], grow[:width=N], shrink[:width=N], lsp) exported at EPS, or
+stripes[:block=N], diagonal[:block=N], smooth[:sigma=S], grow[:width=N], shrink[:width=N],
+edge[:width=N][:sign=S], lsp) exported at EPS, or
 a protector trained at EPS with nnU-Net's trainer API and exported at its own budget (VoxShield, VoxShield-EOT, VoxShield-LC:
 ``<trainer>[_eps<N>]_<E>epochs``; at 4/255 the plain trainer). Any method takes ``:clean=F``: its copy with a
 fixed share F of the training cases left clean.
@@ -40,7 +41,8 @@ sys.path.insert(0, str(HERE))
 import hippocampus as hb  # noqa: E402  (split, raw preparation, command runner)
 
 DEFAULT_VICTIM_EPOCHS = 5
-EXPORT_METHODS = ('random', 'offset', 'checkerboard', 'stripes', 'diagonal', 'smooth', 'grow', 'shrink', 'lsp')
+EXPORT_METHODS = ('random', 'offset', 'checkerboard', 'stripes', 'diagonal', 'smooth', 'grow', 'shrink', 'edge',
+                  'lsp')
 TRAINED = {'VoxShield': 'nnUNetTrainerVoxShield', 'VoxShield-EOT': 'nnUNetTrainerVoxShieldEOT',
            'VoxShield-LC': 'nnUNetTrainerVoxShieldLC', 'VoxShield-LC-noReg': 'nnUNetTrainerVoxShieldLC_noReg',
            'VoxShield-LC-tile4': 'nnUNetTrainerVoxShieldLC_tile4',

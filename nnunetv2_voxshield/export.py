@@ -312,16 +312,18 @@ def export_entry(argv=None):
                              'checkerboard (--block), stripes (--block; orientation per class), diagonal (--block; '
                              'stripes across a diagonal per class) or smooth '
                              '(--smooth-sigma); or a boundary displacement: grow / shrink (--width) moves the voxels '
-                             'just outside / inside the labels towards the intensity across the boundary')
+                             'just outside / inside the labels towards the intensity across the boundary; or edge '
+                             '(--width, --sign): +s b on the labels\' inner band, -s b on the outer band')
     parser.add_argument('--block', type=int, default=DEFAULT_BLOCK,
                         help='checkerboard: voxels per square along each axis (period 2 x block); stripes: voxels '
                              'per stripe (period 2 x block) along axis (label - 1) mod 3 of the raw array; diagonal: '
                              'the same across diagonal (label - 1) mod 4 of (1,-1,1), (1,-1,-1), (1,1,1), (1,1,-1)')
     parser.add_argument('--sign', default='alternate', choices=list(SIGNS),
-                        help='offset, checkerboard, smooth: the sign per class (alternate: +, -, +, ... for labels 1, '
-                             '2, 3, ...; plus / minus: the same sign on every class)')
+                        help='offset, checkerboard, smooth, edge: the sign per class (alternate: +, -, +, ... for '
+                             'labels 1, 2, 3, ...; plus / minus: the same sign on every class)')
     parser.add_argument('--width', type=int, default=DEFAULT_WIDTH,
-                        help='grow / shrink: width in voxels of the band moved outside / inside the labels')
+                        help='grow / shrink: width in voxels of the band moved outside / inside the labels; edge: of '
+                             'each band')
     parser.add_argument('--smooth-sigma', type=float, default=DEFAULT_SMOOTH_SIGMA,
                         help='smooth: sigma in voxels of the Gaussian low-pass of each class\'s random field')
     parser.add_argument('--lsp-patch', type=int, default=DEFAULT_LSP_PATCH,
@@ -387,7 +389,8 @@ def export_entry(argv=None):
                        'stripes': {'block': args.block}, 'diagonal': {'block': args.block},
                        'offset': {'sign': args.sign},
                        'smooth': {'sigma': args.smooth_sigma, 'sign': args.sign}, 'grow': {'width': args.width},
-                       'shrink': {'width': args.width}}.get(args.method)
+                       'shrink': {'width': args.width},
+                       'edge': {'width': args.width, 'sign': args.sign}}.get(args.method)
             plans_file = os.path.join(env_folder('nnUNet_preprocessed'), source_name, args.p + '.json')
         if args.method in EXPORT_TIME_METHODS:
             report_folder = os.path.join(env_folder('nnUNet_results'), source_name,

@@ -18,7 +18,7 @@ from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compu
 from nnunetv2_voxshield.baselines import DEFAULT_LSP_PATCH, DEFAULT_TAP_STEPS, LSPSource, TAPSource
 from nnunetv2_voxshield.budget import bound_perturbation, roi_mask_np
 from nnunetv2_voxshield.controls import (BOUNDARY_METHODS, CONTROL_METHODS, DEFAULT_BLOCK, DEFAULT_SMOOTH_SIGMA,
-                                         DEFAULT_WIDTH, BoundaryShiftSource, LabelCodedSource)
+                                         DEFAULT_WIDTH, BoundaryShiftSource, EdgeSource, LabelCodedSource)
 from nnunetv2_voxshield.dataset_io import InputError
 from nnunetv2_voxshield.generator import NoiseGenerator
 from nnunetv2_voxshield.lc import METHOD as LC_METHOD, LCSource
@@ -192,6 +192,8 @@ def make_source(method: str, state: Optional[dict], configuration_manager, devic
         return LSPSource(seed, dims, options.get('patch', DEFAULT_LSP_PATCH))
     if method in BOUNDARY_METHODS:
         return BoundaryShiftSource(method, options.get('width', DEFAULT_WIDTH))
+    if method == 'edge':
+        return EdgeSource(options.get('width', DEFAULT_WIDTH), options.get('sign', 'alternate'))
     if method in CONTROL_METHODS:
         return LabelCodedSource(method, seed, options.get('block', DEFAULT_BLOCK),
                                 options.get('sigma', DEFAULT_SMOOTH_SIGMA), options.get('sign', 'alternate'))

@@ -77,12 +77,14 @@ def test_cli_writes_json_for_a_raw_dataset(tmp_path):
         sitk.WriteImage(sitk.GetImageFromArray(_seg()), str(dataset / 'labelsTr' / f'c{i}.nii.gz'))
     out = tmp_path / 'out'
     done = subprocess.run([sys.executable, str(BENCH / 'code_strength.py'), '-o', str(out), '--dataset', str(dataset),
-                           '--codes', 'checkerboard', 'offset', '--spectrum', '1'], capture_output=True, text=True)
+                           '--codes', 'checkerboard', 'offset', '--spectrum', '1', '--contrast', '2'], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     data = json.loads((out / 'code_strength.json').read_text())
     assert data['settings']['cases'] == 2 and set(data['codes']) == {'checkerboard', 'offset'}
     assert data['codes']['checkerboard']['snr'] > data['codes']['offset']['snr']
     assert len(data['spectrum']) == 14 and '| (1, 0, 0) |' in done.stdout
+    assert data['contrast']['width'] == 2 and set(data['contrast']['labels']) == {'1', '2'}
+    assert data['contrast']['labels']['1']['cases'] == 2 and '| 2 | 2 |' in done.stdout
     # a smooth image: the local mean carries the most power of all bins
     powers = {tuple(r['bin']): r['image_power'] for r in data['spectrum']}
     assert max(powers, key=powers.get) == (0, 0, 0)
@@ -109,3 +111,19 @@ def test_image_spectrum_is_band_power_averaged_over_the_labels():
         np.mean(cst.band_power(x, (0, 1, -1), 8)[seg > 0]), rel=1e-9)
     with pytest.raises(ValueError, match='no labelled voxels'):
         cst.image_spectrum([(x, np.zeros_like(seg))], 8, 1)
+
+
+def test_anatomy_contrast_is_each_label_against_the_shell_around_the_foreground():
+    """Labels 1 and 2 at 0.2 and -0.3 on a ground of 0, with a far-away bright block that is not in the 2-voxel
+    shell: contrasts 0.2 and -0.3 exactly; the 1-voxel shell of a second case that touches the border is the voxels
+    inside the array only; an all-background case is skipped."""
+    seg = _seg()
+    x = np.where(seg == 1, 0.2, np.where(seg == 2, -0.3, 0.0))
+    x[22:, 22:, 22:] = 5.0  # > 2 voxels from the foreground (which ends at index 19)
+    border = np.zeros_like(seg)
+    border[:3, :3, :3] = 1
+    xb = np.where(border == 1, 1.0, 0.25)
+    contrast = cst.anatomy_contrast([(x, seg), (xb, border), (x, np.zeros_like(seg))], width=2)
+    assert contrast[1] == pytest.approx([0.2, 0.75]) and contrast[2] == pytest.approx([-0.3])
+    shifted = cst.anatomy_contrast([(x + 0.1 * (seg == 1), seg)], width=2)  # an offset moves its class only
+    assert shifted[1] == pytest.approx([0.3]) and shifted[2] == pytest.approx([-0.3])

@@ -1,5 +1,5 @@
 """Positive controls of issue 12: fixed label-coded offset, checkerboard and smooth fields via voxshield_export; the
-boundary displacements grow / shrink."""
+boundary displacements grow / shrink; the edge reversal."""
 import json
 import shutil
 from fractions import Fraction
@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from conftest import requires_hippocampus
 from nnunetv2_voxshield import export
 from nnunetv2_voxshield.budget import raw_budget
-from nnunetv2_voxshield.controls import (DIAGONALS, BoundaryShiftSource, LabelCodedSource, boundary_band,
+from nnunetv2_voxshield.controls import (DIAGONALS, BoundaryShiftSource, EdgeSource, LabelCodedSource, boundary_band,
                                          checkerboard, diagonal_stripes, smooth_field, stripes)
 from nnunetv2_voxshield.dataset_io import InputError
 from nnunetv2_voxshield.verify import verify_entry
@@ -148,6 +148,28 @@ def test_grow_and_shrink_move_the_band_towards_the_other_side():
             BoundaryShiftSource(**kw)
 
 
+def test_edge_codes_both_sides_of_the_boundary_and_nothing_else():
+    """edge: +s_y b on the labels' inner band, -s_y b on the background's outer band (y: the nearest labelled
+    voxel's class), 0 in the interior and far away; signs alternate per class unless --sign fixes one."""
+    seg = _seg((12, 12, 12), {1: np.s_[3:9, 3:6, 3:9], 2: np.s_[3:9, 6:9, 3:9]})
+    budget = np.array([2.0, 0.5])
+    delta, support = EdgeSource(width=1).delta_and_support_raw(np.zeros((2, 12, 12, 12)), seg, budget, 'case')
+    row = delta[0, 5, :, 5]  # along the second axis through both classes
+    assert row[2] == -2 and row[3] == 2 and row[4] == 0  # label 1 (+): outside darker, inside brighter, interior 0
+    assert row[8] == -2 and row[9] == 2 and row[7] == 0  # label 2 (-): inside darker, outside brighter
+    assert row[0] == 0 and row[11] == 0 and np.array_equal(delta[1], delta[0] / 4)
+    assert np.array_equal(support, delta[0] != 0)
+    plus = EdgeSource(width=1, sign='plus').unit(seg)
+    assert plus[5, 8, 5] == 1 and plus[5, 9, 5] == -1 and plus[5, 3, 5] == 1 and plus[5, 2, 5] == -1
+    inner, outer = boundary_band(seg, 'shrink', 2)[0], boundary_band(seg, 'grow', 2)[0]
+    wide = EdgeSource(width=2, sign='minus').unit(seg)
+    assert np.all(wide[inner] == -1) and np.all(wide[outer] == 1) and np.all(wide[~inner & ~outer] == 0)
+    assert not EdgeSource().unit(np.zeros_like(seg)).any()
+    for kw in ({'width': 0}, {'sign': 'both'}):
+        with pytest.raises(InputError):
+            EdgeSource(**kw)
+
+
 def _exported_deltas(env, out_id: int, args: list, eps: str = '16/255') -> list:
     """Export Hippocampus with ``args`` at ``eps``, check it with verify, and return (label, clean, delta, b) per
     case (delta = protected - clean in raw units, b = the case's raw budget); the copy is removed."""
@@ -178,6 +200,17 @@ def test_grow_export_passes_verify(hippocampus_env):
         assert np.all(delta[~band] == 0) and np.count_nonzero(delta) > 100
         towards = np.sign(clean[nearest].astype(np.float64) - clean)
         assert np.all(np.sign(delta[delta != 0]) == towards[delta != 0])
+
+
+@requires_hippocampus
+def test_edge_export_passes_verify(hippocampus_env):
+    """edge --sign plus at 16/255 on real cases: verify passes; +b on the labels' 1-voxel inner band, -b (or less
+    where the image's minimum clips it) on the outer band, nothing else moves."""
+    for label, clean, delta, b in _exported_deltas(hippocampus_env, 867, ['--method', 'edge', '--sign', 'plus']):
+        inner, outer = boundary_band(label, 'shrink', 1)[0], boundary_band(label, 'grow', 1)[0]
+        assert np.all(delta[~inner & ~outer] == 0) and inner.sum() > 100
+        assert np.median(delta[inner]) > 0.9 * b and np.median(delta[outer]) < -0.9 * b
+        assert np.all(delta[inner] >= 0) and np.all(delta[outer] <= 0)
 
 
 @requires_hippocampus
