@@ -124,10 +124,10 @@ def anatomy_contrast(cases, width: int = 2) -> dict:
     """{label: per-case (mean of the label's voxels - mean of the background within ``width`` voxels of the
     foreground)}, in the cases' own units (``load_cases``: the p0.5-p99.5 range). A case without that label or
     without a shell is skipped."""
-    from scipy.ndimage import distance_transform_edt
+    from nnunetv2_voxshield.controls import boundary_band
     contrast = {}
     for x, seg in cases:
-        shell = ~(seg > 0) & (distance_transform_edt(seg == 0) <= width)
+        shell = boundary_band(seg, 'grow', width)[0]
         if not shell.any():
             continue
         for label in np.unique(seg[seg > 0]):

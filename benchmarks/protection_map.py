@@ -4,11 +4,10 @@
     python benchmarks/protection_map.py -o benchmarks/out/map --table-only
 
 A cell is ``METHOD[:key=value]@EPS``: an export-time method (random, offset[:sign=S], checkerboard[:block=N],
-stripes[:block=N], diagonal[:block=N], smooth[:sigma=S], grow[:width=N], shrink[:width=N],
-edge[:width=N][:sign=S], lsp) exported at EPS, or
-a protector trained at EPS with nnU-Net's trainer API and exported at its own budget (VoxShield, VoxShield-EOT, VoxShield-LC:
-``<trainer>[_eps<N>]_<E>epochs``; at 4/255 the plain trainer). Any method takes ``:clean=F``: its copy with a
-fixed share F of the training cases left clean.
+stripes[:block=N], diagonal[:block=N], smooth[:sigma=S], grow[:width=N], shrink[:width=N], edge[:width=N][:sign=S],
+lsp) exported at EPS, or a protector trained at EPS with nnU-Net's trainer API and exported at its own budget
+(VoxShield, VoxShield-EOT, VoxShield-LC: ``<trainer>[_eps<N>]_<E>epochs``; at 4/255 the plain trainer). Any method
+takes ``:clean=F``: its copy with a fixed share F of the training cases left clean.
 ``--victim`` is an exploiter profile (stock: ``nnUNetTrainer_5epochs``; noda: ``nnUNetTrainerNoDA_5epochs``;
 adam, labelaware, noSpatial, noNoiseBlur, noIntensity, noLowRes, noMirror, intensityMirrorOnly, onlySpatial,
 onlyNoiseBlur, onlyLowRes: the profiles of

@@ -58,6 +58,11 @@ def class_sign(label: int) -> float:
     return 1.0 if int(label) % 2 == 1 else -1.0
 
 
+def code_sign(label: int, sign: str) -> float:
+    """The sign of class ``label`` under ``--sign``: s_k for 'alternate', else the one fixed sign."""
+    return class_sign(label) if SIGNS[sign] is None else SIGNS[sign]
+
+
 def checkerboard(shape: Sequence[int], block: int = DEFAULT_BLOCK) -> np.ndarray:
     """(-1)^(sum_d i_d // block) over an array of ``shape``."""
     parity = sum(np.arange(int(s)).reshape([-1 if d == a else 1 for d in range(len(shape))]) // int(block)
@@ -112,7 +117,7 @@ class LabelCodedSource:
 
     def pattern(self, label: int, shape: Sequence[int]) -> np.ndarray:
         """The unit pattern (values in [-1, 1]) of class ``label`` over an array of ``shape``."""
-        sign = class_sign(label) if SIGNS[self.sign] is None else SIGNS[self.sign]
+        sign = code_sign(label, self.sign)
         if self.method == 'offset':
             return np.full(tuple(shape), sign)
         if self.method == 'checkerboard':
@@ -203,9 +208,11 @@ class EdgeSource:
         inner = boundary_band(seg, 'shrink', self.width)[0]
         outer, nearest = boundary_band(seg, 'grow', self.width)
         classes = np.where(outer, seg[nearest], seg) if nearest is not None else seg
-        fixed = SIGNS[self.sign]
-        sign = np.where(classes % 2 == 1, 1.0, -1.0) if fixed is None else np.full(seg.shape, fixed)
-        return np.where(inner, sign, 0.0) - np.where(outer, sign, 0.0)
+        unit = np.zeros(seg.shape)
+        for label in np.unique(classes[inner | outer]):
+            unit[inner & (classes == label)] = code_sign(label, self.sign)
+            unit[outer & (classes == label)] = -code_sign(label, self.sign)
+        return unit
 
     def support(self, seg: np.ndarray) -> np.ndarray:
         """Where delta may be non-zero: the two bands."""

@@ -77,7 +77,8 @@ def test_cli_writes_json_for_a_raw_dataset(tmp_path):
         sitk.WriteImage(sitk.GetImageFromArray(_seg()), str(dataset / 'labelsTr' / f'c{i}.nii.gz'))
     out = tmp_path / 'out'
     done = subprocess.run([sys.executable, str(BENCH / 'code_strength.py'), '-o', str(out), '--dataset', str(dataset),
-                           '--codes', 'checkerboard', 'offset', '--spectrum', '1', '--contrast', '2'], capture_output=True, text=True)
+                           '--codes', 'checkerboard', 'offset', '--spectrum', '1', '--contrast', '2'],
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     data = json.loads((out / 'code_strength.json').read_text())
     assert data['settings']['cases'] == 2 and set(data['codes']) == {'checkerboard', 'offset'}
