@@ -1,0 +1,212 @@
+"""The amplitude rule, fitted: how much code a stock victim needs to lose its Dice (issue 13).
+
+    python benchmarks/amplitude_rule.py -o benchmarks/out/map
+
+Sessions 14 and 15 found that against the stock victim the loss from every fixed code that survives its augmentation
+(a class-wise offset of either sign, axis or diagonal gratings of period 8) follows the code's amplitude, not its
+band or sign. This fits that rule to the protection map's rows (``-o``/map.json, no training) and extrapolates it to
+the product's goal: per-seed Dice / clean against the code's PSNR inside the labels (x, dB; where the code lives, so
+codes of different support compare), with a logistic in dB,
+
+    ratio(x) = 1 / (1 + exp((x50 - x) / s)),
+
+least squares over the seeds' points, and a bootstrap over the cells (``--boot`` resamples, each cell with all its
+seeds) for the 5th-95th percentiles of x50, s and of the ROI PSNR at which the fit reaches ``--levels`` (default 0.3
+and 0.05: x_r = x50 + s ln(r / (1 - r))). A code confined to the labels costs the whole volume
+10 log10(1 / f) dB less than its ROI PSNR, f the labels' share of the volume: Hippocampus's share is read off the
+fitted rows (their mean whole-volume minus ROI PSNR), and the table repeats each x_r for f = 1% and 0.1% (larger
+fields of view; the victim's behaviour there is not measured). Rows of other codes (``--others``: the period-2 and
+period-4 checkerboards, the learned protectors) are listed with their residual against the fit, not fitted.
+
+Prints a table, writes -o/amplitude_rule.{json,md} and the points with the fit, -o/amplitude_rule.png.
+"""
+import argparse
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+FAMILY = ('offset', 'offset:sign=plus', 'offset:sign=minus', 'stripes:block=4', 'diagonal:block=4')
+OTHERS = ('checkerboard', 'checkerboard:block=2', 'VoxShield', 'VoxShield-EOT', 'VoxShield-LC')
+LEVELS = (0.3, 0.05)
+FRACTIONS = (0.01, 0.001)
+
+
+def _map_rows(data: dict) -> list:
+    spec = importlib.util.spec_from_file_location('protection_map', HERE / 'protection_map.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.map_rows(data)
+
+
+def logistic(x, x50: float, s: float):
+    return 1.0 / (1.0 + np.exp((x50 - np.asarray(x, dtype=float)) / s))
+
+
+def fit_logistic(x, y, start=None) -> tuple:
+    """Least-squares (x50, s) of ``logistic`` to the points (x, y), s > 0: Nelder-Mead from ``start`` (x50, s), or from
+    the best of a coarse grid."""
+    from scipy.optimize import minimize
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(x) < 2 or np.ptp(x) == 0:
+        raise ValueError(f'the fit needs points at two PSNRs at least (got {len(x)} at {sorted(set(x.tolist()))})')
+    sse = lambda p: float(np.sum((logistic(x, p[0], math.exp(p[1])) - y) ** 2))  # noqa: E731
+    if start is None:
+        grid = [(a, b) for a in np.linspace(x.min() - 20, x.max() + 20, 81) for b in np.log(np.linspace(0.5, 20, 40))]
+        start = min(grid, key=sse)
+    else:
+        start = (start[0], math.log(start[1]))
+    best = minimize(sse, start, method='Nelder-Mead', options={'xatol': 1e-6, 'fatol': 1e-10, 'maxiter': 4000})
+    return float(best.x[0]), float(math.exp(best.x[1]))
+
+
+def level_psnr(x50: float, s: float, level: float) -> float:
+    """The x at which ``logistic`` equals ``level``."""
+    return x50 + s * math.log(level / (1.0 - level))
+
+
+def points(rows: list, victim: str, methods) -> list:
+    """(cell row, per-seed ratios) of the victim's rows whose method is in ``methods`` and that have a ROI PSNR."""
+    return [r for r in rows if r['victim'] == victim and r['method'] in methods and r.get('psnr_roi') is not None]
+
+
+def fit_rows(cells: list, levels=LEVELS, boot: int = 1000, seed: int = 0) -> dict:
+    """The fit over the cells' per-seed points and its bootstrap over cells."""
+    def xy(cs):
+        pts = [(c['psnr_roi'], r) for c in cs for r in c['ratio_per_seed']]
+        return [p[0] for p in pts], [p[1] for p in pts]
+    x50, s = fit_logistic(*xy(cells))
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(int(boot)):
+        pick = [cells[i] for i in rng.integers(0, len(cells), len(cells))]
+        try:
+            draws.append(fit_logistic(*xy(pick), start=(x50, s)))
+        except ValueError:  # every pick at one PSNR
+            continue
+    band = lambda v: [float(np.percentile(v, 5)), float(np.percentile(v, 95))] if v else None  # noqa: E731
+    out = {'x50': x50, 's': s, 'x50_ci': band([d[0] for d in draws]), 's_ci': band([d[1] for d in draws]),
+           'boot': len(draws), 'levels': {}}
+    for level in levels:
+        out['levels'][str(level)] = {'psnr_roi': level_psnr(x50, s, level),
+                                     'psnr_roi_ci': band([level_psnr(a, b, level) for a, b in draws])}
+    x, y = xy(cells)
+    out['rmse'] = float(np.sqrt(np.mean((logistic(x, x50, s) - np.asarray(y)) ** 2)))
+    out['points'] = len(x)
+    return out
+
+
+def analyse(rows: list, victim: str, family, others, levels=LEVELS, boot: int = 1000) -> dict:
+    """The fit over the victim's family rows, each level's PSNR inside the labels and over the whole volume (at
+    Hippocampus's label share and at ``FRACTIONS``), the fitted rows and the other codes' residuals."""
+    cells = points(rows, victim, set(family))
+    fit = fit_rows(cells, levels, boot)
+    shift = float(np.mean([c['psnr'] - c['psnr_roi'] for c in cells]))
+    for level in fit['levels'].values():
+        roi = level['psnr_roi']
+        level['psnr_whole'] = {'hippocampus': roi + shift,
+                               **{str(f): roi + 10 * math.log10(1 / f) for f in FRACTIONS}}
+    model = lambda x: float(logistic(x, fit['x50'], fit['s']))  # noqa: E731
+    fitted = [{'cell': c['cell'], 'seeds': c['seeds'], 'psnr': c['psnr'], 'psnr_roi': c['psnr_roi'],
+               'ratio_per_seed': c['ratio_per_seed'], 'fit': model(c['psnr_roi'])}
+              for c in sorted(cells, key=lambda c: -c['psnr_roi'])]
+    listed = [{'cell': c['cell'], 'seeds': c['seeds'], 'psnr_roi': c['psnr_roi'], 'ratio': c['ratio'],
+               'residual': c['ratio'] - model(c['psnr_roi'])}
+              for c in sorted(points(rows, victim, set(others)), key=lambda c: (c['method'], -c['psnr_roi']))]
+    return {'victim': victim, 'family': list(family), 'fit': fit, 'label_fraction': 10 ** (-shift / 10),
+            'whole_minus_roi_db': shift, 'rows': fitted, 'others': listed}
+
+
+def render(result: dict) -> str:
+    """The markdown the CLI prints and writes."""
+    fit, shift = result['fit'], result['whole_minus_roi_db']
+    seeds = lambda r: ','.join(map(str, r['seeds']))  # noqa: E731
+    lines = [f'Victim {result["victim"]}: Dice / clean = 1 / (1 + exp((x50 - x) / s)), x = the code\'s PSNR in the '
+             f'labels; {fit["points"]} points from {len(result["rows"])} cells ({", ".join(result["family"])}); '
+             f'RMSE {fit["rmse"]:.3f}.',
+             f'x50 = {fit["x50"]:.1f} dB (5-95%: {fit["x50_ci"][0]:.1f}-{fit["x50_ci"][1]:.1f}), s = {fit["s"]:.2f} dB '
+             f'({fit["s_ci"][0]:.2f}-{fit["s_ci"][1]:.2f}); {fit["boot"]} bootstrap fits over cells.',
+             f'Hippocampus: the labels are {100 * result["label_fraction"]:.1f}% of the volume (whole-volume PSNR = '
+             f'ROI + {shift:.1f} dB).', '',
+             '| Dice / clean | ROI PSNR (dB) | whole volume, Hippocampus (dB) | whole volume, labels 1% (dB) | '
+             'whole volume, labels 0.1% (dB) |', '| --- | --- | --- | --- | --- |']
+    for level, v in fit['levels'].items():
+        lo, hi = v['psnr_roi_ci']
+        whole = v['psnr_whole']
+        lines.append(f'| {level} | {v["psnr_roi"]:.1f} ({lo:.1f}-{hi:.1f}) | {whole["hippocampus"]:.1f} | '
+                     f'{whole["0.01"]:.1f} | {whole["0.001"]:.1f} |')
+    lines += ['', '| cell | seeds | ROI PSNR (dB) | PSNR (dB) | Dice / clean per seed | fit |',
+              '| --- | --- | --- | --- | --- | --- |']
+    lines += [f'| {r["cell"]} | {seeds(r)} | {r["psnr_roi"]:.1f} | {r["psnr"]:.1f} | '
+              f'{" / ".join(f"{v:.2f}" for v in r["ratio_per_seed"])} | {r["fit"]:.2f} |' for r in result['rows']]
+    if result['others']:
+        lines += ['', 'Not fitted (other codes):', '',
+                  '| cell | seeds | ROI PSNR (dB) | Dice / clean | minus the fit |', '| --- | --- | --- | --- | --- |']
+        lines += [f'| {r["cell"]} | {seeds(r)} | {r["psnr_roi"]:.1f} | {r["ratio"]:.2f} | {r["residual"]:+.2f} |'
+                  for r in result['others']]
+    return '\n'.join(lines)
+
+
+def figure(result: dict, png: Path) -> None:
+    """Per-seed points of the fitted cells, the other codes' mean ratios, the fit and the goal's lines."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fit, shift, others = result['fit'], result['whole_minus_roi_db'], result['others']
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    x = [r['psnr_roi'] for r in result['rows'] for _ in r['ratio_per_seed']]
+    ax.plot(x, [v for r in result['rows'] for v in r['ratio_per_seed']], 'o', color='tab:blue', ms=4,
+            label='fitted codes (per seed)')
+    for method in sorted({r['cell'].split('@')[0] for r in others}):
+        pts = sorted((r['psnr_roi'], r['ratio']) for r in others if r['cell'].split('@')[0] == method)
+        ax.plot(*zip(*pts), 'x--', ms=5, lw=0.8, label=method)
+    grid = np.linspace(5, 50, 200)
+    ax.plot(grid, logistic(grid, fit['x50'], fit['s']), 'k-', lw=1,
+            label=f'fit: x50 {fit["x50"]:.1f} dB, s {fit["s"]:.2f} dB')
+    ax.axhline(0.05, color='k', lw=0.8, ls=':')
+    ax.axvline(50 - shift, color='tab:red', lw=0.8, ls=':',
+               label=f'50 dB whole volume (Hippocampus: ROI {50 - shift:.1f} dB)')
+    ax.set_xlabel("the code's PSNR inside the labels (dB)")
+    ax.set_ylabel('victim Dice / clean victim Dice')
+    ax.legend(fontsize=6.5, loc='lower right')
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0] + ' Fits Dice / clean against the code\'s ROI '
+                                'PSNR over the protection map\'s rows and extrapolates to the goal.')
+    p.add_argument('-o', '--out', type=Path, required=True, help='the protection map folder (its map.json)')
+    p.add_argument('--victim', default='stock', help='victim profile of the rows (default: stock)')
+    p.add_argument('--family', nargs='+', default=list(FAMILY), help='methods fitted (default: %(default)s)')
+    p.add_argument('--others', nargs='*', default=list(OTHERS), help='methods listed with their residual')
+    p.add_argument('--levels', nargs='+', type=float, default=list(LEVELS))
+    p.add_argument('--boot', type=int, default=1000)
+    a = p.parse_args()
+    path = a.out / 'map.json'
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        sys.exit(f'{path}: cannot read the protection map ({e})')
+    if any(not 0 < level < 1 for level in a.levels):
+        sys.exit(f'--levels: each must lie in (0, 1) (got {a.levels})')
+    try:
+        result = analyse(_map_rows(data), a.victim, a.family, a.others, a.levels, a.boot)
+    except ValueError as e:
+        sys.exit(f'{path}: {a.victim} rows of {", ".join(a.family)}: {e}')
+    text = render(result)
+    print(text)
+    for name, body in (('amplitude_rule.json', json.dumps(result, indent=1)), ('amplitude_rule.md', text + '\n')):
+        tmp = a.out / (name + '.tmp')
+        tmp.write_text(body)
+        tmp.replace(a.out / name)
+    figure(result, a.out / 'amplitude_rule.png')
+
+
+if __name__ == '__main__':
+    main()
