@@ -10,7 +10,8 @@ codes of different support compare), with a logistic in dB,
 
     ratio(x) = 1 / (1 + exp((x50 - x) / s)),
 
-least squares over the seeds' points, and a bootstrap over the cells (``--boot`` resamples, each cell with all its
+least squares over the seeds' points (``--exclude`` leaves cells out, e.g. to repeat a fit made before they were
+measured), and a bootstrap over the cells (``--boot`` resamples, each cell with all its
 seeds) for the 5th-95th percentiles of x50, s and of the ROI PSNR at which the fit reaches ``--levels`` (default 0.3
 and 0.05: x_r = x50 + s ln(r / (1 - r))). A code confined to the labels costs the whole volume
 10 log10(1 / f) dB less than its ROI PSNR, f the labels' share of the volume: Hippocampus's share is read off the
@@ -69,9 +70,10 @@ def level_psnr(x50: float, s: float, level: float) -> float:
     return x50 + s * math.log(level / (1.0 - level))
 
 
-def points(rows: list, victim: str, methods) -> list:
-    """(cell row, per-seed ratios) of the victim's rows whose method is in ``methods`` and that have a ROI PSNR."""
-    return [r for r in rows if r['victim'] == victim and r['method'] in methods and r.get('psnr_roi') is not None]
+def points(rows: list, victim: str, methods, exclude=()) -> list:
+    """The victim's rows whose method is in ``methods``, whose cell is not in ``exclude`` and that have a ROI PSNR."""
+    return [r for r in rows if r['victim'] == victim and r['method'] in methods and r['cell'] not in exclude
+            and r.get('psnr_roi') is not None]
 
 
 def fit_rows(cells: list, levels=LEVELS, boot: int = 1000, seed: int = 0) -> dict:
@@ -100,10 +102,10 @@ def fit_rows(cells: list, levels=LEVELS, boot: int = 1000, seed: int = 0) -> dic
     return out
 
 
-def analyse(rows: list, victim: str, family, others, levels=LEVELS, boot: int = 1000) -> dict:
+def analyse(rows: list, victim: str, family, others, levels=LEVELS, boot: int = 1000, exclude=()) -> dict:
     """The fit over the victim's family rows, each level's PSNR inside the labels and over the whole volume (at
     Hippocampus's label share and at ``FRACTIONS``), the fitted rows and the other codes' residuals."""
-    cells = points(rows, victim, set(family))
+    cells = points(rows, victim, set(family), set(exclude))
     fit = fit_rows(cells, levels, boot)
     shift = float(np.mean([c['psnr'] - c['psnr_roi'] for c in cells]))
     for level in fit['levels'].values():
@@ -116,8 +118,10 @@ def analyse(rows: list, victim: str, family, others, levels=LEVELS, boot: int = 
               for c in sorted(cells, key=lambda c: -c['psnr_roi'])]
     listed = [{'cell': c['cell'], 'seeds': c['seeds'], 'psnr_roi': c['psnr_roi'], 'ratio': c['ratio'],
                'residual': c['ratio'] - model(c['psnr_roi'])}
-              for c in sorted(points(rows, victim, set(others)), key=lambda c: (c['method'], -c['psnr_roi']))]
-    return {'victim': victim, 'family': list(family), 'fit': fit, 'label_fraction': 10 ** (-shift / 10),
+              for c in sorted(points(rows, victim, set(others), set(exclude)),
+                              key=lambda c: (c['method'], -c['psnr_roi']))]
+    return {'victim': victim, 'family': list(family), 'excluded': sorted(exclude), 'fit': fit,
+            'label_fraction': 10 ** (-shift / 10),
             'whole_minus_roi_db': shift, 'rows': fitted, 'others': listed}
 
 
@@ -127,7 +131,8 @@ def render(result: dict) -> str:
     seeds = lambda r: ','.join(map(str, r['seeds']))  # noqa: E731
     lines = [f'Victim {result["victim"]}: Dice / clean = 1 / (1 + exp((x50 - x) / s)), x = the code\'s PSNR in the '
              f'labels; {fit["points"]} points from {len(result["rows"])} cells ({", ".join(result["family"])}); '
-             f'RMSE {fit["rmse"]:.3f}.',
+             f'RMSE {fit["rmse"]:.3f}.' + (f' Left out: {", ".join(result["excluded"])}.' if result['excluded']
+                                           else ''),
              f'x50 = {fit["x50"]:.1f} dB (5-95%: {fit["x50_ci"][0]:.1f}-{fit["x50_ci"][1]:.1f}), s = {fit["s"]:.2f} dB '
              f'({fit["s_ci"][0]:.2f}-{fit["s_ci"][1]:.2f}); {fit["boot"]} bootstrap fits over cells.',
              f'Hippocampus: the labels are {100 * result["label_fraction"]:.1f}% of the volume (whole-volume PSNR = '
@@ -185,6 +190,8 @@ def main():
     p.add_argument('--victim', default='stock', help='victim profile of the rows (default: stock)')
     p.add_argument('--family', nargs='+', default=list(FAMILY), help='methods fitted (default: %(default)s)')
     p.add_argument('--others', nargs='*', default=list(OTHERS), help='methods listed with their residual')
+    p.add_argument('--exclude', nargs='*', default=[], metavar='CELL',
+                   help='cells left out (e.g. offset@128/255: the fit before that cell was measured)')
     p.add_argument('--levels', nargs='+', type=float, default=list(LEVELS))
     p.add_argument('--boot', type=int, default=1000)
     a = p.parse_args()
@@ -196,7 +203,7 @@ def main():
     if any(not 0 < level < 1 for level in a.levels):
         sys.exit(f'--levels: each must lie in (0, 1) (got {a.levels})')
     try:
-        result = analyse(_map_rows(data), a.victim, a.family, a.others, a.levels, a.boot)
+        result = analyse(_map_rows(data), a.victim, a.family, a.others, a.levels, a.boot, a.exclude)
     except ValueError as e:
         sys.exit(f'{path}: {a.victim} rows of {", ".join(a.family)}: {e}')
     text = render(result)

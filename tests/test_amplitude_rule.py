@@ -63,6 +63,14 @@ def test_cli_fits_the_family_lists_the_others_and_reports_the_goal(tmp_path):
     assert '| 0.05 |' in done.stdout and '| checkerboard@64/255 |' in done.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ['amplitude_rule.json', 'amplitude_rule.md',
                                                           'amplitude_rule.png', 'map.json']
+    # --exclude repeats a fit without some cells: the lowest PSNR's cell left out, 8 points, the same truth
+    left = subprocess.run([sys.executable, str(BENCH / 'amplitude_rule.py'), '-o', str(tmp_path), '--boot', '20',
+                           '--exclude', 'offset@64/255', 'checkerboard@64/255'], capture_output=True, text=True)
+    assert left.returncode == 0, left.stderr
+    data = json.loads((tmp_path / 'amplitude_rule.json').read_text())
+    assert data['fit']['points'] == 8 and data['others'] == [] and data['excluded'] == ['checkerboard@64/255',
+                                                                                        'offset@64/255']
+    assert data['fit']['x50'] == pytest.approx(22.0, abs=0.2) and 'Left out: checkerboard@64/255' in left.stdout
     bad = subprocess.run([sys.executable, str(BENCH / 'amplitude_rule.py'), '-o', str(tmp_path / 'nope')],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and 'map.json: cannot read the protection map' in bad.stderr
