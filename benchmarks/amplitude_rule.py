@@ -11,13 +11,13 @@ codes of different support compare), with a logistic in dB,
     ratio(x) = 1 / (1 + exp((x50 - x) / s)),
 
 least squares over the seeds' points (``--exclude`` leaves cells out, e.g. to repeat a fit made before they were
-measured), and a bootstrap over the cells (``--boot`` resamples, each cell with all its
-seeds) for the 5th-95th percentiles of x50, s and of the ROI PSNR at which the fit reaches ``--levels`` (default 0.3
-and 0.05: x_r = x50 + s ln(r / (1 - r))). A code confined to the labels costs the whole volume
-10 log10(1 / f) dB less than its ROI PSNR, f the labels' share of the volume: Hippocampus's share is read off the
-fitted rows (their mean whole-volume minus ROI PSNR), and the table repeats each x_r for f = 1% and 0.1% (larger
-fields of view; the victim's behaviour there is not measured). Rows of other codes (``--others``: the period-2 and
-period-4 checkerboards, the learned protectors) are listed with their residual against the fit, not fitted.
+measured), and a bootstrap over the cells (``--boot`` resamples, each cell with all its seeds) for the 5th-95th
+percentiles of x50, s and of the ROI PSNR at which the fit reaches ``--levels`` (default 0.3 and 0.05:
+x_r = x50 + s ln(r / (1 - r))). For a code confined to the labels the whole-volume PSNR is its ROI PSNR plus
+10 log10(1 / f) dB, f the labels' share of the volume: Hippocampus's share is read off the fitted rows (their mean
+whole-volume minus ROI PSNR), and the table repeats each x_r for f = 1% and 0.1% (larger fields of view; the
+victim's behaviour there is not measured). Rows of other codes (``--others``: the period-2 and period-4
+checkerboards, the learned protectors) are listed with their residual against the fit, not fitted.
 
 Prints a table, writes -o/amplitude_rule.{json,md} and the points with the fit, -o/amplitude_rule.png.
 """
