@@ -71,9 +71,10 @@ def level_psnr(x50: float, s: float, level: float) -> float:
 
 
 def points(rows: list, victim: str, methods, exclude=()) -> list:
-    """The victim's rows whose method is in ``methods``, whose cell is not in ``exclude`` and that have a ROI PSNR."""
+    """The victim's rows whose method is in ``methods``, whose cell is not in ``exclude`` and that have a ROI PSNR
+    and a whole-volume one."""
     return [r for r in rows if r['victim'] == victim and r['method'] in methods and r['cell'] not in exclude
-            and r.get('psnr_roi') is not None]
+            and r.get('psnr_roi') is not None and r.get('psnr') is not None]
 
 
 def fit_rows(cells: list, levels=LEVELS, boot: int = 1000, seed: int = 0) -> dict:
@@ -129,20 +130,20 @@ def render(result: dict) -> str:
     """The markdown the CLI prints and writes."""
     fit, shift = result['fit'], result['whole_minus_roi_db']
     seeds = lambda r: ','.join(map(str, r['seeds']))  # noqa: E731
+    band = lambda ci, f='{:.1f}': '–' if ci is None else f'{f.format(ci[0])}-{f.format(ci[1])}'  # noqa: E731
     lines = [f'Victim {result["victim"]}: Dice / clean = 1 / (1 + exp((x50 - x) / s)), x = the code\'s PSNR in the '
              f'labels; {fit["points"]} points from {len(result["rows"])} cells ({", ".join(result["family"])}); '
              f'RMSE {fit["rmse"]:.3f}.' + (f' Left out: {", ".join(result["excluded"])}.' if result['excluded']
                                            else ''),
-             f'x50 = {fit["x50"]:.1f} dB (5-95%: {fit["x50_ci"][0]:.1f}-{fit["x50_ci"][1]:.1f}), s = {fit["s"]:.2f} dB '
-             f'({fit["s_ci"][0]:.2f}-{fit["s_ci"][1]:.2f}); {fit["boot"]} bootstrap fits over cells.',
+             f'x50 = {fit["x50"]:.1f} dB (5-95%: {band(fit["x50_ci"])}), s = {fit["s"]:.2f} dB '
+             f'({band(fit["s_ci"], "{:.2f}")}); {fit["boot"]} bootstrap fits over cells.',
              f'Hippocampus: the labels are {100 * result["label_fraction"]:.1f}% of the volume (whole-volume PSNR = '
              f'ROI + {shift:.1f} dB).', '',
              '| Dice / clean | ROI PSNR (dB) | whole volume, Hippocampus (dB) | whole volume, labels 1% (dB) | '
              'whole volume, labels 0.1% (dB) |', '| --- | --- | --- | --- | --- |']
     for level, v in fit['levels'].items():
-        lo, hi = v['psnr_roi_ci']
         whole = v['psnr_whole']
-        lines.append(f'| {level} | {v["psnr_roi"]:.1f} ({lo:.1f}-{hi:.1f}) | {whole["hippocampus"]:.1f} | '
+        lines.append(f'| {level} | {v["psnr_roi"]:.1f} ({band(v["psnr_roi_ci"])}) | {whole["hippocampus"]:.1f} | '
                      f'{whole["0.01"]:.1f} | {whole["0.001"]:.1f} |')
     lines += ['', '| cell | seeds | ROI PSNR (dB) | PSNR (dB) | Dice / clean per seed | fit |',
               '| --- | --- | --- | --- | --- | --- |']
@@ -202,6 +203,8 @@ def main():
         sys.exit(f'{path}: cannot read the protection map ({e})')
     if any(not 0 < level < 1 for level in a.levels):
         sys.exit(f'--levels: each must lie in (0, 1) (got {a.levels})')
+    if a.boot < 0:
+        sys.exit(f'--boot: a number of bootstrap fits >= 0 (got {a.boot})')
     try:
         result = analyse(_map_rows(data), a.victim, a.family, a.others, a.levels, a.boot, a.exclude)
     except ValueError as e:

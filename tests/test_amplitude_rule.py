@@ -71,6 +71,11 @@ def test_cli_fits_the_family_lists_the_others_and_reports_the_goal(tmp_path):
     assert data['fit']['points'] == 8 and data['others'] == [] and data['excluded'] == ['checkerboard@64/255',
                                                                                         'offset@64/255']
     assert data['fit']['x50'] == pytest.approx(22.0, abs=0.2) and 'Left out: checkerboard@64/255' in left.stdout
+    noboot = subprocess.run([sys.executable, str(BENCH / 'amplitude_rule.py'), '-o', str(tmp_path), '--boot', '0'],
+                            capture_output=True, text=True)
+    assert noboot.returncode == 0, noboot.stderr
+    assert json.loads((tmp_path / 'amplitude_rule.json').read_text())['fit']['x50_ci'] is None
+    assert '(5-95%: –)' in noboot.stdout
     bad = subprocess.run([sys.executable, str(BENCH / 'amplitude_rule.py'), '-o', str(tmp_path / 'nope')],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and 'map.json: cannot read the protection map' in bad.stderr
