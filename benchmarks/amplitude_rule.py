@@ -22,7 +22,6 @@ checkerboards, the learned protectors) are listed with their residual against th
 Prints a table, writes -o/amplitude_rule.{json,md} and the points with the fit, -o/amplitude_rule.png.
 """
 import argparse
-import importlib.util
 import json
 import math
 import sys
@@ -30,18 +29,16 @@ from pathlib import Path
 
 import numpy as np
 
+from nnunetv2_voxshield.report import write_atomic, write_json_atomic
+
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from protection_map import map_rows  # noqa: E402  (the map's rows: mean Dice, per-seed ratios, PSNR)
+
 FAMILY = ('offset', 'offset:sign=plus', 'offset:sign=minus', 'stripes:block=4', 'diagonal:block=4')
 OTHERS = ('checkerboard', 'checkerboard:block=2', 'VoxShield', 'VoxShield-EOT', 'VoxShield-LC')
 LEVELS = (0.3, 0.05)
 FRACTIONS = (0.01, 0.001)
-
-
-def _map_rows(data: dict) -> list:
-    spec = importlib.util.spec_from_file_location('protection_map', HERE / 'protection_map.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.map_rows(data)
 
 
 def logistic(x, x50: float, s: float):
@@ -82,7 +79,8 @@ def fit_rows(cells: list, levels=LEVELS, boot: int = 1000, seed: int = 0) -> dic
     def xy(cs):
         pts = [(c['psnr_roi'], r) for c in cs for r in c['ratio_per_seed']]
         return [p[0] for p in pts], [p[1] for p in pts]
-    x50, s = fit_logistic(*xy(cells))
+    x, y = xy(cells)
+    x50, s = fit_logistic(x, y)
     rng = np.random.default_rng(seed)
     draws = []
     for _ in range(int(boot)):
@@ -97,7 +95,6 @@ def fit_rows(cells: list, levels=LEVELS, boot: int = 1000, seed: int = 0) -> dic
     for level in levels:
         out['levels'][str(level)] = {'psnr_roi': level_psnr(x50, s, level),
                                      'psnr_roi_ci': band([level_psnr(a, b, level) for a, b in draws])}
-    x, y = xy(cells)
     out['rmse'] = float(np.sqrt(np.mean((logistic(x, x50, s) - np.asarray(y)) ** 2)))
     out['points'] = len(x)
     return out
@@ -206,15 +203,13 @@ def main():
     if a.boot < 0:
         sys.exit(f'--boot: a number of bootstrap fits >= 0 (got {a.boot})')
     try:
-        result = analyse(_map_rows(data), a.victim, a.family, a.others, a.levels, a.boot, a.exclude)
+        result = analyse(map_rows(data), a.victim, a.family, a.others, a.levels, a.boot, a.exclude)
     except ValueError as e:
         sys.exit(f'{path}: {a.victim} rows of {", ".join(a.family)}: {e}')
     text = render(result)
     print(text)
-    for name, body in (('amplitude_rule.json', json.dumps(result, indent=1)), ('amplitude_rule.md', text + '\n')):
-        tmp = a.out / (name + '.tmp')
-        tmp.write_text(body)
-        tmp.replace(a.out / name)
+    write_json_atomic(str(a.out / 'amplitude_rule.json'), result)
+    write_atomic(str(a.out / 'amplitude_rule.md'), text + '\n')
     figure(result, a.out / 'amplitude_rule.png')
 
 
