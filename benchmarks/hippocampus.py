@@ -63,12 +63,13 @@ def run(cmd, env, log_file):
     return time.time() - t0
 
 
-def prepare_raw(data: Path, raw: Path, split: dict) -> Path:
-    """Dataset004 with the split's training cases in imagesTr/labelsTr and its test cases in imagesTs/labelsTs."""
-    dst = raw / 'Dataset004_Hippocampus'
+def prepare_raw(data: Path, raw: Path, split: dict, name: str = 'Dataset004_Hippocampus') -> Path:
+    """``name`` (a copy of ``data``) with the split's training cases in imagesTr/labelsTr and its test cases in
+    imagesTs/labelsTs."""
+    dst = raw / name
     if (dst / 'dataset.json').is_file():
         return dst
-    tmp = raw / '.Dataset004_Hippocampus.partial'
+    tmp = raw / f'.{name}.partial'
     shutil.rmtree(tmp, ignore_errors=True)
     for sub in ('imagesTr', 'labelsTr', 'imagesTs', 'labelsTs'):
         (tmp / sub).mkdir(parents=True)
