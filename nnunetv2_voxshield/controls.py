@@ -5,7 +5,8 @@ sign of class k is s_k = (-1)^(k-1) (+, -, +, ... for labels 1, 2, 3, ...). i, j
 order), from its origin, so the pattern is exactly the same whatever nnU-Net's plans do to the case.
 
 ``sign`` 'plus' or 'minus' replaces s_k by +1 or -1 for every class (one polarity for the whole foreground, not a
-class code).
+class code); 'levels' by a different level per class, +1, -1, +1/2, -1/2, ... (with three classes 'alternate' gives
+labels 1 and 3 the same +1).
 
 ``offset``: delta = s_y b.  ``checkerboard``: delta = s_y b (-1)^(i//n + j//n + k//n) (``block`` n voxels per
 square, period 2n).  ``stripes``: delta = b (-1)^(i_a//n), a square wave of period 2n along ONE axis, a = (y - 1) mod
@@ -47,7 +48,7 @@ EDGE_METHODS = ('edge',)
 CONTROL_METHODS = LABEL_CODE_METHODS + BOUNDARY_METHODS + EDGE_METHODS
 DEFAULT_BLOCK = 1
 DEFAULT_WIDTH = 1
-SIGNS = {'alternate': None, 'plus': 1.0, 'minus': -1.0}
+SIGNS = {'alternate': None, 'plus': 1.0, 'minus': -1.0, 'levels': None}
 DEFAULT_SMOOTH_SIGMA = 4.0
 SMOOTH_TILE = 64
 DIAGONALS = ((1, -1, 1), (1, -1, -1), (1, 1, 1), (1, 1, -1))  # class y: DIAGONALS[(y - 1) % 4]
@@ -58,8 +59,17 @@ def class_sign(label: int) -> float:
     return 1.0 if int(label) % 2 == 1 else -1.0
 
 
+def class_level(label: int) -> float:
+    """(-1)^(k-1) / 2^floor((k-1)/2): +1, -1, +1/2, -1/2, +1/4, ... a different level for each class (three
+    classes: levels 1, -1, 1/2 and the background's 0 at least 1/2 apart)."""
+    return class_sign(label) / 2.0 ** ((int(label) - 1) // 2)
+
+
 def code_sign(label: int, sign: str) -> float:
-    """The sign of class ``label`` under ``--sign``: s_k for 'alternate', else the one fixed sign."""
+    """The sign of class ``label`` under ``--sign``: s_k for 'alternate', the level for 'levels', else the one
+    fixed sign."""
+    if sign == 'levels':
+        return class_level(label)
     return class_sign(label) if SIGNS[sign] is None else SIGNS[sign]
 
 

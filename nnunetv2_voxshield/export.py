@@ -320,7 +320,8 @@ def export_entry(argv=None):
                              'the same across diagonal (label - 1) mod 4 of (1,-1,1), (1,-1,-1), (1,1,1), (1,1,-1)')
     parser.add_argument('--sign', default='alternate', choices=list(SIGNS),
                         help='offset, checkerboard, smooth, edge: the sign per class (alternate: +, -, +, ... for '
-                             'labels 1, 2, 3, ...; plus / minus: the same sign on every class)')
+                             'labels 1, 2, 3, ...; plus / minus: the same sign on every class; levels: +1, -1, '
+                             '+1/2, -1/2, ... x b, a different level per class)')
     parser.add_argument('--width', type=int, default=DEFAULT_WIDTH,
                         help='grow / shrink: width in voxels of the band moved outside / inside the labels; edge: of '
                              'each band')
