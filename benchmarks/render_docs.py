@@ -1,0 +1,766 @@
+"""Render docs/results.md, the numbers in README.md and docs/*.md, and docs/figures/ from benchmarks/results/*.json.
+
+    python benchmarks/render_docs.py                 # write docs/results.md, the marked blocks, docs/figures/*.png
+    python benchmarks/render_docs.py --no-figures    # text only (what tests/test_docs.py compares)
+    python benchmarks/render_docs.py --check         # write nothing; exit 1 naming each file that differs
+
+Every number a reader sees in the docs comes from here. Two registries hold what is rendered:
+
+- ``BLOCKS``: name -> function(results) returning markdown, or None when its JSON does not exist yet. A file in
+  ``MARKED`` (README.md, docs/*.md) holds ``<!-- results:NAME -->`` ... ``<!-- /results -->``; everything between the
+  markers is replaced by the block's text (a missing block renders as "not measured yet").
+- ``SECTIONS``: the ordered (title, block name) list that makes docs/results.md. ``@section('Title')`` registers a
+  function in both; ``@block`` only in ``BLOCKS`` (for text used in README or a docs page).
+- ``FIGURES``: name -> function(results, png path), drawn into docs/figures/ unless ``--no-figures``.
+
+To add a dataset's results (e.g. ACDC), write ``@section('ACDC: ...') def acdc_...(r): data = r.get('acdc_*.json')``
+returning None while the file is missing; it lands in results.md in registration order. Every results JSON must carry
+``provenance`` {command, commit, date, machine}; ``--check`` and the test fail on one that does not.
+"""
+import argparse
+import glob
+import json
+import math
+import re
+import sys
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable, Optional
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / 'results'
+DOCS = ROOT / 'docs'
+FIGURES_DIR = DOCS / 'figures'
+MARKED = ('README.md', 'docs/method.md', 'docs/evaluation.md', 'docs/findings.md')
+PROVENANCE_KEYS = ('command', 'commit', 'date', 'machine')
+MARK = re.compile(r'(<!-- results:([\w-]+) -->\n)(.*?)(<!-- /results -->)', re.S)
+
+BLOCKS: dict = {}
+SECTIONS: list = []
+FIGURES: dict = {}
+
+sys.path.insert(0, str(HERE))
+
+
+def block(fn: Callable) -> Callable:
+    """Register ``fn(results) -> markdown | None`` under its name (usable as <!-- results:NAME --> in a doc)."""
+    BLOCKS[fn.__name__] = fn
+    return fn
+
+
+def section(title: str) -> Callable:
+    """Register a block that is also a section of docs/results.md, in registration order."""
+    def wrap(fn):
+        block(fn)
+        SECTIONS.append((title, fn.__name__))
+        return fn
+    return wrap
+
+
+def figure(fn: Callable) -> Callable:
+    """Register ``fn(results, png)`` drawing docs/figures/<name>.png."""
+    FIGURES[fn.__name__] = fn
+    return fn
+
+
+class Results:
+    """The committed results, loaded lazily by file name or glob (the newest match by name)."""
+
+    def __init__(self, folder: Path = RESULTS):
+        self.folder, self._cache = Path(folder), {}
+
+    def get(self, pattern: str) -> Optional[dict]:
+        matches = sorted(glob.glob(str(self.folder / pattern)))
+        if not matches:
+            return None
+        if matches[-1] not in self._cache:
+            self._cache[matches[-1]] = json.loads(Path(matches[-1]).read_text())
+        return self._cache[matches[-1]]
+
+    def name(self, pattern: str) -> Optional[str]:
+        matches = sorted(glob.glob(str(self.folder / pattern)))
+        return Path(matches[-1]).name if matches else None
+
+    def map_rows(self) -> Optional[list]:
+        """The protection map's rows (benchmarks/protection_map.py's own aggregation), or None."""
+        if 'map_rows' not in self._cache:
+            data = self.get('protection_map_20*.json')
+            if data is None:
+                return None
+            from protection_map import map_rows
+            self._cache['map_rows'] = map_rows(data)
+        return self._cache['map_rows']
+
+    def row(self, victim: str, cell: str) -> Optional[dict]:
+        return next((r for r in self.map_rows() or [] if r['victim'] == victim and r['cell'] == cell), None)
+
+
+def missing_provenance(folder: Path = RESULTS) -> list:
+    """Result files without a complete ``provenance`` {command, commit, date, machine}."""
+    bad = []
+    for f in sorted(Path(folder).glob('*.json')):
+        p = json.loads(f.read_text()).get('provenance')
+        if not isinstance(p, dict) or any(not p.get(k) for k in PROVENANCE_KEYS):
+            bad.append(f.name)
+    return bad
+
+
+# --------------------------------------------------------------------------------------------------------- helpers
+def f2(x) -> str:
+    return '–' if x is None else f'{x:.2f}'
+
+
+def f1(x) -> str:
+    return '–' if x is None else f'{x:.1f}'
+
+
+def small(v: float) -> str:
+    """Two decimals, three below 0.1 (where protection is decided)."""
+    return f'{v:.3f}' if abs(v) < 0.1 else f'{v:.2f}'
+
+
+def seeds_text(r: dict) -> str:
+    return ' / '.join(small(v) for v in r['ratio_per_seed'])
+
+
+def ratio_text(r: dict) -> str:
+    """'0.27 (seeds 0.31 / 0.23)' or '0.83' for one seed."""
+    return small(r['ratio']) + (f' (seeds {seeds_text(r)})' if len(r['ratio_per_seed']) > 1 else ' (1 seed)')
+
+
+def eps_value(eps: str) -> float:
+    return float(Fraction(eps))
+
+
+def table(header: list, rows: list) -> str:
+    return '\n'.join(['| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header)]
+                     + ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows])
+
+
+FAMILIES = (  # (family, predicate on the map's method name), first match wins; ':clean=' mixes are not a family
+    ('VoxShield-LC', lambda m: m.startswith('VoxShield-LC')),
+    ('VoxShield-EOT', lambda m: m.startswith('VoxShield-EOT')),
+    ('VoxShield', lambda m: m == 'VoxShield'),
+    ('offset', lambda m: m.startswith('offset')),
+    ('checkerboard', lambda m: m.startswith('checkerboard')),
+    ('gratings', lambda m: m.startswith(('stripes', 'diagonal'))),
+    ('smooth', lambda m: m.startswith('smooth')),
+    ('random', lambda m: m.startswith('random')),
+    ('boundary', lambda m: m.startswith(('grow', 'edge', 'shrink'))),
+)
+TRAINED = ('VoxShield', 'VoxShield-EOT', 'VoxShield-LC')
+PURIFICATIONS = ('blur', 'zmedian', 'zresample', 'quantise')
+PANELS = (  # frontier panels: (title, victim, purification or None)
+    ('stock 3d_fullres', 'stock', None), ('no augmentation (paper)', 'noda', None), ('stock 2d', 'stock-2d', None),
+    ('ResEnc M', 'stock-ResEncM_cpu', None), ('label-aware', 'labelaware', None), ('blur, then stock / noDA', None, 'blur'),
+    ('z-median, then ...', None, 'zmedian'), ('z-resampling, then ...', None, 'zresample'),
+    ('8-bit quantisation, then ...', None, 'quantise'))
+
+
+def family(method: str) -> Optional[str]:
+    base = method.split('+')[0]
+    if ':clean=' in base:
+        return None
+    return next((name for name, test in FAMILIES if test(base)), None)
+
+
+def cell_psnr(r: Results) -> dict:
+    """Whole-volume PSNR of each protected copy (the unpurified cell), for placing purified rows by protection cost."""
+    return {row['cell']: row['psnr'] for row in r.map_rows() or [] if '+' not in row['method'] and row['psnr']}
+
+
+def frontier_points(r: Results, victim: Optional[str], purification: Optional[str]) -> dict:
+    """{family: [(psnr, ratio, lo, hi, cell, victim)]}: per family and budget the row with the lowest mean ratio."""
+    psnr = cell_psnr(r)
+    best = {}
+    for row in r.map_rows() or []:
+        fam = family(row['method'])
+        if fam is None:
+            continue
+        purified = '+' in row['method']
+        if purification is None and (purified or row['victim'] != victim):
+            continue
+        if purification is not None and (not purified or row['method'].split('+')[1] != purification
+                                         or row['victim'] not in ('stock', 'noda')):
+            continue
+        base_cell = row['method'].split('+')[0] + '@' + row['eps']
+        x = psnr.get(base_cell) if purified else row['psnr']
+        if x is None:
+            continue
+        key = (fam, row['eps'], row['victim'])
+        if key not in best or row['ratio'] < best[key][1]:
+            best[key] = (x, row['ratio'], min(row['ratio_per_seed']), max(row['ratio_per_seed']), row['cell'],
+                         row['victim'])
+    out = {}
+    for (fam, _, _), p in best.items():
+        out.setdefault(fam, []).append(p)
+    return {k: sorted(v) for k, v in out.items()}
+
+
+# ------------------------------------------------------------------------------------------------------ sections
+@section('Status')
+def status(r: Results) -> Optional[str]:
+    """The five lines at the top of the README."""
+    rows, rule = r.map_rows(), r.get('amplitude_rule_20*.json')
+    if rows is None or rule is None:
+        return None
+    stock_trained = [x for x in rows if x['victim'] == 'stock' and family(x['method']) in TRAINED
+                     and '+' not in x['method'] and eps_value(x['eps']) <= 16 / 255 and x['method'] in TRAINED]
+    low = min(stock_trained, key=lambda x: x['ratio'])
+    at64 = [x for x in rows if x['victim'] == 'stock' and x['method'] in TRAINED and x['eps'] == '64/255']
+    rnd64 = r.row('stock', 'random@64/255')
+    cb16 = r.row('noda', 'checkerboard@16/255')
+    purified = [r.row('noda', f'checkerboard+{p}@16/255') for p in PURIFICATIONS]
+    undone = [p for p, x in zip(PURIFICATIONS, purified) if x and x['ratio'] > 0.5]
+    kept = [p for p, x in zip(PURIFICATIONS, purified) if x and x['ratio'] <= 0.5]
+    lvl = rule['fit']['levels']['0.05']
+    o128 = r.row('stock', 'offset@128/255')
+    datasets = ['Hippocampus (MSD Task04, 208 MRI crops)'] + (['ACDC'] if r.get('acdc_*.json') else [])
+    pending = '' if r.get('acdc_*.json') else '; ACDC: runs under way, not yet in these results'
+    return '\n'.join([
+        f'- **Against stock nnU-Net, nothing protects at a usable budget.** Up to 16/255 every trained method '
+        f'(VoxShield, -EOT, -LC) keeps >= {math.floor(low["ratio"] * 100) / 100:.2f} of the clean victim\'s Dice '
+        f'({len(stock_trained)} cells, 1-2 seeds each).',
+        f'- At 64/255 they cost a stock victim what uniform noise costs: '
+        f'{min(x["ratio"] for x in at64):.2f}-{max(x["ratio"] for x in at64):.2f} of clean, noise {rnd64["ratio"]:.2f}.',
+        f'- **Against the paper\'s victim (no augmentation)** a fixed checkerboard in the labels at 16/255 '
+        f'({cb16["psnr"]:.1f} dB) protects: {ratio_text(cb16)} of clean; {", ".join(undone)} undo it, '
+        f'{", ".join(kept) or "none"} does not.',
+        f'- **The amplitude rule:** against stock, a code\'s effect follows its amplitude in the labels; 0.05 of clean '
+        f'needs {lvl["psnr_whole"]["hippocampus"]:.1f} dB over the whole volume (50 dB is the goal); measured '
+        f'{o128["ratio"]:.3f} at {o128["psnr"]:.1f} dB, where the labels are plain to see.',
+        f'- Measured on {", ".join(datasets)}{pending}.'])
+
+
+@section('Frontier: the best code per family and budget, per exploiter')
+def frontier(r: Results) -> Optional[str]:
+    if r.map_rows() is None:
+        return None
+    lines = ['![frontier](figures/frontier.png)', '',
+             'Victim Dice / clean of the best row per method family and budget (lowest mean over seeds; bars in the '
+             'figure: lowest to highest seed). Purified panels place each row at the PSNR of the copy before '
+             'purification (the protection\'s cost). Dotted lines: the goal (<= 0.05 of clean at >= 50 dB). The '
+             'stock panel carries the amplitude rule\'s curve (ROI fit shifted by Hippocampus\'s whole - ROI PSNR).', '']
+    body = []
+    for title, victim, purification in PANELS:
+        for fam, pts in sorted(frontier_points(r, victim, purification).items()):
+            for x, y, lo, hi, cell, vic in pts:
+                body.append([title, fam, cell if purification is None else f'{vic}: {cell}', f1(x), f2(y),
+                             f'{lo:.2f}-{hi:.2f}' if hi > lo else '–'])
+    return '\n'.join(lines) + '\n' + table(['exploiter', 'family', 'best cell', 'PSNR (dB)', 'Dice / clean', 'seed range'],
+                                    body)
+
+
+@section('Trained methods against fixed codes, per budget')
+def trained_vs_controls(r: Results) -> Optional[str]:
+    if r.map_rows() is None:
+        return None
+    methods = ('VoxShield', 'VoxShield-EOT', 'VoxShield-LC', 'random', 'offset', 'checkerboard', 'smooth')
+    budgets = ('4/255', '8/255', '10/255', '16/255', '64/255')
+    cols = [(v, e) for v in ('stock', 'noda') for e in budgets
+            if any(r.row(v, f'{m}@{e}') for m in methods)]
+    body = []
+    for m in methods:
+        cells = [r.row(v, f'{m}@{e}') for v, e in cols]
+        body.append([m] + ['–' if c is None else ratio_text(c).replace(' (1 seed)', '') for c in cells])
+    head = ['method'] + [f'{"NoDA" if v == "noda" else v} {e}' for v, e in cols]
+    return ('Victim Dice / clean (mean over seeds; per seed in brackets). 5-epoch victims and protectors, Hippocampus '
+            'split 160 / 48, CPU preset.\n\n' + table(head, body))
+
+
+@section('The paper\'s victim is bistable per seed')
+def bistable(r: Results) -> Optional[str]:
+    if r.map_rows() is None:
+        return None
+    rows = [x for x in r.map_rows() if len(x['ratio_per_seed']) > 1 and '+' not in x['method']
+            and max(x['ratio_per_seed']) - min(x['ratio_per_seed']) >= 0.3]
+    rows.sort(key=lambda x: (x['victim'], x['method'], eps_value(x['eps'])))
+    return ('Rows whose seeds differ by 0.3 or more: the victim either takes the shortcut or learns the anatomy, and '
+            'the seed decides. A "protects" verdict needs seeds that agree.\n\n'
+            + table(['victim', 'cell', 'seeds', 'Dice / clean per seed', 'mean', 'PSNR (dB)'],
+                    [[x['victim'], x['cell'], ','.join(map(str, x['seeds'])), seeds_text(x), f2(x['ratio']),
+                      f1(x['psnr'])] for x in rows]))
+
+
+@section('Purifications')
+def purifications(r: Results) -> Optional[str]:
+    if r.map_rows() is None:
+        return None
+    body = []
+    for x in sorted((x for x in r.map_rows() if '+' in x['method']), key=lambda x: (x['victim'], x['cell'])):
+        base = r.row(x['victim'], x['method'].split('+')[0] + '@' + x['eps'])
+        body.append([x['victim'], x['method'].split('+')[1], x['method'].split('+')[0] + '@' + x['eps'],
+                     ','.join(map(str, x['seeds'])), seeds_text(x), '–' if base is None else seeds_text(base),
+                     f1(x['psnr'])])
+    text = ('A purification is applied to the protected copy before the victim trains; ratios are against the '
+            'unpurified clean victim.\n\n' + table(['victim', 'purification', 'protected copy', 'seeds',
+                                                   'Dice / clean per seed', 'unpurified, per seed',
+                                                   'PSNR of purified copy (dB)'], body))
+    hip = r.get('hippocampus_20*.json')
+    if hip:
+        from hippocampus import table_rows
+        clean = [x for x in table_rows(hip) if x['method'] == 'Clean' and x['defence_spec'] != '-']
+        text += ('\n\nWhat each purification costs by itself (victims on purified *clean* data, Hippocampus benchmark, '
+                 'seed 0):\n\n' + table(['purification', 'victim', 'Dice / clean'],
+                                        [[x['defence_spec'], x['config'], f2(x['ratio'])] for x in clean]))
+    return text
+
+
+@section('The amplitude rule')
+def amplitude_rule(r: Results) -> Optional[str]:
+    data = r.get('amplitude_rule_20*.json')
+    if data is None:
+        return None
+    from amplitude_rule import render
+    return '![amplitude rule](figures/amplitude_rule.png)\n\n' + render(data)
+
+
+@block
+def amplitude_rule_summary(r: Results) -> Optional[str]:
+    data = r.get('amplitude_rule_20*.json')
+    if data is None:
+        return None
+    fit, lv = data['fit'], data['fit']['levels']
+    return (f'Fit over {len(data["rows"])} stock cells ({fit["points"]} seed points): x50 = {fit["x50"]:.1f} dB '
+            f'({fit["x50_ci"][0]:.1f}-{fit["x50_ci"][1]:.1f}), s = {fit["s"]:.2f} dB, RMSE {fit["rmse"]:.3f}. '
+            f'Dice / clean 0.05 needs ROI PSNR {lv["0.05"]["psnr_roi"]:.1f} dB '
+            f'({lv["0.05"]["psnr_roi_ci"][0]:.1f}-{lv["0.05"]["psnr_roi_ci"][1]:.1f}); the labels are '
+            f'{100 * data["label_fraction"]:.1f}% of Hippocampus\'s volume, so that is '
+            f'{lv["0.05"]["psnr_whole"]["hippocampus"]:.1f} dB over the whole volume; where labels are 1% of it, '
+            f'{lv["0.05"]["psnr_whole"]["0.01"]:.1f} dB; 0.1%, {lv["0.05"]["psnr_whole"]["0.001"]:.1f} dB.')
+
+
+PROTECTED_BELOW = 0.1  # a seed counts as protected at or below this Dice / clean (prediction counts)
+
+
+def prediction_rows(r: Results, data: dict) -> list:
+    out = []
+    for p in data['predictions']:
+        row = r.row(p['victim'], p['cell']) if p.get('dataset', 'hippocampus') == 'hippocampus' else None
+        if row is None:
+            out.append([p['session'], p['victim'], p['cell'], p['text'], 'not in the results', '–'])
+            continue
+        seeds = [s for s in p.get('seeds') or row['seeds'] if s in row['seeds']]
+        vals = [row['ratio_per_seed'][row['seeds'].index(s)] for s in seeds]
+        measured = ' / '.join(map(small, vals)) + f' (seed{"s" if len(seeds) > 1 else ""} {",".join(map(str, seeds))})'
+        verdict, lo_hi = '–', p.get('expected')
+        if p.get('on') == 'mean' and lo_hi:
+            measured += f', mean {small(row["ratio"])}'
+            verdict = 'held' if lo_hi[0] <= row['ratio'] <= lo_hi[1] else 'failed'
+        elif lo_hi and vals:
+            verdict = 'held' if all(lo_hi[0] <= v <= lo_hi[1] for v in vals) else 'failed'
+        elif p.get('protected_count') and vals:  # how many seeds end below PROTECTED_BELOW
+            k = sum(v <= PROTECTED_BELOW for v in vals)
+            measured += f'; {k} of {len(vals)} below {PROTECTED_BELOW}'
+            verdict = 'held' if p['protected_count'][0] <= k <= p['protected_count'][1] else 'failed'
+        out.append([p['session'], p['victim'], p['cell'], p['text'], measured, verdict])
+    return out
+
+
+@section('Predictions written before each run, beside the result')
+def predictions(r: Results) -> Optional[str]:
+    data = r.get('predictions_hippocampus_*.json')
+    if data is None or r.map_rows() is None:
+        return None
+    return ('The prediction is the one written down before the run (`expected` in '
+            f'`benchmarks/results/{r.name("predictions_hippocampus_*.json")}`); the measurement is read from the map. '
+            '"held": every listed seed inside the predicted range.\n\n'
+            + table(['session', 'victim', 'cell', 'predicted', 'measured Dice / clean', 'verdict'],
+                    prediction_rows(r, data)))
+
+
+@section('Table 1 on Hippocampus: every method at 4/255 against issue 6\'s target')
+def hippocampus_table1(r: Results) -> Optional[str]:
+    data = r.get('hippocampus_20*.json')
+    if data is None:
+        return None
+    from hippocampus import ratio_matrix, table_rows
+    rows = table_rows(data)
+    clean = {x['config']: x['dice'] for x in rows if x['method'] == 'Clean' and x['defence_spec'] == '-'}
+    return ('Stock `nnUNetTrainer_5epochs` victims (seed 0, no test-time mirroring), eps = 4/255 of each case\'s '
+            f'p0.5-p99.5 range; clean victims: 3d_fullres {clean.get("3d_fullres", 0):.3f}, 2d '
+            f'{clean.get("2d", 0):.3f}. Columns: victim configuration, and purification before the victim; `-`: not '
+            'measured.\n\n' + '\n'.join(ratio_matrix(rows)))
+
+
+@section('Quality of the protected copies (voxshield_verify)')
+def copies_quality(r: Results) -> Optional[str]:
+    data = r.get('hippocampus_20*.json')
+    if data is None:
+        return None
+    body = []
+    for name, p in data['protectors'].items():
+        v = p.get('verify') or {}
+        body.append([name, f'{v["max_budget_use"]:.3f}', f1(v['psnr']['mean']), f1(v['psnr']['min']),
+                     f1(v['psnr_roi']['mean']), f'{v["ssim"]["mean"]:.5f}', v['violations'],
+                     f'{p["export_seconds_per_case"]:.2f}' if p.get('export_seconds_per_case') else '–'])
+    return ('160 training cases each; max budget use = max |delta| / budget.\n\n'
+            + table(['copy', 'max budget use', 'PSNR mean (dB)', 'PSNR min (dB)', 'PSNR ROI mean (dB)', 'SSIM mean',
+                     'violations', 'export s / case'], body))
+
+
+@section('Seed spread of the clean and VoxShield victims')
+def seed_spread(r: Results) -> Optional[str]:
+    body = []
+    for config in ('3d_fullres', '2d'):
+        data = r.get(f'hippocampus_seeds_{config}_20*.json')
+        if data is None:
+            continue
+        per = {x['method']: x['per_seed'][config] for x in data['rows']}
+        clean, vs = per.get('Clean', {}), per.get('VoxShield', {})
+        seeds = sorted(clean, key=int)
+        body.append([config] + [f'{clean[s]["dice"]:.3f}' for s in seeds] + [f'{vs[s]["dice"]:.3f}' for s in seeds]
+                    + [f'{vs[s]["dice"] / clean[s]["dice"]:.2f}' for s in seeds])
+    if not body:
+        return None
+    return table(['victim', 'clean seed 0', 'clean seed 1', 'VoxShield seed 0', 'VoxShield seed 1', 'ratio seed 0',
+                  'ratio seed 1'], body)
+
+
+@section('Residual-only detector (does the support leak the labels?)')
+def detector(r: Results) -> Optional[str]:
+    body = []
+    for pattern in ('hippocampus_detector_20*.json', 'hippocampus_detector_variants_*.json',
+                    'protection_map_detector_LC_*.json'):
+        data = r.get(pattern)
+        if data is None:
+            continue
+        sets = data['datasets']
+        clean = next(d['mean_dice'] for d in sets if d['dataset'].endswith('Dataset004_Hippocampus'))
+        body += [[r.name(pattern), Path(d['dataset']).name, f'{d["mean_dice"]:.3f}', f'{d["union_dice"]:.3f}',
+                  f'{d["mean_dice"] - clean:+.3f}'] for d in sets]
+    if not body:
+        return None
+    return ('A small CNN predicts the labels from the high-pass residual alone; a copy that scores clearly above its '
+            'clean copy leaks its support.\n\n' + table(['report', 'training data', 'test Dice', 'union Dice',
+                                                        'minus clean'], body))
+
+
+@section('Learnability probe: cos(g_delta, g_clean) per epoch')
+def probe(r: Results) -> Optional[str]:
+    data = r.get('probe_20*.json')
+    if data is None:
+        return None
+    series = lambda xs: ' / '.join(f'{v:.2f}' for v in xs)  # noqa: E731
+    body = [[k.replace('nnUNetTrainerVoxShieldLC', ''), series(v['align']), series(v['train_loss']),
+             series(v['clean_pseudo_dice'])] for k, v in sorted(data.items()) if k != 'provenance']
+    return table(['probe (+ seed)', 'cos(g_delta, g_clean)', 'train loss', 'clean pseudo Dice'], body)
+
+
+@section('How much of each code survives stock augmentation')
+def code_survival(r: Results) -> Optional[str]:
+    files = [('stock', 'code_survival_20*.json')] + [
+        (f'stock without {f.replace("_", "/")}', f'code_survival_without_{f}_*.json')
+        for f in ('spatial', 'noise_blur', 'lowres', 'intensity', 'mirror')]
+    loaded = [(name, r.get(p)) for name, p in files if r.get(p)]
+    if not loaded:
+        return None
+    codes = list(dict.fromkeys(c for _, d in loaded for c in d['summary']))
+    body = [[c] + [f'{d["summary"][c]["retained"]["below_0.5"]:.2f}' if c in d['summary'] else '–'
+                   for _, d in loaded] for c in codes]
+    s = loaded[0][1]['settings']
+    return (f'Share of {s["samples"]} augmented samples ({s["cases"]} cases, {s["eps"]}) that keep less than half of '
+            'the code\'s amplitude, per pipeline.\n\n' + table(['code'] + [n for n, _ in loaded], body))
+
+
+@section('Export cost on CT (phantom, int16 HU)')
+def ct_export(r: Results) -> Optional[str]:
+    body = []
+    for pattern in ('ct_export_256x256x60_*.json', 'ct_export_512x512x120_2*.json', 'ct_export_512x512x120_lowmem_*'):
+        data = r.get(pattern)
+        if data is None:
+            continue
+        for row in data['rows']:
+            ex, pr = row['export'], row.get('predict') or {}
+            body.append([r.name(pattern), ' x '.join(map(str, data['shape_zyx'][::-1])), row['case'],
+                         f1(ex['cpu_seconds']), f'{ex["max_rss_mb"] / 1024:.2f}',
+                         f1(pr.get('cpu_seconds')), '–' if not pr else f'{pr["max_rss_mb"] / 1024:.2f}'])
+    if not body:
+        return None
+    return table(['report', 'size', 'case', 'export CPU s', 'export peak RSS (GB)', 'predict CPU s',
+                  'predict largest process (GB)'], body)
+
+
+def protector_minutes(r: Results) -> dict:
+    """{family: (min, max, n)} minutes of 5-epoch protector training in the map (2-core CPU, shared)."""
+    data = r.get('protection_map_20*.json')
+    out = {}
+    for p in (data or {}).get('protectors', {}).values():
+        if p.get('train_seconds') and p.get('trainer', '').endswith('_5epochs'):
+            fam = family(p['cell'].split('@')[0])
+            out.setdefault(fam, []).append(p['train_seconds'] / 60)
+    return {k: (min(v), max(v), len(v)) for k, v in out.items()}
+
+
+@section('Compute')
+def timing(r: Results) -> Optional[str]:
+    hip, minutes = r.get('hippocampus_20*.json'), protector_minutes(r)
+    if hip is None and not minutes:
+        return None
+    lines = []
+    if minutes:
+        lines.append('Protector training, 5 epochs x 250 iterations, CPU preset (`nnUNetPlans_cpu`), Hippocampus, on a '
+                     'shared 2-core CPU (upper bounds; GPU not measured here): ' + '; '.join(
+                         f'{k} {a:.0f}-{b:.0f} min ({n} runs)' for k, (a, b, n) in sorted(minutes.items())) + '.')
+    t = (hip or {}).get('timing') or {}
+    if t:
+        lines.append(f'Per training iteration: stock nnUNetTrainer {t["stock_s_per_iteration"]:.2f} s, '
+                     f'nnUNetTrainerVoxShield {t["voxshield_s_per_iteration"]:.2f} s '
+                     f'(x{t["voxshield_s_per_iteration"] / t["stock_s_per_iteration"]:.2f}). Export '
+                     f'{t["export_seconds_per_case"]:.2f} s per case against nnUNetv2_predict '
+                     f'{t["predict_seconds_per_case"]:.2f} s per case (no mirroring).')
+    victims = [e['seconds'] / 60 for e in ((r.get('protection_map_20*.json') or {}).get('eval') or {}).values()
+               if e.get('seconds') and not e.get('defences') and e.get('configuration', '3d_fullres') == '3d_fullres']
+    if victims:
+        victims.sort()
+        lines.append(f'A protection-map cell (a 5-epoch stock or NoDA victim, its clean victim reused when present, '
+                     f'and scoring): median {victims[len(victims) // 2]:.0f} min ({len(victims)} cells).')
+    return '\n\n'.join(lines)
+
+
+@section('Audit')
+def audit(r: Results) -> Optional[str]:
+    """The audit's verdict and bars, once a report (benchmarks/results/audit_*.json) is committed."""
+    data = r.get('audit_*.json')
+    if data is None:
+        return None
+    verdict = data.get('verdict')
+    text = f'**Verdict:** {verdict.get("line") if isinstance(verdict, dict) else verdict}\n\n' if verdict else ''
+    return text + '![audit](figures/audit.png)'
+
+
+@section('Provenance')
+def provenance(r: Results) -> Optional[str]:
+    body = []
+    for f in sorted(r.folder.glob('*.json')):
+        p = json.loads(f.read_text()).get('provenance') or {}
+        cmd = p.get('command')
+        n = len(cmd) if isinstance(cmd, list) else 1
+        first = (cmd[0] if isinstance(cmd, list) else cmd or '–').split('  #')[0].strip()
+        if len(first) > 90:
+            first = first[:87] + '...'
+        body.append([f'`{f.name}`', str(p.get('date', '–'))[:10], str(p.get('commit', '–'))[:7],
+                     f'`{first}`' + (f' (+{n - 1} more)' if n > 1 else ''), p.get('machine', '–')])
+    return ('Each results file records how it was made (`provenance`: command(s), commit, date, machine); the full '
+            'command lists are in the files.\n\n' + table(['file', 'date', 'commit', 'command', 'machine'], body))
+
+
+# ------------------------------------------------------------------------------------------------------- figures
+@figure
+def frontier_png(r: Results, png: Path) -> None:
+    """Small multiples: one panel per exploiter, best point per family and budget, seed range as bars."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    import numpy as np
+    rule = r.get('amplitude_rule_20*.json')
+    colours = dict(zip([f for f, _ in FAMILIES], plt.get_cmap('tab10').colors))
+    fig, axes = plt.subplots(3, 3, figsize=(12, 10.5), sharex=True, sharey=True)
+    for ax, (title, victim, purification) in zip(axes.flat, PANELS):
+        pts = frontier_points(r, victim, purification)
+        for fam, p in sorted(pts.items()):
+            for vic, marker, ls in (('stock', 'o', '-'), ('noda', 's', '--')) if purification else ((victim, 'o', '-'),):
+                q = [x for x in p if x[5] == vic]
+                if not q:
+                    continue
+                x, y, lo, hi = (np.array([a[i] for a in q]) for i in range(4))
+                ax.errorbar(x, y, yerr=[np.clip(y - lo, 0, None), np.clip(hi - y, 0, None)], color=colours[fam],
+                            marker=marker, ls=ls, ms=5, lw=1.2, capsize=2)
+        if victim == 'stock' and rule:
+            grid = np.linspace(15, 70, 200)
+            shift, fit = rule['whole_minus_roi_db'], rule['fit']
+            ax.plot(grid, 1 / (1 + np.exp((fit['x50'] - (grid - shift)) / fit['s'])), 'k--', lw=1)
+        ax.axhline(0.05, color='k', lw=0.7, ls=':')
+        ax.axvline(50, color='k', lw=0.7, ls=':')
+        ax.set_title(title, fontsize=12)
+        ax.set_xlim(24, 70)
+        ax.set_ylim(-0.03, 1.1)
+        ax.tick_params(labelsize=10)
+        ax.grid(alpha=0.25)
+    for ax in axes[-1]:
+        ax.set_xlabel('PSNR of the protected copy (dB)', fontsize=11)
+    for ax in axes[:, 0]:
+        ax.set_ylabel('victim Dice / clean', fontsize=11)
+    handles = [plt.Line2D([], [], color=c, marker='o', lw=1.5, label=f) for f, c in colours.items()]
+    handles += [plt.Line2D([], [], color='k', ls='--', label='amplitude rule'),
+                plt.Line2D([], [], color='grey', marker='o', ls='-', label='stock victim (purified panels)'),
+                plt.Line2D([], [], color='grey', marker='s', ls='--', label='no-augmentation victim')]
+    fig.legend(handles=handles, loc='lower center', ncol=5, fontsize=11, frameon=False)
+    fig.suptitle('Hippocampus: best code per family and budget, per exploiter (goal: below 0.05 right of 50 dB)',
+                 fontsize=13)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.97))
+    fig.savefig(png, dpi=80)
+    plt.close(fig)
+
+
+@figure
+def amplitude_rule_png(r: Results, png: Path) -> None:
+    data = r.get('amplitude_rule_20*.json')
+    if data is None:
+        return
+    from amplitude_rule import figure as rule_figure
+    rule_figure(data, png)
+
+
+@figure
+def perturbations_png(r: Results, png: Path) -> None:
+    """Each export-time method's delta on one phantom case (one colour scale for all) and the protected slice."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from nnunetv2_voxshield.baselines import LSPSource
+    from nnunetv2_voxshield.controls import BoundaryShiftSource, EdgeSource, LabelCodedSource
+    from nnunetv2_voxshield.perturbation import RandomSource
+    from nnunetv2_voxshield.phantom import synthesize_case
+    image, seg, _ = synthesize_case(np.random.default_rng(0), uint8=False, spacing_z=1.0)
+    image = image.astype(np.float64)
+    lo, hi = np.percentile(image, (0.5, 99.5))
+    b = 16 / 255 * (hi - lo)
+    methods = [('random', RandomSource(seed=0)), ('LSP', LSPSource(seed=0)),
+               ('offset', LabelCodedSource('offset')), ('checkerboard', LabelCodedSource('checkerboard')),
+               ('stripes', LabelCodedSource('stripes', block=4)), ('diagonal', LabelCodedSource('diagonal', block=4)),
+               ('smooth', LabelCodedSource('smooth')), ('edge', EdgeSource(width=1)),
+               ('grow', BoundaryShiftSource('grow', width=2))]
+    z = int(np.argmax((seg > 0).sum(axis=(1, 2))))
+    ys, xs = np.nonzero(seg[z])
+    crop = (slice(max(ys.min() - 5, 0), ys.max() + 6), slice(max(xs.min() - 5, 0), xs.max() + 6))
+    image, seg = image[:, crop[0], crop[1]], seg[:, crop[0], crop[1]]
+    fig, axes = plt.subplots(4, 5, figsize=(11, 9.6))
+    slots = [(0, 1), (0, 2), (0, 3), (0, 4), (2, 0), (2, 1), (2, 2), (2, 3), (2, 4)]  # delta row; protected below
+    axes[0, 0].imshow(image[z], cmap='gray', vmin=lo, vmax=hi, interpolation='nearest')
+    axes[0, 0].set_title('clean', fontsize=12)
+    axes[1, 0].imshow(seg[z], cmap='viridis', interpolation='nearest')
+    axes[1, 0].set_title('labels', fontsize=12)
+    for (row, col), (name, src) in zip(slots, methods):
+        if hasattr(src, 'compute_delta_raw'):
+            delta = src.compute_delta_raw(image[None], seg, np.array([b]), 'phantom_000')[0]
+        else:
+            delta = src.compute_delta(image[None].astype(np.float32), seg[None], np.array([b], np.float32),
+                                      'phantom_000')[0]
+        delta = np.clip(delta, -b, b)
+        im = axes[row, col].imshow(delta[z], cmap='RdBu_r', vmin=-b, vmax=b, interpolation='nearest')
+        axes[row, col].set_title(f'{name}: delta', fontsize=12)
+        axes[row + 1, col].imshow(np.clip(image[z] + delta[z], lo, hi), cmap='gray', vmin=lo, vmax=hi,
+                                  interpolation='nearest')
+        axes[row + 1, col].set_title(f'{name}: protected', fontsize=10)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    cbar = fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01)
+    cbar.set_ticks([-b, 0, b])
+    cbar.set_ticklabels(['-eps', '0', '+eps'])
+    cbar.ax.tick_params(labelsize=11)
+    fig.suptitle('Export-time methods at eps = 16/255 on one phantom slice (delta: one colour scale for all)',
+                 fontsize=13)
+    fig.savefig(png, dpi=80, bbox_inches='tight')
+    plt.close(fig)
+
+
+@figure
+def audit_png(r: Results, png: Path) -> None:
+    """Bars per exploiter from a committed audit report (hook: nothing is drawn until one exists)."""
+    data = r.get('audit_*.json')
+    if data is None:
+        return
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    rows = data.get('exploiters') or data.get('rows') or []
+    names = [x.get('name') or x.get('exploiter') for x in rows]
+    vals = [x.get('ratio') for x in rows]
+    if not names or any(v is None for v in vals):
+        return
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    ax.bar(names, vals, color='tab:blue')
+    ax.axhline(0.3, color='k', ls=':', lw=0.8)
+    ax.set_ylabel('protected Dice / clean')
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------- render
+def render_results_md(r: Results) -> str:
+    parts = ['# Results', '',
+             '<!-- Generated by `python benchmarks/render_docs.py` from benchmarks/results/*.json. Do not edit. -->', '',
+             'Every table and figure here is rendered from the committed results files; each file records its '
+             'command, commit, date and machine (last section). Method names and exploiter profiles: '
+             '[evaluation.md](evaluation.md); what the numbers mean: [findings.md](findings.md).', '']
+    for title, name in SECTIONS:
+        body = BLOCKS[name](r)
+        if body is not None:
+            parts += [f'## {title}', '', body.rstrip('\n'), '']
+    return '\n'.join(parts)
+
+
+def render_marked(text: str, r: Results) -> str:
+    def sub(m):
+        fn = BLOCKS.get(m.group(2))
+        if fn is None:
+            raise KeyError(f'unknown results block {m.group(2)!r} (known: {", ".join(sorted(BLOCKS))})')
+        body = fn(r)
+        body = '*(not measured yet)*' if body is None else body.rstrip('\n')
+        return m.group(1) + body + '\n' + m.group(4)
+    return MARK.sub(sub, text)
+
+
+def render_all(root: Path = ROOT, results: Path = RESULTS) -> dict:
+    """{path: text} of every generated markdown file (results.md and the files in MARKED that exist)."""
+    r = Results(results)
+    out = {root / 'docs' / 'results.md': render_results_md(r)}
+    for rel in MARKED:
+        path = root / rel
+        if path.is_file():
+            out[path] = render_marked(path.read_text(), r)
+    return out
+
+
+def draw_figures(results: Path = RESULTS, folder: Path = FIGURES_DIR) -> list:
+    r, written = Results(results), []
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, fn in FIGURES.items():
+        png = folder / f'{name[:-4] if name.endswith("_png") else name}.png'
+        tmp = png.with_name('.' + png.name)
+        fn(r, tmp)
+        if tmp.is_file():
+            tmp.replace(png)
+            written.append(png)
+    return written
+
+
+def main():
+    p = argparse.ArgumentParser(description='Render docs/results.md, the <!-- results:NAME --> blocks of README.md '
+                                            'and docs/*.md, and docs/figures/*.png from benchmarks/results/*.json.')
+    p.add_argument('--check', action='store_true', help='write nothing; exit 1 naming each file that would change '
+                                                        'and each results file without provenance')
+    p.add_argument('--no-figures', action='store_true', help='do not draw docs/figures/*.png')
+    args = p.parse_args()
+    bad = missing_provenance()
+    if bad:
+        print(f'benchmarks/results: no complete provenance {{{", ".join(PROVENANCE_KEYS)}}} in: {", ".join(bad)}',
+              file=sys.stderr)
+        if args.check:
+            return 1
+    rendered = render_all()
+    if args.check:
+        stale = [str(p.relative_to(ROOT)) for p, t in rendered.items() if not p.is_file() or p.read_text() != t]
+        if stale:
+            print('out of date (run python benchmarks/render_docs.py): ' + ', '.join(stale), file=sys.stderr)
+        return 1 if stale else 0
+    for path, text in rendered.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.is_file() or path.read_text() != text:
+            tmp = path.with_name('.' + path.name + '.tmp')
+            tmp.write_text(text)
+            tmp.replace(path)
+            print(f'wrote {path.relative_to(ROOT)}')
+    if not args.no_figures:
+        for png in draw_figures():
+            print(f'drew {png.relative_to(ROOT)}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
