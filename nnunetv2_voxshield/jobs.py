@@ -301,17 +301,17 @@ def _local_executor(folder: str, job: Job, gpu_ids: Sequence[int]):
     return ex
 
 
-def _squeue_state(job_id: str) -> Optional[str]:
-    """Slurm state of a job from squeue ('PENDING', 'RUNNING', ...), '' once Slurm no longer lists it, None if
-    squeue could not be asked."""
+def _squeue_states(job_ids: Sequence[str]) -> Optional[Dict[str, str]]:
+    """Slurm state ('PENDING', 'RUNNING', ...) of each job squeue still lists (one call for all), None if squeue
+    could not be asked. Read from squeue, not sacct: sacct needs accounting, which a small cluster may not run."""
     try:
-        out = subprocess.run(['squeue', '-h', '-j', str(job_id), '-o', '%T'], capture_output=True, text=True,
-                             timeout=30)
+        out = subprocess.run(['squeue', '-h', '-j', ','.join(map(str, job_ids)), '-o', '%i %T'],
+                             capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if out.returncode != 0:
-        return '' if 'Invalid job id' in out.stderr else None
-    return out.stdout.strip().splitlines()[0] if out.stdout.strip() else ''
+        return {} if 'Invalid job id' in out.stderr else None
+    return dict(line.split()[:2] for line in out.stdout.splitlines() if len(line.split()) >= 2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -397,10 +397,13 @@ class _Run:
         self.state = {n: 'queued' for n in self.order}   # queued | waiting | running | done | failed | skipped
         self.records: Dict[str, JobRecord] = {}
         self.handles: Dict[str, Any] = {}
-        self.free_gpus = _gpu_pool(jobs, gpus)
+        self.free_gpus = list(gpus)
         self.job_gpus: Dict[str, List[int]] = {}
         self.progress_text: Dict[str, Optional[str]] = {}
         self.gone_since: Dict[str, float] = {}
+        self.slurm_state: Dict[str, str] = {}
+        self.squeue: Optional[Dict[str, str]] = {}
+        self.last_squeue = 0.0
         self.started = time.time()
         self.width = max((len(n) for n in self.order), default=4)
 
@@ -453,9 +456,12 @@ class _Run:
         handle = ex.submit(_job_main, *args)
         self.handles[name] = handle
         self.state[name] = 'running'
-        where = f'slurm job {handle.job_id}' if self.backend == 'slurm' else f'pid {handle.job_id}'
-        gpu = f', GPU {",".join(map(str, self.job_gpus.get(name, [])))}' if self.job_gpus.get(name) else ''
-        self.say(name, 'running', f'{job.kind}, {where}, {job.threads} thread(s){gpu}')
+        if self.backend == 'slurm':
+            self.slurm_state[name] = 'PENDING'
+            self.say(name, 'queued', f'{job.kind}, slurm job {handle.job_id} submitted')
+        else:
+            gpu = f', GPU {",".join(map(str, self.job_gpus[name]))}' if self.job_gpus.get(name) else ''
+            self.say(name, 'running', f'{job.kind}, pid {handle.job_id}, {job.threads} thread(s){gpu}')
 
     def slots(self) -> int:
         return self.workers - sum(s == 'running' for s in self.state.values())
@@ -479,30 +485,30 @@ class _Run:
             ended = handle.done()
             if got is None and not ended:
                 return self.show_progress(name)
-            if got is not None and not ended:   # record written, the process is exiting: give it its slot back soon
+            if got is not None and not ended:   # record written, the process is exiting: wait for its slot
                 try:
                     handle._process.wait(timeout=30)
                 except Exception:   # noqa: BLE001 (a stuck exit does not hold the audit)
                     pass
-        else:
-            if got is None:
-                state = _squeue_state(handle.job_id)
-                if state != '':
-                    if state == 'PENDING' and self.progress_text.get(name) != 'pending in slurm':
-                        self.progress_text[name] = 'pending in slurm'
-                        self.say(name, 'queued', f'slurm job {handle.job_id} pending')
-                    elif state != 'PENDING':
-                        self.show_progress(name)
-                    return
-                first = self.gone_since.setdefault(name, time.time())
-                if time.time() - first < 10:   # the record may still be on its way (shared filesystem)
-                    return
+        elif got is None:
+            if self.squeue is None:   # squeue not answering: keep waiting for the record
+                return
+            state = self.squeue.get(str(handle.job_id))
+            if state is not None:
+                self.gone_since.pop(name, None)
+                if state != 'PENDING' and self.slurm_state.get(name) == 'PENDING':
+                    self.say(name, 'running', f'slurm job {handle.job_id} {state.lower()}')
+                self.slurm_state[name] = state
+                if state != 'PENDING':
+                    self.show_progress(name)
+                return
+            first = self.gone_since.setdefault(name, time.time())
+            if time.time() - first < 10:   # the record may still be on its way (shared filesystem)
+                return
         if got is None:
-            tail = _tail(p['log'])
-            extra = _submitit_tail(handle) if not tail else []
+            tail = _tail(p['log']) or _submitit_tail(handle)
             how = f'slurm job {handle.job_id}' if self.backend == 'slurm' else 'job process'
-            self.finish(name, 'failed', error=f'{how} ended without a record (killed or crashed)',
-                        log_tail=tail or extra)
+            self.finish(name, 'failed', error=f'{how} ended without a record (killed or crashed)', log_tail=tail)
         elif got[0] == 'done':
             self.finish(name, 'done', rec=got[1])
         else:
@@ -522,6 +528,10 @@ class _Run:
 
     # -- main loop
     def step(self) -> None:
+        running = [self.handles[n].job_id for n, s in self.state.items() if s == 'running']
+        if self.backend == 'slurm' and running and time.time() - self.last_squeue > 5 * self.poll_s:
+            self.squeue = _squeue_states(running)
+            self.last_squeue = time.time()
         for name in self.order:
             st = self.state[name]
             if st in ('done', 'failed', 'skipped'):
@@ -664,8 +674,9 @@ def run_jobs(jobs: Sequence[Job], root: str, backend: str = 'local', workers: in
                 _slurm_executor(tmp, jobs[0] if jobs else Job('check', print), dict(slurm))
             except (ValueError, TypeError, AssertionError) as e:
                 raise ValueError(f'slurm options {sorted(slurm)}: {str(e).splitlines()[0]}') from None
+    gpu_ids = _gpu_pool(jobs, gpus) if backend == 'local' else []
     os.makedirs(os.path.join(os.path.abspath(root), 'jobs'), exist_ok=True)
-    run = _Run(jobs, root, backend, workers, slurm, stream, gpus, poll_s, status_every)
+    run = _Run(jobs, root, backend, workers, slurm, stream, gpu_ids, poll_s, status_every)
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_terminated)

@@ -47,3 +47,52 @@ def killed_once(job_dir, steps=3):
         if step == 0 and start == 0:
             os.kill(os.getpid(), signal.SIGKILL)
     return {'resumed_from': start, 'steps': steps}
+
+
+def _wait_for(path, timeout=120.0):
+    """Polls for ``path`` (a barrier between processes); raises after ``timeout`` seconds."""
+    import time
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        if time.time() > deadline:
+            raise TimeoutError(f'{path} did not appear within {timeout:.0f} s')
+        time.sleep(0.05)
+
+
+def rendezvous(job_dir, me, other):
+    """Marks ``me`` as started next to the job folders and waits until ``other`` has started too: both can finish
+    only if two jobs run at the same time. Returns the GPU ids it was pinned to."""
+    _count(job_dir)
+    jobs = os.path.dirname(job_dir)
+    open(os.path.join(jobs, f'started_{me}'), 'w').close()
+    _wait_for(os.path.join(jobs, f'started_{other}'))
+    return os.environ.get('CUDA_VISIBLE_DEVICES')
+
+
+def gated(job_dir, gate):
+    """Waits until the file ``gate`` exists, then returns 1."""
+    _count(job_dir)
+    _wait_for(gate)
+    return 1
+
+
+def epochs(job_dir, n=2):
+    """Reports 'epoch k/n' in progress.txt and waits until the engine has shown it (``progress_seen`` creates
+    ``seen_k``), as a training reports epochs in its log."""
+    _count(job_dir)
+    for k in range(1, n + 1):
+        with open(os.path.join(job_dir, 'progress.txt'), 'w') as f:
+            f.write(f'epoch {k}/{n}')
+        _wait_for(os.path.join(job_dir, f'seen_{k}'))
+    return n
+
+
+def progress_seen(job_dir):
+    """Progress probe for ``epochs``: returns its text and acknowledges it."""
+    path = os.path.join(job_dir, 'progress.txt')
+    if not os.path.exists(path):
+        return None
+    text = open(path).read()
+    k = text.split()[1].split('/')[0]
+    open(os.path.join(job_dir, f'seen_{k}'), 'w').close()
+    return text

@@ -1,0 +1,216 @@
+"""The audit engine (nnunetv2_voxshield/jobs.py) on pure-Python jobs (tests/job_fns.py): DAG order, parallel workers,
+resume, a killed job, failures, two runs sharing a root, thread / GPU pinning, bad input, and a real one-node Slurm."""
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import job_fns as fns
+from nnunetv2_voxshield.jobs import Job, run_jobs
+from slurm_fixture import local_slurm, slurm_missing
+
+TESTS = Path(__file__).resolve().parent
+SLURM_MISSING = slurm_missing()
+requires_slurm = pytest.mark.skipif(bool(SLURM_MISSING), reason=SLURM_MISSING or 'Slurm available')
+
+
+@pytest.fixture(autouse=True)
+def importable_job_fns(monkeypatch):
+    """Job processes import tests/job_fns.py through PYTHONPATH, as they would import an installed package."""
+    monkeypatch.setenv('PYTHONPATH', os.pathsep.join(filter(None, [str(TESTS), os.environ.get('PYTHONPATH')])))
+
+
+def run(jobs, root, **kw):
+    stream = io.StringIO()
+    kw.setdefault('poll_s', 0.1)
+    records = run_jobs(jobs, str(root), stream=stream, **kw)
+    return records, stream.getvalue()
+
+
+def calls(root, name):
+    path = Path(root) / 'jobs' / name / 'calls'
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def number_dag(root):
+    jd = lambda n: str(Path(root).resolve() / 'jobs' / n)  # noqa: E731
+    return [Job('c', fns.write_number, (3,), {'after': [jd('a'), jd('b')]}, deps=('a', 'b'), kind='score'),
+            Job('a', fns.write_number, (1,), kind='train'),
+            Job('b', fns.write_number, (2,), kind='train'),
+            Job('d', fns.write_number, (4,), {'after': [jd('c')]}, deps=('c',), kind='report')]
+
+
+def test_dag_order_and_records(tmp_path):
+    """Dependants start after their deps (c reads a's and b's numbers; d reads c's); records and files hold them."""
+    records, out = run(number_dag(tmp_path), tmp_path, workers=2)
+    assert list(records) == ['c', 'a', 'b', 'd']
+    assert {n: (r.state, r.result) for n, r in records.items()} == {
+        'a': ('done', 1), 'b': ('done', 2), 'c': ('done', 6), 'd': ('done', 10)}
+    for name, rec in records.items():
+        done = json.loads((tmp_path / 'jobs' / name / 'done.json').read_text())
+        assert done['name'] == name and done['result'] == rec.result and done['backend'] == 'local'
+        assert rec.seconds == done['seconds'] >= 0 and not rec.reused
+        assert f'=== {name}: done' in Path(rec.log).read_text()
+        assert not (tmp_path / 'jobs' / name / 'claim').exists()      # released
+        assert not (tmp_path / 'jobs' / name / 'running.json').exists()
+    words = [line.split()[1:] for line in out.splitlines() if line[:2].isdigit()]
+    assert ['c', 'queued', 'score', 'after', 'a,', 'b'] in words
+    order = [w[0] for w in words if w[1] == 'done']
+    assert order.index('c') > max(order.index('a'), order.index('b')) and order[-1] == 'd'
+    assert out.rstrip().splitlines()[-1].startswith('4 done (0 from earlier runs), 0 failed, 0 skipped')
+    assert f'records in {tmp_path / "jobs"}' in out
+
+
+def test_two_workers_run_jobs_together(tmp_path):
+    """With 2 workers two jobs run at once: each waits for the other to have started (pinned to distinct GPUs)."""
+    jobs = [Job('p', fns.rendezvous, ('p', 'q'), gpus=1), Job('q', fns.rendezvous, ('q', 'p'), gpus=1)]
+    records, _ = run(jobs, tmp_path, workers=2, gpus=[5, 7])
+    assert all(r.state == 'done' for r in records.values())
+    assert sorted(r.result for r in records.values()) == ['5', '7']
+
+
+def test_thread_env_pinned(tmp_path):
+    records, out = run([Job('e', fns.env_threads, threads=3)], tmp_path)
+    assert records['e'].result == {'OMP_NUM_THREADS': '3', 'MKL_NUM_THREADS': '3', 'VOXSHIELD_TORCH_THREADS': '3',
+                                   'OMP_WAIT_POLICY': 'PASSIVE', 'CUDA_VISIBLE_DEVICES': ''}
+    assert '3 thread(s)' in out
+
+
+def test_resume_skips_done_jobs(tmp_path):
+    first, _ = run(number_dag(tmp_path), tmp_path, workers=2)
+    second, out = run(number_dag(tmp_path), tmp_path, workers=2)
+    assert {n: r.result for n, r in second.items()} == {n: r.result for n, r in first.items()}
+    assert all(r.state == 'done' and r.reused for r in second.values())
+    assert [calls(tmp_path, n) for n in 'abcd'] == [1, 1, 1, 1]
+    assert '4 jobs (4 done earlier)' in out and '4 done (4 from earlier runs)' in out
+
+
+def test_killed_job_reruns_from_partial_state(tmp_path):
+    """A job process killed mid-way is reported, its dependant skipped; the rerun continues from its partial file."""
+    jobs = [Job('k', fns.killed_once, kwargs={'steps': 3}), Job('after', fns.write_number, (1,), deps=('k',)),
+            Job('free', fns.write_number, (2,))]
+    first, _ = run(jobs, tmp_path, workers=2)
+    assert first['k'].state == 'failed' and 'ended without a record' in first['k'].error
+    assert any('=== k: started' in line for line in first['k'].log_tail)
+    assert (first['after'].state, first['after'].error) == ('skipped', 'dep failed: k')
+    assert (first['free'].state, first['free'].result) == ('done', 2)
+    assert (tmp_path / 'jobs' / 'k' / 'partial').read_text() == '1'
+    second, _ = run(jobs, tmp_path, workers=2)
+    assert second['k'].state == 'done' and second['k'].result == {'resumed_from': 1, 'steps': 3}
+    assert second['after'].state == 'done' and second['free'].reused
+    assert (calls(tmp_path, 'k'), calls(tmp_path, 'free')) == (2, 1)
+
+
+def test_failed_job_reported_others_finish(tmp_path):
+    jobs = [Job('x', fns.fail, ('boom: bad input',)), Job('y', fns.write_number, (1,), deps=('x',)),
+            Job('z', fns.write_number, (1,), deps=('y',)), Job('free', fns.write_number, (5,))]
+    records, out = run(jobs, tmp_path, workers=2)
+    x = records['x']
+    assert (x.state, x.error) == ('failed', 'RuntimeError: boom: bad input')
+    assert 'about to fail' in x.log_tail and x.log_tail[-1] == 'RuntimeError: boom: bad input'
+    failed = json.loads((tmp_path / 'jobs' / 'x' / 'failed.json').read_text())
+    assert failed['error'] == x.error and failed['log_tail'] == x.log_tail
+    assert not (tmp_path / 'jobs' / 'x' / 'done.json').exists()
+    assert (records['y'].state, records['y'].error) == ('skipped', 'dep failed: x')
+    assert (records['z'].state, records['z'].error) == ('skipped', 'dep failed: y')
+    assert (records['free'].state, records['free'].result) == ('done', 5)
+    assert f'failed: x: RuntimeError: boom: bad input -- see {tmp_path / "jobs" / "x" / "log.txt"}' in out
+    rerun, _ = run(jobs, tmp_path)            # a failed job is retried on rerun
+    assert rerun['x'].state == 'failed' and calls(tmp_path, 'x') == 2 and calls(tmp_path, 'y') == 0
+
+
+def test_progress_lines(tmp_path):
+    records, out = run([Job('t', fns.epochs, kwargs={'n': 2}, kind='train', progress=fns.progress_seen)], tmp_path)
+    assert records['t'].result == 2
+    lines = [' '.join(line.split()[1:]) for line in out.splitlines() if line[:2].isdigit()]
+    assert lines[0] == 't queued train'
+    assert lines[1].startswith('t running train, pid ')
+    assert lines[2:4] == ['t running epoch 1/2', 't running epoch 2/2']
+    assert lines[4].startswith('t done ')
+
+
+RUNNER = """
+import json, sys
+from nnunetv2_voxshield.jobs import Job, run_jobs
+import job_fns as fns
+root, gate = sys.argv[1], sys.argv[2]
+jobs = [Job('g', fns.gated, (gate,)), Job('n', fns.write_number, (1,), deps=('g',)), Job('m', fns.write_number, (2,))]
+records = run_jobs(jobs, root, workers=2, poll_s=0.1, stream=open(sys.argv[3], 'w'))
+print(json.dumps({n: [r.state, r.result, r.reused] for n, r in records.items()}))
+"""
+
+
+def test_two_runs_share_a_root(tmp_path):
+    """Two audits on one root: a job claimed by one is waited for by the other; every job runs exactly once."""
+    root, gate = tmp_path / 'root', tmp_path / 'gate'
+    procs = [subprocess.Popen([sys.executable, '-c', RUNNER, str(root), str(gate), str(tmp_path / f'out{i}')],
+                              stdout=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        deadline = time.time() + 120
+        seen = ''
+        while time.time() < deadline:     # one run holds g (blocked on the gate), the other waits for it
+            seen = ''.join((tmp_path / f'out{i}').read_text() for i in range(2) if (tmp_path / f'out{i}').exists())
+            if 'g running' in ' '.join(seen.split()) and 'claimed by another run' in seen:
+                break
+            time.sleep(0.05)
+        assert 'claimed by another run' in seen
+        gate.touch()
+        results = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+    finally:
+        gate.touch()
+        for p in procs:
+            p.kill() if p.poll() is None else None
+    for name, value in (('g', 1), ('n', 1), ('m', 2)):
+        assert [r[name][:2] for r in results] == [['done', value]] * 2
+        assert sorted(r[name][2] for r in results) == [False, True]   # run by one, reused by the other
+        assert calls(root, name) == 1
+
+
+@pytest.mark.parametrize('kw, message', [
+    ({'backend': 'lsf'}, "unknown backend 'lsf': choose one of local, slurm"),
+    ({'workers': 0}, 'workers=0: must be a positive integer'),
+    ({'jobs': [Job('a', print), Job('a', print)]}, "job name 'a' is used twice"),
+    ({'jobs': [Job('a/b', print)]}, "job name 'a/b': use letters"),
+    ({'jobs': [Job('a', print, deps=('nope',))]}, "job a: depends on unknown job 'nope'"),
+    ({'jobs': [Job('a', print, deps=('b',)), Job('b', print, deps=('a',))]},
+     'job dependencies form a cycle: a -> b -> a'),
+    ({'jobs': [Job('a', print, threads=0)]}, 'job a: threads=0 must be a positive integer'),
+    ({'jobs': [Job('a', print, gpus=2)], 'gpus': [0]}, 'job a: needs 2 GPU(s), 1 available ([0])'),
+])
+def test_bad_input_refused_before_any_job(tmp_path, kw, message):
+    jobs = kw.pop('jobs', [Job('a', fns.write_number, (1,))])
+    with pytest.raises(ValueError) as e:
+        run_jobs(jobs, str(tmp_path / 'root'), stream=io.StringIO(), **kw)
+    assert str(e.value).startswith(message) and '\n' not in str(e.value)
+    assert not (tmp_path / 'root').exists()
+
+
+@pytest.fixture(scope='session')
+def slurm_cluster(tmp_path_factory):
+    with local_slurm(tmp_path_factory.mktemp('slurm')) as conf:
+        yield conf
+
+
+@requires_slurm
+def test_slurm_backend_runs_dag_through_sbatch(tmp_path, slurm_cluster):
+    """The same DAG through sbatch on a real one-node Slurm: results, records, a failure, resume."""
+    jobs = number_dag(tmp_path) + [Job('x', fns.fail, ('boom',)), Job('y', fns.write_number, (1,), deps=('x',)),
+                                   Job('e', fns.env_threads, threads=2)]
+    records, out = run(jobs, tmp_path, backend='slurm', workers=4, slurm={'timeout_min': 5})
+    assert {n: records[n].result for n in 'abcd'} == {'a': 1, 'b': 2, 'c': 6, 'd': 10}
+    assert records['e'].result['OMP_NUM_THREADS'] == '2'
+    assert (records['x'].state, records['x'].error) == ('failed', 'RuntimeError: boom')
+    assert records['y'].state == 'skipped'
+    for name in 'abcd':
+        done = json.loads((tmp_path / 'jobs' / name / 'done.json').read_text())
+        assert done['backend'] == 'slurm'
+    sbatch = list((tmp_path / 'jobs' / 'a' / 'submitit').glob('*_submission.sh'))
+    assert sbatch and '#SBATCH --cpus-per-task=1' in sbatch[0].read_text()
+    assert 'slurm job' in out and 'submitted' in out
+    again, _ = run(jobs[:4], tmp_path, backend='slurm', workers=4)
+    assert all(r.reused for r in again.values()) and calls(tmp_path, 'c') == 1
