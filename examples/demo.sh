@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The main job on the embedded phantom, on CPU: write the phantom, plan it with stock nnU-Net, apply the CPU
 # preset, train nnUNetTrainerVoxShield briefly with stock nnUNetv2_train, export the protected copy and verify it.
-# Everything goes to ./voxshield_demo (or $1). Took 2.5 minutes on 2 idle cores.
+# Everything goes to $1, else $VOXSHIELD_DEMO_DIR, else a new temporary folder (never into the checkout).
+# Took 2.5 minutes on 2 idle cores.
 set -euo pipefail
-OUT=$(realpath -m "${1:-voxshield_demo}")
+OUT=$(realpath -m "${1:-${VOXSHIELD_DEMO_DIR:-$(mktemp -d -t voxshield_demo.XXXXXX)}}")
+echo "voxshield demo: writing to $OUT"
 export nnUNet_raw="$OUT/nnUNet_raw" nnUNet_preprocessed="$OUT/nnUNet_preprocessed" nnUNet_results="$OUT/nnUNet_results"
 export nnUNet_def_n_proc=1 nnUNet_compile=false OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 mkdir -p "$nnUNet_raw" "$nnUNet_preprocessed" "$nnUNet_results"
@@ -23,3 +25,4 @@ echo "checkpoint:        $FOLD/checkpoint_final.pth"
 echo "training log:      $(ls "$FOLD"/training_log_*.txt | tail -n 1)"
 echo "protected dataset: $nnUNet_raw/Dataset991_VoxShieldPhantomProtected"
 echo "verify report:     $OUT/verify_report.json"
+echo "(all under $OUT; delete it when done)"
