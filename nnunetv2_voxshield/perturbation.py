@@ -19,13 +19,15 @@ from nnunetv2_voxshield.baselines import DEFAULT_LSP_PATCH, DEFAULT_TAP_STEPS, L
 from nnunetv2_voxshield.budget import bound_perturbation, roi_mask_np
 from nnunetv2_voxshield.controls import (BOUNDARY_METHODS, CONTROL_METHODS, DEFAULT_BLOCK, DEFAULT_SMOOTH_SIGMA,
                                          DEFAULT_WIDTH, BoundaryShiftSource, EdgeSource, LabelCodedSource)
+from nnunetv2_voxshield.conv_code import METHOD as CONV_METHOD, ConvSource
 from nnunetv2_voxshield.dataset_io import InputError
 from nnunetv2_voxshield.generator import NoiseGenerator
 from nnunetv2_voxshield.lc import METHOD as LC_METHOD, LCSource
+from nnunetv2_voxshield.samplewise import METHOD as SAMPLEWISE_METHOD, SampleWiseSource
 from nnunetv2_voxshield.umed import UMedPerturbator, clip_to_range, lbp_texture_map, umed_perturbation
 
 DEFAULT_ROI = {'dilation': 0, 'soft_edge': 0.0}
-EXPORT_TIME_METHODS = ('random', 'lsp', 'tap') + CONTROL_METHODS  # computed at export time, need no checkpoint
+EXPORT_TIME_METHODS = ('random', 'lsp', 'tap') + CONTROL_METHODS + (CONV_METHOD,)  # at export time, no checkpoint
 
 
 class DeltaSource(Protocol):
@@ -190,6 +192,8 @@ def make_source(method: str, state: Optional[dict], configuration_manager, devic
         return RandomSource(seed, dims)
     if method == 'lsp':
         return LSPSource(seed, dims, options.get('patch', DEFAULT_LSP_PATCH))
+    if method == CONV_METHOD:
+        return ConvSource(options.get('strength'), seed)
     if method in BOUNDARY_METHODS:
         return BoundaryShiftSource(method, options.get('width', DEFAULT_WIDTH))
     if method == 'edge':
@@ -205,6 +209,8 @@ def make_source(method: str, state: Optional[dict], configuration_manager, devic
                          options.get('steps', DEFAULT_TAP_STEPS))
     if state is None:
         raise InputError(f'method {method!r} needs a trained checkpoint')
+    if state.get('method') == SAMPLEWISE_METHOD:
+        return SampleWiseSource(state)
     if state.get('method') == LC_METHOD:
         return LCSource(state, configuration_manager.patch_size, device)
     if state.get('method') == 'umed':

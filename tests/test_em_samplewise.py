@@ -1,0 +1,248 @@
+"""Sample-wise error-minimising noise (Huang et al. 2021; issue 29.3): crop mapping, budgets in normalised and raw
+units, PGD lowers the loss, deltas saved and restored exactly (--c), the stop rule, export + verify (phantom)."""
+import os
+import shutil
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import TEST_TRAINERS, run_cli, use_cpu_preset_as_default_plans
+from nnunetv2_voxshield.export import export_entry
+from nnunetv2_voxshield.phantom import write_phantom_dataset
+from nnunetv2_voxshield.samplewise import (DeltaStore, SampleWiseSource, crop_delta, full_case_bound, insert_delta,
+                                           pgd_step)
+from nnunetv2_voxshield.verify import verify_datasets
+
+NAME = 'Dataset981_EMPhantom'
+
+
+# ----------------------------------------------------------------------------------------- math, no data
+def test_crop_and_insert_map_a_box_partly_outside_the_case():
+    delta = torch.arange(2 * 5 * 6 * 7, dtype=torch.float32).view(2, 5, 6, 7)
+    box = [[-2, 3], [4, 9], [1, 5]]  # leaves the case before axis 0 and after axis 1
+    patch = crop_delta(delta, box)
+    assert patch.shape == (2, 5, 5, 4)
+    torch.testing.assert_close(patch[:, 2:, :2], delta[:, 0:3, 4:6, 1:5])
+    assert torch.all(patch[:, :2] == 0) and torch.all(patch[:, :, 2:] == 0)
+    copy = delta.clone()
+    insert_delta(copy, box, patch * -1 - 1000)
+    changed = copy != delta
+    assert changed[:, 0:3, 4:6, 1:5].all() and changed.sum() == 2 * 3 * 2 * 4  # only the overlap is written
+    torch.testing.assert_close(copy[:, 0:3, 4:6, 1:5], -delta[:, 0:3, 4:6, 1:5] - 1000)
+
+
+def test_initial_delta_fills_the_bound_seeded_per_case():
+    seg = np.zeros((1, 6, 8, 9), dtype=np.int16)
+    seg[0, 1:4, 2:6, 3:7], seg[0, 4, 1, 1], seg[0, 5, 5, 5] = 1, 2, 3  # 3: the ignore label, outside the ROI
+    bound = full_case_bound(seg, [0.2], 0.25, labels=[1, 2])
+    roi = (seg == 1) | (seg == 2)
+    torch.testing.assert_close(bound[torch.from_numpy(roi)], torch.full((int(roi.sum()),), 0.2))
+    torch.testing.assert_close(bound[torch.from_numpy(~roi)], torch.full((int((~roi).sum()),), 0.05))
+    a, b = DeltaStore(), DeltaStore()
+    a.initialise('case_1', bound, 0)
+    b.initialise('case_0', bound, 0)
+    b.initialise('case_1', bound, 0)
+    assert torch.equal(a.deltas['case_1'], b.deltas['case_1']) and not torch.equal(b.deltas['case_0'],
+                                                                                     b.deltas['case_1'])
+    d = a.deltas['case_1']
+    assert torch.all(d.abs() <= bound) and d[torch.from_numpy(roi)].abs().max() > 0.15  # U(-b, b)
+
+
+def test_pgd_step_descends_and_projects():
+    """loss = sum(w * (x + d)): the signed step moves d by -step sign(w), clipped to the bound."""
+    w = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
+    x = torch.zeros(1, 4)
+    bound = torch.tensor([[0.1, 0.1, 0.0, 0.1]])
+    delta = torch.tensor([[0.0, 0.095, 0.0, -0.1]])
+    new, loss = pgd_step(lambda d: (w * (x + d)).sum(), delta, bound, 0.01 * torch.ones(1, 4))
+    assert loss == pytest.approx(float((w * delta).sum()))
+    torch.testing.assert_close(new, torch.tensor([[-0.01, 0.1, 0.0, -0.1]]))
+
+
+# ----------------------------------------------------------------------------------------- the trainer (phantom)
+@pytest.fixture(scope='module')
+def phantom(tmp_path_factory):
+    """3 phantom cases (two labels, ~32-40 voxels per axis: larger than the CPU preset's 32^3 patch along some axes),
+    planned by stock nnU-Net, with the CPU preset as nnUNetPlans."""
+    base = tmp_path_factory.mktemp('em_samplewise')
+    roots = {name: base / name for name in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results')}
+    for d in roots.values():
+        d.mkdir()
+    write_phantom_dataset(981, name='EMPhantom', n_cases=3, raw_root=str(roots['nnUNet_raw']))
+    run_cli(['nnUNetv2_plan_and_preprocess', '-d', '981', '-c', '3d_fullres', '-np', '1', '-npfp', '1'],
+            {**{k: str(v) for k, v in roots.items()}, 'nnUNet_n_proc_DA': None})
+    use_cpu_preset_as_default_plans(roots['nnUNet_preprocessed'] / NAME)
+    return roots
+
+
+@pytest.fixture
+def em_env(phantom, tmp_path, monkeypatch):
+    for name in ('nnUNet_raw', 'nnUNet_preprocessed'):
+        monkeypatch.setenv(name, str(phantom[name]))
+    monkeypatch.setenv('nnUNet_results', str(tmp_path / 'nnUNet_results'))
+    entries = [str(TEST_TRAINERS)] + [p for p in os.environ.get('nnUNet_extTrainer', '').split(os.pathsep) if p]
+    monkeypatch.setenv('nnUNet_extTrainer', os.pathsep.join(entries))
+    return {**phantom, 'nnUNet_results': tmp_path / 'nnUNet_results'}
+
+
+def make_trainer(name='nnUNetTrainerEMSampleWise', **attributes):
+    from nnunetv2.run.run_training import get_trainer_from_args
+    trainer = get_trainer_from_args('981', '3d_fullres', 'all', name, 'nnUNetPlans', device=torch.device('cpu'))
+    for key, value in attributes.items():
+        setattr(trainer, key, value)
+    trainer.on_train_start()
+    return trainer
+
+
+def _case_bounds(trainer):
+    """Each case's bound b (c, *shape) in normalised units, from its whole preprocessed label map."""
+    dataset = trainer.dataset_class(trainer.preprocessed_dataset_folder, sorted(trainer.deltas.deltas))
+    bounds = {}
+    for key in sorted(trainer.deltas.deltas):
+        seg = np.asarray(dataset.load_case(key)[1])
+        bounds[key] = (seg, full_case_bound(seg[:1], trainer.case_budgets[key]['eps_norm'], trainer.bg_weight,
+                                            [1, 2], 0))
+    return bounds
+
+
+def _steps(trainer, n):
+    return [trainer.train_step(next(trainer.dataloader_train)) for _ in range(n)]
+
+
+@pytest.mark.parametrize('name, bg', [('nnUNetTrainerEMSampleWise_eps16', 0.0),
+                                      ('nnUNetTrainerEMSampleWiseEOT', 1 / 255)])
+def test_deltas_stay_within_the_budget_everywhere_in_normalised_units(em_env, name, bg):
+    trainer = make_trainer(name, pgd_steps=3)
+    assert trainer.eps_bg == bg and set(trainer.deltas.deltas) == set(trainer.case_budgets)
+    outs = _steps(trainer, 6)
+    assert [o['kind'] for o in outs] == ['surrogate', 'pgd'] * 3
+    assert all(0 < o['delta_over_budget'] <= 1 + 1e-6 for o in outs)
+    for key, (seg, bound) in _case_bounds(trainer).items():
+        delta = trainer.deltas.deltas[key]
+        assert delta.shape == seg.shape and delta.dtype == torch.float32  # the whole case, not a patch
+        assert torch.all(delta.abs() <= bound * (1 + 1e-6))
+        roi = torch.from_numpy(seg > 0)
+        eps = trainer.case_budgets[key]['eps_norm'][0]
+        assert delta[roi].abs().max() > 0.9 * eps  # the budget is used inside the ROI
+        outside = delta[~roi].abs()
+        if bg == 0:
+            assert torch.all(outside == 0)
+        else:
+            assert 0 < outside.max() <= eps * bg / trainer.eps * (1 + 1e-6)
+
+
+def test_pgd_batch_lowers_the_frozen_surrogates_loss_and_touches_only_the_crops(em_env):
+    trainer = make_trainer(pgd_steps=5)
+    _steps(trainer, 1)  # one surrogate step: a surrogate that has seen the data
+    batch = next(trainer.dataloader_train)
+    keys, boxes = batch['keys'], batch['bbox']
+    bound = trainer._batch_bound(keys, batch['target'])
+    delta = trainer.deltas.crop(keys, boxes)
+    before = {k: v.clone() for k, v in trainer.deltas.deltas.items()}
+    weights = {k: v.clone() for k, v in trainer.network.state_dict().items()}
+
+    def loss(d):  # NoDA's T is deterministic: the same batch gives the same loss
+        with torch.no_grad():
+            x_t, y_t = trainer.victim_view(batch['data'] + d, batch['target'])
+            trainer.network.eval()
+            return float(trainer.loss(trainer.network(x_t), y_t))
+
+    start = loss(delta)
+    trainer.em_iteration = 1  # a PGD batch
+    out = trainer.train_step(batch)
+    new = trainer.deltas.crop(keys, boxes)
+    assert out['kind'] == 'pgd' and out['pgd_loss'] == pytest.approx(start, rel=0.2)  # PGD's mean loss on it
+    assert loss(new) < start - 1e-3  # the min-min step lowers the loss on this very batch
+    assert torch.all(new.abs() <= bound * (1 + 1e-6)) and not torch.equal(new, delta)
+    assert all(torch.equal(v, trainer.network.state_dict()[k]) for k, v in weights.items())  # surrogate frozen
+    assert all(p.requires_grad for p in trainer.network.parameters()) and trainer.network.training
+    for key, value in before.items():  # outside this batch's boxes nothing moved
+        mask = torch.ones_like(value, dtype=torch.bool)
+        for k, box in zip(keys, boxes):
+            if k == key:
+                mask[(slice(None), *[slice(max(a, 0), max(b, 0)) for a, b in box])] = False
+        assert torch.equal(value[mask], trainer.deltas.deltas[key][mask])
+
+
+def test_checkpoint_holds_the_deltas_and_load_restores_them_exactly(em_env, tmp_path):
+    a = make_trainer(pgd_steps=2)
+    _steps(a, 4)
+    ckpt = str(tmp_path / 'checkpoint.pth')
+    a.save_checkpoint(ckpt)
+    assert sorted(os.listdir(tmp_path)) == ['checkpoint.pth', 'nnUNet_results']  # no side files left
+    state = torch.load(ckpt, weights_only=False)['voxshield']
+    assert state['method'] == 'em_samplewise' and state['iteration'] == 4 and state['foreground_labels'] == [1, 2]
+    b = make_trainer(pgd_steps=2)
+    assert not all(torch.equal(a.deltas.deltas[k], b.deltas.deltas[k]) for k in a.deltas.deltas)  # moved by PGD
+    b.load_checkpoint(ckpt)
+    assert set(b.deltas.deltas) == set(a.deltas.deltas)
+    assert all(torch.equal(a.deltas.deltas[k], b.deltas.deltas[k]) for k in a.deltas.deltas)
+    assert b.em_iteration == 4 and b.case_budgets == a.case_budgets and not b.em_stopped
+    # the next steps of both runs match (same RNG draws): the resumed state is the whole state
+    for trainer in (a, b):
+        torch.manual_seed(7)
+        np.random.seed(7)
+        _steps(trainer, 2)
+    assert all(torch.equal(a.deltas.deltas[k], b.deltas.deltas[k]) for k in a.deltas.deltas)
+
+
+def _export_and_verify(em_env, trainer_name, out_id=982, eps='4/255'):
+    raw = em_env['nnUNet_raw']
+    clean = raw / NAME
+    protected = raw / f'Dataset{out_id}_EMPhantomProtected'
+    export_entry(['-d', NAME, '-o', str(out_id), '-tr', trainer_name, '-f', 'all', '-device', 'cpu'])
+    try:
+        run_cli(['voxshield_verify', clean, protected, '--eps', eps])  # exits non-zero on any violation
+        report = verify_datasets(str(clean), str(protected), float(Fraction(eps)))
+        assert report['violations'] == [] and report['summary']['cases'] == 3
+        uses = []
+        for label_file in sorted((clean / 'labelsTr').glob('*.nii.gz')):
+            case = label_file.name[:-len('.nii.gz')]
+            seg = sitk.GetArrayFromImage(sitk.ReadImage(str(label_file)))
+            x = sitk.GetArrayFromImage(sitk.ReadImage(str(clean / 'imagesTr' / f'{case}_0000.nii.gz')))
+            xp = sitk.GetArrayFromImage(sitk.ReadImage(str(protected / 'imagesTr' / f'{case}_0000.nii.gz')))
+            diff = np.abs(xp.astype(np.float64) - x)
+            assert np.all(diff[seg == 0] == 0)  # eps_bg = 0: nothing outside the labels
+            budget = float(Fraction(eps)) * np.subtract(*np.percentile(x, (99.5, 0.5)))
+            assert diff.max() <= budget + 1e-9
+            uses.append(diff[seg > 0].max() / budget)
+        assert min(uses) > 0.5  # every case carries its delta at a good part of the budget
+    finally:
+        shutil.rmtree(protected, ignore_errors=True)
+
+
+def test_stock_nnunetv2_train_stops_by_the_rule_resumes_exactly_and_exports(em_env):
+    """``_tinyStop``: 3 epochs planned, stop_loss above any loss, so training ends after epoch 0 with
+    checkpoint_final; ``--c`` restores the deltas exactly and stays stopped; export + voxshield_verify pass."""
+    trainer = 'nnUNetTrainerEMSampleWise_tinyStop'
+    run_cli(['nnUNetv2_train', '981', '3d_fullres', 'all', '-tr', trainer, '-device', 'cpu'])
+    fold = em_env['nnUNet_results'] / NAME / f'{trainer}__nnUNetPlans__3d_fullres' / 'fold_all'
+    first = torch.load(fold / 'checkpoint_final.pth', weights_only=False)
+    assert first['current_epoch'] == 1 and first['voxshield']['stopped'] and first['voxshield']['iteration'] == 4
+    log = next(fold.glob('training_log_*.txt')).read_text()
+    assert 'stop rule met' in log and 'Epoch 1' not in log and (fold / 'validation' / 'summary.json').is_file()
+    run_cli(['nnUNetv2_train', '981', '3d_fullres', 'all', '-tr', trainer, '-device', 'cpu', '--c'])
+    again = torch.load(fold / 'checkpoint_final.pth', weights_only=False)
+    assert again['current_epoch'] == 1 and again['voxshield']['iteration'] == 4
+    deltas = first['voxshield']['deltas']
+    assert set(deltas) == set(again['voxshield']['deltas']) and len(deltas) == 3
+    assert all(torch.equal(deltas[k], again['voxshield']['deltas'][k]) for k in deltas)
+    _export_and_verify(em_env, trainer)
+
+
+def test_export_source_clamps_to_the_export_budget_and_names_a_missing_case():
+    seg = np.zeros((1, 4, 5, 6), dtype=np.int16)
+    seg[0, 1:3, 1:4, 2:5] = 1
+    state = {'method': 'em_samplewise', 'foreground_labels': [1], 'eps': 4 / 255, 'eps_bg': 0.0,
+             'roi': {'dilation': 0}, 'deltas': {'a': torch.full((1, 4, 5, 6), 0.3)}}
+    source = SampleWiseSource(state)
+    out = source.compute_delta(np.zeros((1, 4, 5, 6), np.float32), seg, np.array([0.1], np.float32), 'a')
+    assert np.all(out[seg > 0] == pytest.approx(0.1)) and np.all(out[seg == 0] == 0)
+    from nnunetv2_voxshield.dataset_io import InputError
+    with pytest.raises(InputError, match='b: the checkpoint holds no delta'):
+        source.compute_delta(np.zeros((1, 4, 5, 6), np.float32), seg, np.array([0.1], np.float32), 'b')
+    with pytest.raises(InputError, match='shape'):
+        source.compute_delta(np.zeros((1, 4, 5, 7), np.float32), seg, np.array([0.1], np.float32), 'a')
