@@ -22,6 +22,7 @@ import threading
 import time
 import traceback
 import uuid
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO
 
@@ -291,14 +292,33 @@ def _slurm_executor(folder: str, job: Job, slurm: dict):
     return ex
 
 
-def _local_executor(folder: str, job: Job, gpu_ids: Sequence[int]):
-    """submitit's LocalExecutor: the job in a fresh process, env pinned to its threads and its GPUs (none: hidden)."""
-    import submitit
+_ENV_LOCK = threading.Lock()
 
-    ex = submitit.LocalExecutor(folder=folder)
-    ex.update_parameters(timeout_min=60 * 24 * 30, gpus_per_node=len(gpu_ids), visible_gpus=tuple(gpu_ids),
-                         setup=_setup_lines(_thread_env(job.threads)))
-    return ex
+
+class _LocalSubmitter:
+    """submitit's LocalExecutor for one job: a fresh process whose environment is pinned to the job's threads and
+    GPUs (none: CUDA_VISIBLE_DEVICES=''). The environment is set on ours while submitit starts the process (it
+    copies os.environ), not through ``setup`` shell lines, so that cancelling signals the job's own controller."""
+
+    def __init__(self, folder: str, job: Job, gpu_ids: Sequence[int]):
+        import submitit
+
+        self.env = _thread_env(job.threads)
+        self.ex = submitit.LocalExecutor(folder=folder)
+        self.ex.update_parameters(timeout_min=60 * 24 * 30, gpus_per_node=len(gpu_ids), visible_gpus=tuple(gpu_ids))
+
+    def submit(self, fn, *args):
+        with _ENV_LOCK:
+            saved = {k: os.environ.get(k) for k in self.env}
+            os.environ.update(self.env)
+            try:
+                return self.ex.submit(fn, *args)
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
 
 
 def _squeue_states(job_ids: Sequence[str]) -> Optional[Dict[str, str]]:
@@ -450,7 +470,7 @@ class _Run:
         if self.backend == 'local':
             ids = [self.free_gpus.pop(0) for _ in range(job.gpus)]
             self.job_gpus[name] = ids
-            ex = _local_executor(p['submitit'], job, ids)
+            ex = _LocalSubmitter(p['submitit'], job, ids)
         else:
             ex = _slurm_executor(p['submitit'], job, self.slurm)
         handle = ex.submit(_job_main, *args)
@@ -587,10 +607,15 @@ class _Run:
     def cancel_all(self) -> None:
         for name, handle in list(self.handles.items()):
             try:
-                handle.cancel(check=False)
+                if self.backend == 'local':
+                    _stop_local(handle)
+                else:
+                    handle.cancel(check=False)
             except Exception:   # noqa: BLE001
                 pass
-            self.say(name, 'failed', 'interrupted (cancelled)')
+            with suppress(OSError), open(self.paths[name]['log'], 'a') as f:
+                f.write(f'=== {name}: cancelled {_now()} (run interrupted); a rerun resumes it\n')
+            self.say(name, 'cancel', 'interrupted; rerun to resume')
             _release(self.paths[name], self.token)
 
     def run(self) -> Dict[str, JobRecord]:
@@ -646,12 +671,61 @@ def _duration(s: float) -> str:
     return f'{m}m{s:02d}s' if m else f'{s}s'
 
 
-class _Terminated(Exception):
-    pass
+class Terminated(KeyboardInterrupt):
+    """SIGTERM to run_jobs, handled as Ctrl-C: this run's jobs are cancelled, a rerun resumes."""
 
 
 def _raise_terminated(signum, frame):
-    raise _Terminated(f'signal {signum}')
+    raise Terminated(f'signal {signum}')
+
+
+def _children(pid: int) -> List[int]:
+    kids = []
+    for tid in os.listdir(f'/proc/{pid}/task') if os.path.isdir(f'/proc/{pid}/task') else []:
+        try:
+            with open(f'/proc/{pid}/task/{tid}/children') as f:
+                kids += [int(k) for k in f.read().split()]
+        except OSError:
+            pass
+    return kids
+
+
+def _wait_gone(pids: Sequence[int], timeout: float) -> List[int]:
+    deadline = time.time() + timeout
+    alive = list(pids)
+    while alive and time.time() < deadline:
+        time.sleep(0.1)
+        alive = [p for p in alive if _pid_alive(p) and not _zombie(p)]
+    return alive
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0] == 'Z'
+    except OSError:
+        return False
+
+
+def _stop_local(handle, grace: float = 10.0) -> None:
+    """Stops a local job: SIGINT to its process (KeyboardInterrupt, as Ctrl-C), SIGKILL after ``grace`` s; then
+    its submitit controller, which exits once its task has. (submitit's own cancel only signals the controller,
+    which cannot stop a task that ignores SIGINT, e.g. one started in the background.)"""
+    controller = handle._process
+    if controller is None or controller.poll() is not None:
+        return
+    tasks = _children(controller.pid)
+    for pid in tasks:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGINT)
+    for pid in _wait_gone(tasks, grace):
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    try:
+        controller.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        controller.kill()
+        controller.wait()
 
 
 def run_jobs(jobs: Sequence[Job], root: str, backend: str = 'local', workers: int = 1,

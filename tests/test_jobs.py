@@ -171,6 +171,31 @@ def test_two_runs_share_a_root(tmp_path):
         assert calls(root, name) == 1
 
 
+def test_terminated_run_cancels_its_jobs_and_rerun_resumes(tmp_path):
+    """SIGTERM (or Ctrl-C) to a run stops its running job processes and releases their claims; the rerun runs the
+    interrupted job again and its dependant after it."""
+    root, gate = tmp_path / 'root', tmp_path / 'gate'
+    proc = subprocess.Popen([sys.executable, '-c', RUNNER, str(root), str(gate), str(tmp_path / 'out')],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (root / 'jobs' / 'g' / 'calls').exists() and time.time() < deadline:
+            time.sleep(0.05)
+        job_pid = json.loads((root / 'jobs' / 'g' / 'running.json').read_text())['pid']
+        proc.terminate()
+        assert proc.wait(timeout=60) != 0
+    finally:
+        proc.kill() if proc.poll() is None else None
+    with pytest.raises(ProcessLookupError):
+        os.kill(job_pid, 0)
+    assert not (root / 'jobs' / 'g' / 'claim').exists() and not (root / 'jobs' / 'g' / 'done.json').exists()
+    assert 'g: cancelled' in (root / 'jobs' / 'g' / 'log.txt').read_text()
+    assert 'interrupted; rerun to resume' in (tmp_path / 'out').read_text()
+    gate.touch()
+    records, _ = run([Job('g', fns.gated, (str(gate),)), Job('n', fns.write_number, (1,), deps=('g',))], root)
+    assert [records['g'].state, records['n'].state] == ['done', 'done'] and calls(root, 'g') == 2
+
+
 @pytest.mark.parametrize('kw, message', [
     ({'backend': 'lsf'}, "unknown backend 'lsf': choose one of local, slurm"),
     ({'workers': 0}, 'workers=0: must be a positive integer'),
