@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunetv2_voxshield.report import write_atomic, write_json_atomic
+from nnunetv2_voxshield.dataset_io import write_json_atomic
+from nnunetv2_voxshield.report import write_atomic
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -208,7 +209,7 @@ def main():
         sys.exit(f'{path}: {a.victim} rows of {", ".join(a.family)}: {e}')
     text = render(result)
     print(text)
-    write_json_atomic(str(a.out / 'amplitude_rule.json'), result)
+    write_json_atomic(result, str(a.out / 'amplitude_rule.json'))
     write_atomic(str(a.out / 'amplitude_rule.md'), text + '\n')
     figure(result, a.out / 'amplitude_rule.png')
 

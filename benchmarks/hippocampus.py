@@ -163,10 +163,10 @@ def main():
     def save():
         """Merge into benchmark.json (partial runs with disjoint --methods may run side by side; an evaluation
         another run finished meanwhile is not overwritten by this run's copy from its start)."""
-        from nnunetv2_voxshield.report import write_json_atomic
+        from nnunetv2_voxshield.dataset_io import write_json_atomic
         mine = {**results, 'eval': {k: v for k, v in results.get('eval', {}).items() if k in evaluated}}
-        write_json_atomic(str(result_file),
-                          deep_update(json.loads(result_file.read_text()) if result_file.is_file() else {}, mine))
+        write_json_atomic(deep_update(json.loads(result_file.read_text()) if result_file.is_file() else {}, mine),
+                          str(result_file))
 
     results.setdefault('settings', {}).update(
         {'protector_epochs': args.protector_epochs, 'victim_epochs': args.victim_epochs, 'plans': PLANS,

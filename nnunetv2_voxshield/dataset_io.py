@@ -220,12 +220,36 @@ def copy_atomic(src: str, dst: str) -> None:
     os.replace(tmp, dst)
 
 
-def write_json_atomic(obj, path: str) -> None:
+def json_safe(obj):
+    """``obj`` as strict JSON: NaN/Inf -> None, numpy scalars and arrays -> Python, tuples -> lists, keys -> str."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def write_json_atomic(obj, path: str, indent: int = 2) -> None:
+    """``json_safe(obj)`` to ``path`` (as nnU-Net's ``save_json(obj, file)``): a hidden temp file in the same folder,
+    then ``os.replace``, so ``path`` is either the old file or the complete new one."""
+    text = json.dumps(json_safe(obj), indent=indent, allow_nan=False) + '\n'  # fails before anything is written
     tmp = temp_path(path)
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write('\n')
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'w') as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def sha256_of(path: str) -> str:

@@ -21,8 +21,9 @@ import numpy as np
 
 from nnunetv2_voxshield import victims as V
 from nnunetv2_voxshield.defences import defence_key, describe_defence, parse_defence, purify_dataset
+from nnunetv2_voxshield.dataset_io import write_json_atomic
 from nnunetv2_voxshield.report import (make_figure, markdown_report, quality_summary, summarise_seeds,
-                                       summarise_victim, write_atomic, write_json_atomic)
+                                       summarise_victim, write_atomic)
 
 
 class EvaluationError(ValueError):
@@ -213,7 +214,7 @@ def run_victim(ws: Workspace, row: str, config: str, seed: int, trainer: str, pl
     cases_scores = score_predictions(pred_dir, test_labels, cases, ending, dataset_json)
     result = {'row': row, 'configuration': config, 'seed': seed, 'trainer': trainer, 'plans': plans,
               'summary': summarise_victim(cases_scores), 'cases': cases_scores}
-    write_json_atomic(os.path.join(vdir, 'scores.json'), result)
+    write_json_atomic(result, os.path.join(vdir, 'scores.json'))
     return result
 
 
@@ -266,7 +267,7 @@ def reuse_victim(ws: Workspace, row: str, config: str, seed: int, trainer: str, 
             scores['reused_from'] = scores.get('reused_from') or os.path.abspath(scores_file)
             scores['row'] = row
             os.makedirs(ws.victim_dir(row, config, seed), exist_ok=True)
-            write_json_atomic(os.path.join(ws.victim_dir(row, config, seed), 'scores.json'), scores)
+            write_json_atomic(scores, os.path.join(ws.victim_dir(row, config, seed), 'scores.json'))
             return scores
     return None
 
@@ -468,7 +469,7 @@ def row_quality(ws: Workspace, rows: Sequence[tuple], clean_dir: str, ending: st
         qfile = os.path.join(ws.out, 'quality', f'{row}.json')
         if not os.path.isfile(qfile):
             _log(f'[{row}] PSNR/SSIM against the clean training images')
-            write_json_atomic(qfile, image_quality(clean_dir, ws.dataset_dir(row), ending))
+            write_json_atomic(image_quality(clean_dir, ws.dataset_dir(row), ending), qfile)
         quality[row] = json.load(open(qfile))['summary']
     return quality
 
@@ -496,7 +497,7 @@ def write_report(ws: Workspace, report: dict, clean_dir: str, protected_dirs: Se
     """Step 5b: figure.png (first protected copy against the clean data), report.json and report.md."""
     report['figure'] = _figure(clean_dir, protected_dirs[0], ending, os.path.join(ws.out, 'figure.png'),
                                figure_case) if protected_dirs else None
-    write_json_atomic(os.path.join(ws.out, 'report.json'), report)
+    write_json_atomic(report, os.path.join(ws.out, 'report.json'))
     write_atomic(os.path.join(ws.out, 'report.md'), markdown_report(report))
     _log(f'wrote {os.path.join(ws.out, "report.md")}, report.json' + (', figure.png' if protected_dirs else ''))
     return report

@@ -9,7 +9,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from copy import deepcopy
 from importlib import resources
 from typing import List, Optional, Sequence
@@ -18,6 +17,8 @@ import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import join
 from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
 from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+from nnunetv2_voxshield.dataset_io import write_json_atomic
 
 PRESET_KEYS = ('patch_size', 'max_stages', 'base_features', 'max_features', 'batch_size', 'min_feature_map_size',
                'n_conv_per_stage', 'n_conv_per_stage_decoder', 'n_blocks_per_stage')
@@ -152,18 +153,6 @@ def preset_plans(plans: dict, preset: dict, plans_name: str) -> dict:
     return out
 
 
-def _write_json_atomic(obj: dict, path: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix='.tmp_', suffix='.json', dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, 'w') as f:
-            json.dump(obj, f, indent=4, sort_keys=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def apply_plans_preset(dataset_name_or_id, preset: str = 'cpu', source_plans: str = 'nnUNetPlans',
                        output_plans: Optional[str] = None) -> str:
     """Write ``<output_plans>.json`` (default ``<source_plans>_<preset>``) next to the source plans; return its path."""
@@ -198,7 +187,7 @@ def apply_plans_preset(dataset_name_or_id, preset: str = 'cpu', source_plans: st
     except ValueError as e:
         raise ValueError(f"{source_file}: {e}") from None
     out_file = join(preprocessed, dataset_name, f'{output_plans}.json')
-    _write_json_atomic(new_plans, out_file)
+    write_json_atomic(new_plans, out_file, indent=4)
     return out_file
 
 

@@ -1,5 +1,4 @@
 """Evaluation report: aggregation over cases and seeds, report.json, report.md (Table-1 layout) and the figure."""
-import json
 import math
 import os
 import tempfile
@@ -21,23 +20,6 @@ def write_atomic(path: str, text: str, mode: str = 'w') -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-
-
-def _clean_json(obj):
-    """nan/inf -> None so report.json is strict JSON; numpy scalars -> Python."""
-    if isinstance(obj, dict):
-        return {str(k): _clean_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean_json(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
-
-def write_json_atomic(path: str, obj) -> None:
-    write_atomic(path, json.dumps(_clean_json(obj), indent=2, allow_nan=False))
 
 
 def summarise_victim(case_scores: List[dict]) -> dict:
