@@ -283,6 +283,52 @@ def bistable(r: Results) -> Optional[str]:
                       f1(x['psnr'])] for x in rows]))
 
 
+@section('One code, many exploiters')
+def exploiter_table(r: Results) -> Optional[str]:
+    """Dice / clean of a few cells across every exploiter profile that met them."""
+    if r.map_rows() is None:
+        return None
+    cells = ('random@16/255', 'checkerboard@16/255', 'offset@64/255', 'offset@128/255')
+    victims = sorted({x['victim'] for x in r.map_rows() if x['cell'] in cells},
+                     key=lambda v: (v != 'stock', v != 'noda', v))
+    body = [[v] + ['–' if r.row(v, c) is None else ratio_text(r.row(v, c)).replace(' (1 seed)', '')
+                   for c in cells] for v in victims]
+    return ('Victim Dice / clean per exploiter profile (rows) and protected copy (columns); mean over seeds, per '
+            'seed in brackets; `-2d`: the 2d configuration, `-20ep`: 20-epoch victims, `-ResEncM_cpu`: ResEnc M '
+            'plans.\n\n' + table(['exploiter'] + list(cells), body))
+
+
+@section('Which part of stock augmentation undoes a texture code')
+def family_ablation(r: Results) -> Optional[str]:
+    """checkerboard@16/255 against stock with augmentation families removed or kept alone."""
+    if r.map_rows() is None:
+        return None
+    rows = [x for x in r.map_rows() if x['cell'] == 'checkerboard@16/255' and not x['victim'].endswith(('ep', '2d'))]
+    order = ('stock', 'noSpatial', 'noNoiseBlur', 'noLowRes', 'noIntensity', 'noMirror', 'onlySpatial',
+             'onlyNoiseBlur', 'onlyLowRes', 'intensityMirrorOnly', 'adam', 'noda')
+    rows.sort(key=lambda x: order.index(x['victim']) if x['victim'] in order else len(order))
+    return ('The period-2 checkerboard inside the labels at 16/255 against stock minus one augmentation family '
+            '(`no...`), stock with one filtering family only (`only...`), stock without any filtering family '
+            '(`intensityMirrorOnly`) and without any augmentation (`noda`).\n\n'
+            + table(['victim', 'seeds', 'Dice / clean per seed', 'mean', 'clean Dice'],
+                    [[x['victim'], ','.join(map(str, x['seeds'])), seeds_text(x), small(x['ratio']),
+                      f'{x["clean_dice"]:.3f}'] for x in rows]))
+
+
+@block
+def clean_share(r: Results) -> Optional[str]:
+    """Code-free training cases against the paper's victim: checkerboard:clean=F rows beside their base cell."""
+    if r.map_rows() is None:
+        return None
+    rows = [x for x in r.map_rows() if ':clean=' in x['method']]
+    body = []
+    for x in sorted(rows, key=lambda x: (x['eps'], x['cell'])):
+        base = r.row(x['victim'], x['method'].split(':clean=')[0] + '@' + x['eps'])
+        body.append([x['victim'], x['cell'], ','.join(map(str, x['seeds'])), seeds_text(x),
+                     '–' if base is None else seeds_text(base)])
+    return table(['victim', 'cell (F = clean share)', 'seeds', 'Dice / clean', 'without clean cases, per seed'], body)
+
+
 @section('Purifications')
 def purifications(r: Results) -> Optional[str]:
     if r.map_rows() is None:
@@ -478,8 +524,8 @@ def ct_export(r: Results) -> Optional[str]:
                          f1(pr.get('cpu_seconds')), '–' if not pr else f'{pr["max_rss_mb"] / 1024:.2f}'])
     if not body:
         return None
-    return table(['report', 'size', 'case', 'export CPU s', 'export peak RSS (GB)', 'predict CPU s',
-                  'predict largest process (GB)'], body)
+    return table(['report', 'size', 'case', 'export CPU s', 'export peak RSS (GiB)', 'predict CPU s',
+                  'predict largest process (GiB)'], body)
 
 
 def protector_minutes(r: Results) -> dict:
