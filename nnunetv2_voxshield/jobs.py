@@ -152,7 +152,8 @@ def _heartbeat(path: str, stop: threading.Event) -> None:
             pass
 
 
-def _job_main(job_dir: str, name: str, token: str, backend: str, fn: Callable, args: tuple, kwargs: dict):
+def _job_main(job_dir: str, name: str, token: str, backend: str, fn: Callable, args: tuple, kwargs: dict,
+              submitted: Optional[float] = None):
     """Runs in the job's own process (submitted through submitit): checks that this run still owns the job, sends
     stdout/stderr to log.txt, calls ``fn(job_dir, *args, **kwargs)`` and writes done.json or failed.json."""
     p = {k: os.path.join(job_dir, v) for k, v in
@@ -178,7 +179,8 @@ def _job_main(job_dir: str, name: str, token: str, backend: str, fn: Callable, a
         threading.Thread(target=_heartbeat, args=(p['running'], stop), daemon=True).start()
         if 'torch' in sys.modules and os.environ.get('VOXSHIELD_TORCH_THREADS', '').isdigit():
             sys.modules['torch'].set_num_threads(int(os.environ['VOXSHIELD_TORCH_THREADS']))
-        base = {'name': name, 'started': started, 'host': HOST, 'backend': backend, 'token': token}
+        base = {'name': name, 'started': started, 'host': HOST, 'backend': backend, 'token': token,
+                'submitted_unix': submitted, 'started_unix': t0}
         try:
             result = fn(job_dir, *args, **kwargs)
             json.dumps(result)
@@ -190,10 +192,10 @@ def _job_main(job_dir: str, name: str, token: str, backend: str, fn: Callable, a
             if isinstance(e, TypeError) and 'JSON serializable' in str(e):
                 error = f'result of {name} is not JSON-serialisable: {e}'
             _write_json(p['failed'], dict(base, error=error, seconds=round(time.time() - t0, 3),
-                                          finished=_now(), log_tail=_tail(p['log'])))
+                                          finished=_now(), finished_unix=time.time(), log_tail=_tail(p['log'])))
             raise
         seconds = round(time.time() - t0, 3)
-        _write_json(p['done'], dict(base, result=result, seconds=seconds, finished=_now()))
+        _write_json(p['done'], dict(base, result=result, seconds=seconds, finished=_now(), finished_unix=time.time()))
         print(f'=== {name}: done in {seconds:.1f} s', flush=True)
         return result
     finally:
@@ -466,7 +468,7 @@ class _Run:
         job, p = self.jobs[name], self.paths[name]
         if os.path.exists(p['failed']):
             os.remove(p['failed'])
-        args = (p['dir'], name, self.token, self.backend, job.fn, tuple(job.args), dict(job.kwargs))
+        args = (p['dir'], name, self.token, self.backend, job.fn, tuple(job.args), dict(job.kwargs), time.time())
         if self.backend == 'local':
             ids = [self.free_gpus.pop(0) for _ in range(job.gpus)]
             self.job_gpus[name] = ids

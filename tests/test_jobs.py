@@ -196,6 +196,27 @@ def test_terminated_run_cancels_its_jobs_and_rerun_resumes(tmp_path):
     assert [records['g'].state, records['n'].state] == ['done', 'done'] and calls(root, 'g') == 2
 
 
+def test_claims_of_dead_runs_are_taken_over(tmp_path):
+    """A claim left by a dead process on this host, or one on another host untouched for longer than STALE_S, is
+    taken over; a job process started for a claim this run no longer holds runs nothing (a late Slurm job)."""
+    from nnunetv2_voxshield import jobs as J
+    dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+    dead.wait()
+    for name, claim in (('a', {'pid': dead.pid, 'host': J.HOST, 'token': 'old'}),
+                        ('b', {'pid': 1, 'host': 'elsewhere', 'token': 'old'})):
+        (tmp_path / 'jobs' / name).mkdir(parents=True)
+        (tmp_path / 'jobs' / name / 'claim').write_text(json.dumps(claim))
+    old = time.time() - J.STALE_S - 1
+    os.utime(tmp_path / 'jobs' / 'b' / 'claim', (old, old))
+    records, out = run([Job('a', fns.write_number, (1,)), Job('b', fns.write_number, (2,))], tmp_path)
+    assert [records['a'].result, records['b'].result] == [1, 2] and 'waiting' not in out
+    late = tmp_path / 'jobs' / 'late'
+    late.mkdir()
+    (late / 'claim').write_text(json.dumps({'pid': os.getpid(), 'host': J.HOST, 'token': 'current'}))
+    assert J._job_main(str(late), 'late', 'superseded', 'slurm', fns.write_number, (1,), {}) is None
+    assert sorted(p.name for p in late.iterdir()) == ['claim']
+
+
 @pytest.mark.parametrize('kw, message', [
     ({'backend': 'lsf'}, "unknown backend 'lsf': choose one of local, slurm"),
     ({'workers': 0}, 'workers=0: must be a positive integer'),
