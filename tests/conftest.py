@@ -9,8 +9,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 HIPPOCAMPUS = Path(os.environ.get('VOXSHIELD_HIPPOCAMPUS',
                                   REPO.parent / 'shared' / 'data' / 'Dataset004_Hippocampus'))
-requires_hippocampus = pytest.mark.skipif(not (HIPPOCAMPUS / 'dataset.json').is_file(),
-                                          reason=f'real data not found at {HIPPOCAMPUS}')
+ACDC = Path(os.environ.get('VOXSHIELD_ACDC', REPO.parent / 'shared' / 'data' / 'Dataset027_ACDC'))
+
+# Tests of real data carry one of these marks. Without the data they are skipped, except under CI (CI=true), where
+# a missing data folder fails them: CI cannot pass by skipping. The summary counts the data tests that ran.
+requires_hippocampus = pytest.mark.requires_hippocampus
+requires_acdc = pytest.mark.requires_acdc
+DATA = {'requires_hippocampus': (HIPPOCAMPUS, 'VOXSHIELD_HIPPOCAMPUS'), 'requires_acdc': (ACDC, 'VOXSHIELD_ACDC')}
+DATA_FIXTURES = ('planned_hippocampus', 'hippocampus_env')
 
 # CPU-friendly nnU-Net settings for every test (and the subprocesses they start)
 os.environ.setdefault('nnUNet_n_proc_DA', '0')
@@ -18,6 +24,59 @@ os.environ.setdefault('nnUNet_def_n_proc', '1')
 os.environ.setdefault('nnUNet_compile', 'false')
 os.environ.setdefault('OMP_NUM_THREADS', '2')
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # busy-waiting OpenMP threads crawl on a loaded 2-core machine
+
+
+def under_ci() -> bool:
+    return os.environ.get('CI', '').strip().lower() in ('1', 'true', 'yes')
+
+
+def pytest_configure(config):
+    for marker, (folder, variable) in DATA.items():
+        config.addinivalue_line('markers', f'{marker}: needs {folder.name} (${variable}); skipped without it, '
+                                           f'failed under CI=true')
+    config.pluginmanager.register(DataTestCount(), 'voxshield_data_test_count')
+
+
+def is_data_test(item) -> bool:
+    return any(item.get_closest_marker(m) for m in DATA) or \
+        any(f in getattr(item, 'fixturenames', ()) for f in DATA_FIXTURES)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    for marker, (folder, variable) in DATA.items():
+        if item.get_closest_marker(marker) and not (folder / 'dataset.json').is_file():
+            message = f'real data not found at {folder} (set ${variable})'
+            if under_ci():
+                pytest.fail(f'CI=true: {message}; CI must not pass by skipping', pytrace=False)
+            pytest.skip(message)
+
+
+class DataTestCount:
+    """Counts the collected tests of real data that ran and that were skipped; says so before pytest's own closing
+    line ("data tests: N ran, M skipped (...)")."""
+
+    def __init__(self):
+        self.data, self.ran, self.skipped, self.errors = set(), set(), set(), set()
+
+    def pytest_collection_modifyitems(self, items):
+        self.data = {item.nodeid for item in items if is_data_test(item)}
+
+    def pytest_runtest_logreport(self, report):
+        if report.nodeid in self.data:
+            if report.when == 'call':
+                self.ran.add(report.nodeid)
+            elif report.skipped:
+                self.skipped.add(report.nodeid)
+            elif report.failed and report.when == 'setup':
+                self.errors.add(report.nodeid)
+
+    def pytest_terminal_summary(self, terminalreporter):
+        where = ', '.join(f'{folder.name} {"found" if (folder / "dataset.json").is_file() else "missing"} at '
+                          f'{folder}' for folder, _ in DATA.values())
+        errors = f', {len(self.errors - self.ran)} failed to start' if self.errors - self.ran else ''
+        terminalreporter.write_line(f'data tests: {len(self.ran)} ran, {len(self.skipped - self.ran)} skipped{errors} '
+                                    f'({where})')
 
 
 @contextlib.contextmanager
