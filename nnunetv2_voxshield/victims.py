@@ -160,7 +160,11 @@ def predict_folder(model_folder: str, input_dir: str, output_dir: str, device: s
 
 def victims_entry():
     parser = argparse.ArgumentParser(description='Stock nnU-Net steps of a voxshield_evaluate victim (nnUNet_* '
-                                                 'folders come from the environment).')
+                                                 'folders come from the environment). prepare: reads $nnUNet_raw, '
+                                                 'writes plans and preprocessed data to $nnUNet_preprocessed; run: '
+                                                 'trains into $nnUNet_results/<dataset>/<-tr>__<-p>__<c>/fold_all '
+                                                 'and writes predictions of -i to -o; predict: reads a model folder, '
+                                                 'writes -o.')
     sub = parser.add_subparsers(dest='command', required=True)
     p = sub.add_parser('prepare', help='fingerprint, plans, preprocessing (+ plans preset)')
     p.add_argument('dataset_id', type=int)
@@ -176,9 +180,17 @@ def victims_entry():
     r.add_argument('-i', type=str, default=None, help='images to predict (CASE_XXXX files)')
     r.add_argument('-o', type=str, default=None, help='output folder of the predictions')
     r.add_argument('--disable_tta', action='store_true')
+    q = sub.add_parser('predict', help='prediction with a trained victim (fold all, final checkpoint)')
+    q.add_argument('model_folder', type=str, help='<trainer>__<plans>__<configuration> folder')
+    q.add_argument('-i', type=str, required=True, help='images to predict (CASE_XXXX files)')
+    q.add_argument('-o', type=str, required=True, help='output folder of the predictions')
+    q.add_argument('-device', type=str, default='cpu', choices=('cpu', 'cuda', 'mps'))
+    q.add_argument('--disable_tta', action='store_true')
     args = parser.parse_args()
     if args.command == 'prepare':
         prepare_dataset(args.dataset_id, args.c, args.p)
+    elif args.command == 'predict':
+        predict_folder(args.model_folder, args.i, args.o, args.device, args.disable_tta)
     else:
         folder = train_seeded(args.dataset_name_or_id, args.configuration, args.seed, args.tr, args.p, args.device)
         if args.i:
