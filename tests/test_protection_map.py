@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / 'benchmarks'
@@ -58,7 +59,10 @@ def test_rows_pool_seeds_across_folders_and_profiles_stay_apart(tmp_path):
     assert rows[('noda', 'offset@64/255')]['ratio'] == pytest.approx(1.0)
     pmap.print_table(data, tmp_path)
     table = (tmp_path / 'map.md').read_text()
-    assert '**0.18**' in table and '0.25 / 0.1' in table and (tmp_path / 'frontier.png').stat().st_size > 0
+    assert '**0.18**' in table and '0.25 / 0.1' in table
+    import matplotlib.image
+    image = matplotlib.image.imread(str(tmp_path / 'frontier.png'))
+    assert image.shape[:2] == (600, 1320) and image[..., :3].std() > 0.05  # a drawn figure, not a blank canvas
 
 
 def test_purified_and_2d_rows_are_their_own_cells(tmp_path):
@@ -200,7 +204,7 @@ def test_protect_holds_the_cells_lock(tmp_path, monkeypatch):
         fcntl.flock(after, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
-def test_frontier_figure_draws_seed_bars(tmp_path):
+def test_frontier_figure_draws_seed_bars(tmp_path, monkeypatch):
     """The point is the ratio of mean Dice; it may lie just outside the per-seed ratios, which must not break the
     bars."""
     rows = [{'method': 'offset', 'victim': 'stock', 'psnr': 31.7, 'ratio': 0.27, 'ratio_per_seed': [0.308, 0.234]},
@@ -208,5 +212,21 @@ def test_frontier_figure_draws_seed_bars(tmp_path):
             {'method': 'random', 'victim': 'noda', 'psnr': 36.5, 'ratio': 0.21, 'ratio_per_seed': [0.209]},
             {'method': 'random', 'victim': 'noda', 'psnr': None, 'ratio': 1.0, 'ratio_per_seed': [1.0]}]
     png = tmp_path / 'frontier.png'
+    figures = []
+    import matplotlib.pyplot as plt
+    close = plt.close
+    monkeypatch.setattr(plt, 'close', lambda fig=None: figures.append(fig))
     pmap.frontier_figure(rows, png)
+    monkeypatch.setattr(plt, 'close', close)
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and png.stat().st_size > 10_000
+    import matplotlib.image
+    assert matplotlib.image.imread(str(png)).shape[:2] == (600, 1320)  # 11 x 5 inches at 120 dpi
+    ax, = figures[0].axes
+    drawn = {}
+    for container in ax.containers:  # one errorbar per (method, victim): points, then bars from seed min to max
+        line, _, (bars,) = container
+        drawn[container.get_label()] = (list(line.get_xdata()), list(line.get_ydata()),
+                                        [tuple(np.round(seg[:, 1], 6)) for seg in bars.get_segments()])
+    assert drawn == {'offset (stock)': ([31.7, 43.9], [0.27, 0.905], [(0.234, 0.308), (0.905, 0.918)]),
+                     'random (noda)': ([36.5], [0.21], [(0.209, 0.21)])}  # the row without a PSNR is not drawn
+    close(figures[0])
