@@ -295,7 +295,15 @@ def _publish(source_folder: str, output_folder: str, partial: str, report_folder
 
 def export_entry(argv=None):
     parser = argparse.ArgumentParser(description='Publish an nnU-Net raw dataset as unlearnable examples: every '
-                                                 'training image gets a bounded perturbation, labels are copied.')
+                                                 'training image gets a bounded perturbation, labels are copied. '
+                                                 'Reads the source in $nnUNet_raw and the protector in '
+                                                 '$nnUNet_results/<src>/<-tr>__<-p>__<-c>/fold_<-f>/<--chk> (with '
+                                                 'its plans.json; an export-time --method reads the plans in '
+                                                 '$nnUNet_preprocessed instead). Writes $nnUNet_raw/DatasetDST_<Name> '
+                                                 '(built in a hidden .partial folder, renamed when complete) and the '
+                                                 'private per-case report to export_<DatasetDST_Name>/ in that fold '
+                                                 'folder (export-time methods: $nnUNet_results/<src>/'
+                                                 'voxshield_<method>__<-p>__<-c>/).')
     parser.add_argument('-d', required=True, help='source dataset (id or DatasetXXX_Name in nnUNet_raw)')
     parser.add_argument('-o', required=True, type=int, help='id of the protected dataset to write in nnUNet_raw')
     parser.add_argument('--name', default=None, help='name of the protected dataset (default: <SrcName>Protected)')

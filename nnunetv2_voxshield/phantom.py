@@ -237,7 +237,8 @@ def write_phantom_dataset(dataset_id: int = 990, name: str = 'VoxShieldPhantom',
 
 def phantom_entry():
     parser = argparse.ArgumentParser(description='Write the synthetic VoxShield phantom dataset (nnU-Net raw format) '
-                                                 'to $nnUNet_raw.')
+                                                 'to $nnUNet_raw/DatasetXXX_<--name> (imagesTr, labelsTr, '
+                                                 'dataset.json; imagesTs/labelsTs with --test). Reads nothing.')
     parser.add_argument('-d', type=int, default=990, help='dataset id. Default: 990')
     parser.add_argument('--name', type=str, default='VoxShieldPhantom', help='dataset name. Default: VoxShieldPhantom')
     parser.add_argument('-n', type=int, default=8, help='number of training cases. Default: 8')

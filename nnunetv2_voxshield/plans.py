@@ -193,7 +193,10 @@ def apply_plans_preset(dataset_name_or_id, preset: str = 'cpu', source_plans: st
 
 def plans_entry():
     parser = argparse.ArgumentParser(description='Write small nnU-Net plans (e.g. for CPU training) derived from '
-                                                 'the stock plans; no re-preprocessing needed.')
+                                                 'the stock plans; no re-preprocessing needed. Reads '
+                                                 '$nnUNet_preprocessed/DatasetXXX_Name/<-p>.json (written by '
+                                                 'nnUNetv2_plan_and_preprocess) and the preset (plans/<preset>.json '
+                                                 'in this package, or a .json path); writes <-o>.json next to it.')
     parser.add_argument('-d', type=str, required=True, help='dataset name or id')
     parser.add_argument('--preset', type=str, default='cpu',
                         help=f"preset name ({', '.join(available_presets())}) or a preset .json path. Default: cpu")
@@ -206,7 +209,8 @@ def plans_entry():
     except (ValueError, OSError) as e:
         sys.exit(f'voxshield_plans: error: {e}')
     name = os.path.basename(path)[:-len('.json')]
-    print(f'wrote {path}\ntrain with: nnUNetv2_train {args.d} 3d_fullres FOLD -p {name}')
+    print(f'wrote {path}\ntrain with: nnUNet_n_proc_DA=0 nnUNetv2_train {args.d} 3d_fullres all '
+          f'-tr nnUNetTrainerVoxShield -p {name} -device cpu')
 
 
 if __name__ == '__main__':

@@ -215,7 +215,9 @@ def detect(folders: Sequence[str], train_fraction: float = 0.75, iterations: int
 def detect_entry(argv=None):
     parser = argparse.ArgumentParser(description='Residual-only detector: train a small 3D CNN to predict the labels '
                                                  'from the high-pass residual x - lowpass(x) alone and report its '
-                                                 'foreground Dice on held-out cases (same split for every dataset).')
+                                                 'foreground Dice on held-out cases (same split for every dataset). '
+                                                 'Reads the raw dataset folders (imagesTr, labelsTr); writes only '
+                                                 'the -o report JSON.')
     parser.add_argument('datasets', nargs='+', metavar='DATASET', help='nnU-Net raw dataset folder(s)')
     parser.add_argument('-o', required=True, help='report JSON file')
     parser.add_argument('--train-fraction', type=float, default=0.75, help='Default: 0.75')

@@ -201,7 +201,10 @@ def verify_datasets(clean_folder: str, protected_folder: str, eps: float = DEFAU
 
 def verify_entry(argv=None):
     parser = argparse.ArgumentParser(description='Check a protected dataset against its clean source: labels '
-                                                 'byte-identical, geometry and dtype preserved, |delta| <= budget.')
+                                                 'byte-identical, geometry and dtype preserved, |delta| <= budget. '
+                                                 'Reads both raw dataset folders only; prints a summary, writes the '
+                                                 'full report only with -o, and exits non-zero naming each '
+                                                 'violation.')
     parser.add_argument('clean', help='clean nnU-Net raw dataset folder')
     parser.add_argument('protected', help='protected nnU-Net raw dataset folder')
     budget = parser.add_mutually_exclusive_group()
