@@ -567,13 +567,26 @@ def timing(r: Results) -> Optional[str]:
 
 @section('Audit')
 def audit(r: Results) -> Optional[str]:
-    """The audit's verdict and bars, once a report (benchmarks/results/audit_*.json) is committed."""
+    """The audit's verdict lines and Dice / clean per exploiter, once a voxshield_audit report.json is committed as
+    benchmarks/results/audit_<name>_<date>.json ({'verdict': [...], 'copies': [{'name', 'exploiters': [{'name',
+    'ratio': {'ratio', 'ci', 'per_seed'}, 'cost', 'status'}]}]})."""
     data = r.get('audit_*.json')
     if data is None:
         return None
-    verdict = data.get('verdict')
-    text = f'**Verdict:** {verdict.get("line") if isinstance(verdict, dict) else verdict}\n\n' if verdict else ''
-    return text + '![audit](figures/audit.png)'
+    lines = [f'**{v}**' for v in data.get('verdict') or []] + ['', '![audit](figures/audit.png)', '']
+    body = []
+    ci = lambda b: '–' if not b else small(b['ratio']) + (  # noqa: E731
+        f' [{small(b["ci"][0])}, {small(b["ci"][1])}]' if b.get('ci') else '')
+    for copy in data.get('copies') or []:
+        for e in copy.get('exploiters') or []:
+            if e.get('failed'):
+                body.append([copy['name'], e['name'], f'failed: {e["failed"]}', '–', '–', '–'])
+                continue
+            body.append([copy['name'], e['name'], ci(e['ratio']),
+                         ' / '.join(map(small, e['ratio'].get('per_seed') or [])), e.get('status', '–'),
+                         ci(e.get('cost'))])
+    return '\n'.join(lines) + table(['copy', 'exploiter', 'Dice / clean [95% CI]', 'per seed', 'verdict',
+                                     'cost of the purification alone'], body)
 
 
 @section('Provenance')
@@ -706,25 +719,16 @@ def perturbations_png(r: Results, png: Path) -> None:
 
 @figure
 def audit_png(r: Results, png: Path) -> None:
-    """Bars per exploiter from a committed audit report (hook: nothing is drawn until one exists)."""
+    """The audit's own bars (nnunetv2_voxshield.verdict.figures) from a committed audit report; nothing until one
+    exists."""
     data = r.get('audit_*.json')
     if data is None:
         return
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    rows = data.get('exploiters') or data.get('rows') or []
-    names = [x.get('name') or x.get('exploiter') for x in rows]
-    vals = [x.get('ratio') for x in rows]
-    if not names or any(v is None for v in vals):
-        return
-    fig, ax = plt.subplots(figsize=(9, 3.5))
-    ax.bar(names, vals, color='tab:blue')
-    ax.axhline(0.3, color='k', ls=':', lw=0.8)
-    ax.set_ylabel('protected Dice / clean')
-    fig.tight_layout()
-    fig.savefig(png, dpi=90)
-    plt.close(fig)
+    import tempfile
+    from nnunetv2_voxshield.verdict import figures as audit_figures
+    with tempfile.TemporaryDirectory() as tmp:
+        bars = audit_figures(data, tmp)[0]
+        Path(bars).replace(png)
 
 
 # ---------------------------------------------------------------------------------------------------------- render

@@ -97,3 +97,18 @@ def test_unknown_block_is_an_error(tmp_path):
     (tmp_path / 'README.md').write_text('<!-- results:no_such_block -->\n<!-- /results -->\n')
     with pytest.raises(KeyError, match='no_such_block'):
         render_docs.render_all(root=tmp_path, results=tmp_path)
+
+
+def test_an_audit_report_renders_its_verdict(tmp_path):
+    results = tmp_path / 'results'
+    results.mkdir()
+    report = {'verdict': ['Does not protect: 2 of 2 exploiters keep >= 0.9 of clean Dice'],
+              'copies': [{'name': 'offset64', 'exploiters': [
+                  {'name': 'stock', 'ratio': {'ratio': 0.27, 'ci': [0.21, 0.33], 'per_seed': [0.31, 0.23]},
+                   'status': 'protects', 'cost': None},
+                  {'name': 'blur', 'failed': 'exit 1'}]}]}
+    (results / 'audit_demo_2026-12-07.json').write_text(json.dumps(report))
+    md = render_docs.render_all(root=tmp_path, results=results)[tmp_path / 'docs' / 'results.md']
+    assert '**Does not protect: 2 of 2 exploiters keep >= 0.9 of clean Dice**' in md
+    assert '| offset64 | stock | 0.27 [0.21, 0.33] | 0.31 / 0.23 | protects | – |' in md
+    assert '| offset64 | blur | failed: exit 1 |' in md
