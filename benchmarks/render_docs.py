@@ -430,6 +430,33 @@ def hippocampus_table1(r: Results) -> Optional[str]:
             'measured.\n\n' + '\n'.join(ratio_matrix(rows)))
 
 
+@section('Budget curve and a longer protector schedule (VoxShield-EOT)')
+def eot_budget_and_schedule(r: Results) -> Optional[str]:
+    data, longer = r.get('hippocampus_20*.json'), r.get('hippocampus_eot20ep_20*.json')
+    if data is None and longer is None:
+        return None
+    body = []
+    if data:
+        from hippocampus import table_rows
+        for x in table_rows(data):
+            if x['config'] == '3d_fullres' and x['defence_spec'] == '-' and x['method'].startswith('VoxShield-EOT') \
+                    and (' eps ' in x['method'] or x['method'] == 'VoxShield-EOT'):
+                body.append([x['method'] + ('' if ' eps ' in x['method'] else ' (4/255)'), '5', x['config'],
+                             f'{x["dice"]:.3f}', f2(x['ratio']), f1(x['psnr'])])
+    if longer:
+        clean = next(x for x in longer['rows'] if x['row'] == 'clean')['victims']
+        for x in longer['rows']:
+            if x['row'] == 'clean':
+                continue
+            for config, v in x['victims'].items():
+                body.append([x['method'], '20', config, f'{v["dice"]["mean"]:.3f}',
+                             f2(v['dice']['mean'] / clean[config]['dice']['mean']),
+                             f1(((x.get('quality') or {}).get('psnr') or {}).get('mean'))])
+    return ('The same EOT generator exported at other budgets (5-epoch protector), and a protector trained 4x longer '
+            '(exported at 4/255); stock 5-epoch victims, seed 0.\n\n'
+            + table(['protector', 'protector epochs', 'victim', 'DSC', 'DSC / clean', 'PSNR (dB)'], body))
+
+
 @section('Quality of the protected copies (voxshield_verify)')
 def copies_quality(r: Results) -> Optional[str]:
     data = r.get('hippocampus_20*.json')
