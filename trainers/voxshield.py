@@ -21,11 +21,13 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2_voxshield.budget import (DEFAULT_BUDGET_MODE, DEFAULT_EPS, DEFAULT_PERCENTILES, bound_perturbation,
                                        check_budget, roi_mask)
 from nnunetv2_voxshield.case_budgets import budgets_from_preprocessed, compute_case_budgets, raw_dataset_folder_or_none
+from nnunetv2_voxshield.checkpoint import rng_state, save_atomic, set_rng_state, stock_entries
 from nnunetv2_voxshield.distributed import unwrap, wrap_ddp
 from nnunetv2_voxshield.generator import NoiseGenerator, generator_kwargs_from_plans
 from nnunetv2_voxshield.losses import generator_objective, inter_slice_spectral_loss, spectral_divergence_loss
 
 LOG_KEYS = ('voxshield_l_seg', 'voxshield_l_isc', 'voxshield_l_spd', 'voxshield_delta_over_budget')
+NOT_WRITTEN = 'checkpoint_best.pth'  # chosen by the surrogate's pseudo Dice, which says nothing about protection
 
 
 class nnUNetTrainerVoxShield(nnUNetTrainer):
@@ -44,6 +46,7 @@ class nnUNetTrainerVoxShield(nnUNetTrainer):
     roi_soft_edge = 0.0               # voxels
     generator_max_stages = 4
     generator_feature_divisor = 2
+    checkpoint_every = 1              # epochs between checkpoint_latest.pth (stock: 50), what --c resumes from
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -56,6 +59,8 @@ class nnUNetTrainerVoxShield(nnUNetTrainer):
         self.generator_kwargs = None
         self.case_budgets = None
         self.voxshield_iteration = 0
+        self.save_every = self.checkpoint_every
+        self.resume_rng_state = None
         for key in LOG_KEYS:
             self.logger.local_logger.my_fantastic_logging.setdefault(key, [])
 
@@ -81,6 +86,9 @@ class nnUNetTrainerVoxShield(nnUNetTrainer):
 
     def on_train_start(self):
         super().on_train_start()
+        self.print_to_log_file(f'{NOT_WRITTEN} is not written for protectors (the surrogate\'s Dice says nothing '
+                               f'about protection); checkpoint_latest.pth every {self.save_every} epoch(s), '
+                               f'checkpoint_final.pth at the end')
         if self.case_budgets is None:
             self.case_budgets = self._compute_case_budgets()
         empty = sorted(k for k, v in self.case_budgets.items() if v['empty_roi'])
@@ -206,12 +214,15 @@ class nnUNetTrainerVoxShield(nnUNetTrainer):
                 'iteration': self.voxshield_iteration, 'case_budgets': self.case_budgets}
 
     def save_checkpoint(self, filename: str) -> None:
-        super().save_checkpoint(filename)
-        if self.local_rank == 0 and not self.disable_checkpointing:
-            checkpoint = torch.load(filename, map_location='cpu', weights_only=False)
-            checkpoint['voxshield'] = self.voxshield_state()
-            torch.save(checkpoint, filename + '.tmp')
-            os.replace(filename + '.tmp', filename)
+        """nnU-Net's entries, ``voxshield_state()`` and the RNG states in one dict, written once and atomically
+        (``checkpoint.save_atomic``): a kill at any moment leaves the previous checkpoint or this one. No
+        checkpoint_best.pth (``NOT_WRITTEN``)."""
+        if self.local_rank != 0 or os.path.basename(filename) == NOT_WRITTEN:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file('No checkpoint written, checkpointing is disabled')
+            return
+        save_atomic({**stock_entries(self), 'voxshield': self.voxshield_state(), 'rng_state': rng_state()}, filename)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         super().load_checkpoint(filename_or_checkpoint)
@@ -226,6 +237,16 @@ class nnUNetTrainerVoxShield(nnUNetTrainer):
             self.generator_grad_scaler.load_state_dict(state['generator_grad_scaler_state'])
         self.voxshield_iteration = state['iteration']
         self.case_budgets = state['case_budgets']
+        self.resume_rng_state = checkpoint.get('rng_state')
+
+    def on_train_epoch_start(self):
+        """After --c, the first epoch starts from the checkpoint's RNG states, so that (with nnU-Net's loader in this
+        process, nnUNet_n_proc_DA=0) it draws the batches, augmentations and tile phases of an uninterrupted run. Not
+        under DDP: every rank would draw rank 0's batches."""
+        if self.resume_rng_state is not None and not self.is_ddp:
+            set_rng_state(self.resume_rng_state)
+        self.resume_rng_state = None
+        super().on_train_epoch_start()
 
 
 def _full_resolution(output):
