@@ -152,8 +152,25 @@ def _heartbeat(path: str, stop: threading.Event) -> None:
             pass
 
 
+class _JobCall:
+    """What submitit runs: ``_job_main`` of one job. Its ``checkpoint`` (submitit's checkpointable protocol) makes a
+    Slurm job that is preempted or reaches its time limit requeue itself; the job's fn resumes its own partial work
+    when it starts again (e.g. nnU-Net's checkpoint_latest.pth)."""
+
+    def __init__(self):
+        self.requeued = False
+
+    def __call__(self, *args):
+        return _job_main(*args, call=self)
+
+    def checkpoint(self, *args):
+        from submitit.helpers import DelayedSubmission
+        self.requeued = True
+        return DelayedSubmission(_JobCall(), *args)
+
+
 def _job_main(job_dir: str, name: str, token: str, backend: str, fn: Callable, args: tuple, kwargs: dict,
-              submitted: Optional[float] = None):
+              submitted: Optional[float] = None, call: Optional[_JobCall] = None):
     """Runs in the job's own process (submitted through submitit): checks that this run still owns the job, sends
     stdout/stderr to log.txt, calls ``fn(job_dir, *args, **kwargs)`` and writes done.json or failed.json."""
     p = {k: os.path.join(job_dir, v) for k, v in
@@ -185,6 +202,9 @@ def _job_main(job_dir: str, name: str, token: str, backend: str, fn: Callable, a
             result = fn(job_dir, *args, **kwargs)
             json.dumps(result)
         except (Exception, SystemExit) as e:
+            if call is not None and call.requeued:
+                print(f'=== {name}: preempted or out of time, requeued {_now()}', flush=True)
+                raise
             traceback.print_exc()
             sys.stdout.flush()
             sys.stderr.flush()
@@ -285,8 +305,10 @@ def _slurm_executor(folder: str, job: Job, slurm: dict):
     import submitit
 
     ex = submitit.AutoExecutor(folder=folder, cluster='slurm')
-    params = {'name': job.name, 'cpus_per_task': job.threads, 'gpus_per_node': job.gpus, 'timeout_min': 60 * 24,
-              'tasks_per_node': 1, 'nodes': 1}
+    params = {'name': job.name, 'cpus_per_task': job.threads, 'timeout_min': 60 * 24, 'tasks_per_node': 1,
+              'nodes': 1}   # submitit's own default time is 5 minutes
+    if job.gpus:
+        params['gpus_per_node'] = job.gpus
     params.update(slurm)
     setup = _setup_lines(_thread_env(int(params.get('cpus_per_task', job.threads))))
     params['slurm_setup'] = setup + list(params.get('slurm_setup', []))
@@ -426,6 +448,7 @@ class _Run:
         self.slurm_state: Dict[str, str] = {}
         self.squeue: Optional[Dict[str, str]] = {}
         self.last_squeue = 0.0
+        self.submitted_at: Dict[str, float] = {}
         self.started = time.time()
         self.width = max((len(n) for n in self.order), default=4)
 
@@ -475,8 +498,9 @@ class _Run:
             ex = _LocalSubmitter(p['submitit'], job, ids)
         else:
             ex = _slurm_executor(p['submitit'], job, self.slurm)
-        handle = ex.submit(_job_main, *args)
+        handle = ex.submit(_JobCall(), *args)
         self.handles[name] = handle
+        self.submitted_at[name] = time.time()
         self.state[name] = 'running'
         if self.backend == 'slurm':
             self.slurm_state[name] = 'PENDING'
@@ -513,13 +537,17 @@ class _Run:
                 except Exception:   # noqa: BLE001 (a stuck exit does not hold the audit)
                     pass
         elif got is None:
-            if self.squeue is None:   # squeue not answering: keep waiting for the record
+            if self.squeue is None or self.last_squeue <= self.submitted_at[name]:   # no news since submission
                 return
             state = self.squeue.get(str(handle.job_id))
             if state is not None:
                 self.gone_since.pop(name, None)
-                if state != 'PENDING' and self.slurm_state.get(name) == 'PENDING':
+                before = self.slurm_state.get(name)
+                if state != 'PENDING' and before == 'PENDING':
                     self.say(name, 'running', f'slurm job {handle.job_id} {state.lower()}')
+                elif state in ('PENDING', 'REQUEUED') and before not in ('PENDING', 'REQUEUED'):
+                    self.say(name, 'queued', f'slurm job {handle.job_id} requeued')
+                    state = 'PENDING'
                 self.slurm_state[name] = state
                 if state != 'PENDING':
                     self.show_progress(name)

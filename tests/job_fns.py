@@ -96,3 +96,14 @@ def progress_seen(job_dir):
     k = text.split()[1].split('/')[0]
     open(os.path.join(job_dir, f'seen_{k}'), 'w').close()
     return text
+
+
+def preempted_once(job_dir, never):
+    """First call: marks ``partial`` and waits (to be preempted); a later call resumes from ``partial``."""
+    _count(job_dir)
+    partial = os.path.join(job_dir, 'partial')
+    if os.path.exists(partial):
+        return {'resumed': True}
+    open(partial, 'w').close()
+    _wait_for(never, timeout=600)
+    return {'resumed': False}

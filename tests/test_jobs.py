@@ -260,3 +260,37 @@ def test_slurm_backend_runs_dag_through_sbatch(tmp_path, slurm_cluster):
     assert 'slurm job' in out and 'submitted' in out
     again, _ = run(jobs[:4], tmp_path, backend='slurm', workers=4)
     assert all(r.reused for r in again.values()) and calls(tmp_path, 'c') == 1
+
+
+def _until(predicate, what, timeout=120.0):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f'timed out waiting for {what}'
+        time.sleep(0.1)
+
+
+@requires_slurm
+def test_slurm_preempted_job_requeues_and_resumes(tmp_path, slurm_cluster):
+    """Slurm's preemption / time-limit signal (USR2) requeues the job through submitit's checkpoint protocol; the
+    job's fn starts again and resumes from its partial state; the run reports it done, not failed."""
+    import threading
+    job_dir = tmp_path / 'jobs' / 'pre'
+    out = {}
+    runner = threading.Thread(target=lambda: out.update(run(
+        [Job('pre', fns.preempted_once, (str(tmp_path / 'never'),))], tmp_path, backend='slurm')[0]))
+    runner.start()
+    try:
+        _until(lambda: (job_dir / 'calls').exists(), 'the job to start')
+        job_id = subprocess.run(['squeue', '-h', '-n', 'pre', '-o', '%i'], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        subprocess.run(['scancel', job_id, '--signal', 'USR2'], check=True)
+        _until(lambda: 'requeued' in (job_dir / 'log.txt').read_text(), 'the requeue')
+        _until(lambda: subprocess.run(['squeue', '-h', '-j', job_id, '-o', '%T'], capture_output=True,
+                                      text=True).stdout.strip() == 'PENDING', 'the requeued job to be pending')
+        # Slurm holds a requeued job for ~2 minutes (BeginTime); release it now
+        subprocess.run(['scontrol', 'update', f'JobId={job_id}', 'StartTime=now'], check=True)
+    finally:
+        (tmp_path / 'never').touch()     # whatever happened, let the job end
+        runner.join(180)
+    assert (out['pre'].state, out['pre'].result) == ('done', {'resumed': True})
+    assert calls(tmp_path, 'pre') == 2 and not (job_dir / 'failed.json').exists()
