@@ -71,6 +71,7 @@ class Results:
         self.folder, self._cache = Path(folder), {}
 
     def get(self, pattern: str) -> Optional[dict]:
+        """The newest file matching ``pattern`` (by name), parsed; None if there is none."""
         matches = sorted(glob.glob(str(self.folder / pattern)))
         if not matches:
             return None
@@ -79,6 +80,7 @@ class Results:
         return self._cache[matches[-1]]
 
     def name(self, pattern: str) -> Optional[str]:
+        """The file name ``get`` would read."""
         matches = sorted(glob.glob(str(self.folder / pattern)))
         return Path(matches[-1]).name if matches else None
 
@@ -93,6 +95,7 @@ class Results:
         return self._cache['map_rows']
 
     def row(self, victim: str, cell: str) -> Optional[dict]:
+        """The map row of (victim profile, cell name), or None."""
         return next((r for r in self.map_rows() or [] if r['victim'] == victim and r['cell'] == cell), None)
 
 
@@ -108,10 +111,12 @@ def missing_provenance(folder: Path = RESULTS) -> list:
 
 # --------------------------------------------------------------------------------------------------------- helpers
 def f2(x) -> str:
+    """Two decimals, or an en dash for a missing value."""
     return '–' if x is None else f'{x:.2f}'
 
 
 def f1(x) -> str:
+    """One decimal, or an en dash for a missing value."""
     return '–' if x is None else f'{x:.1f}'
 
 
@@ -121,6 +126,7 @@ def small(v: float) -> str:
 
 
 def seeds_text(r: dict) -> str:
+    """The per-seed Dice / clean of a map row, '0.31 / 0.23'."""
     return ' / '.join(small(v) for v in r['ratio_per_seed'])
 
 
@@ -130,10 +136,12 @@ def ratio_text(r: dict) -> str:
 
 
 def eps_value(eps: str) -> float:
+    """'16/255' -> 0.0627."""
     return float(Fraction(eps))
 
 
 def table(header: list, rows: list) -> str:
+    """A markdown table."""
     return '\n'.join(['| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header)]
                      + ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows])
 
@@ -153,12 +161,14 @@ TRAINED = ('VoxShield', 'VoxShield-EOT', 'VoxShield-LC')
 PURIFICATIONS = ('blur', 'zmedian', 'zresample', 'quantise')
 PANELS = (  # frontier panels: (title, victim, purification or None)
     ('stock 3d_fullres', 'stock', None), ('no augmentation (paper)', 'noda', None), ('stock 2d', 'stock-2d', None),
-    ('ResEnc M', 'stock-ResEncM_cpu', None), ('label-aware', 'labelaware', None), ('blur, then stock / noDA', None, 'blur'),
+    ('ResEnc M', 'stock-ResEncM_cpu', None), ('label-aware', 'labelaware', None),
+    ('blur, then stock / noDA', None, 'blur'),
     ('z-median, then ...', None, 'zmedian'), ('z-resampling, then ...', None, 'zresample'),
     ('8-bit quantisation, then ...', None, 'quantise'))
 
 
 def family(method: str) -> Optional[str]:
+    """The method family of a map method name ('offset:sign=plus+blur' -> 'offset'); None for clean-share mixes."""
     base = method.split('+')[0]
     if ':clean=' in base:
         return None
@@ -223,7 +233,8 @@ def status(r: Results) -> Optional[str]:
         f'(VoxShield, -EOT, -LC) keeps >= {math.floor(low["ratio"] * 100) / 100:.2f} of the clean victim\'s Dice '
         f'({len(stock_trained)} cells, 1-2 seeds each).',
         f'- At 64/255 they cost a stock victim what uniform noise costs: '
-        f'{min(x["ratio"] for x in at64):.2f}-{max(x["ratio"] for x in at64):.2f} of clean, noise {rnd64["ratio"]:.2f}.',
+        f'{min(x["ratio"] for x in at64):.2f}-{max(x["ratio"] for x in at64):.2f} of clean, noise '
+        f'{rnd64["ratio"]:.2f}.',
         f'- **Against the paper\'s victim (no augmentation)** a fixed checkerboard in the labels at 16/255 '
         f'({cb16["psnr"]:.1f} dB) protects: {ratio_text(cb16)} of clean; {", ".join(undone)} undo it, '
         f'{", ".join(kept) or "none"} does not.',
@@ -235,25 +246,28 @@ def status(r: Results) -> Optional[str]:
 
 @section('Frontier: the best code per family and budget, per exploiter')
 def frontier(r: Results) -> Optional[str]:
+    """The frontier figure and its table: the best row per family and budget, per exploiter panel."""
     if r.map_rows() is None:
         return None
     lines = ['![frontier](figures/frontier.png)', '',
              'Victim Dice / clean of the best row per method family and budget (lowest mean over seeds; bars in the '
              'figure: lowest to highest seed). Purified panels place each row at the PSNR of the copy before '
              'purification (the protection\'s cost). Dotted lines: the goal (<= 0.05 of clean at >= 50 dB). The '
-             'stock panel carries the amplitude rule\'s curve (ROI fit shifted by Hippocampus\'s whole - ROI PSNR).', '']
+             'stock panel carries the amplitude rule\'s curve (ROI fit shifted by Hippocampus\'s whole - ROI '
+             'PSNR).', '']
     body = []
     for title, victim, purification in PANELS:
         for fam, pts in sorted(frontier_points(r, victim, purification).items()):
             for x, y, lo, hi, cell, vic in pts:
                 body.append([title, fam, cell if purification is None else f'{vic}: {cell}', f1(x), f2(y),
                              f'{lo:.2f}-{hi:.2f}' if hi > lo else '–'])
-    return '\n'.join(lines) + '\n' + table(['exploiter', 'family', 'best cell', 'PSNR (dB)', 'Dice / clean', 'seed range'],
-                                    body)
+    head = ['exploiter', 'family', 'best cell', 'PSNR (dB)', 'Dice / clean', 'seed range']
+    return '\n'.join(lines) + '\n' + table(head, body)
 
 
 @section('Trained methods against fixed codes, per budget')
 def trained_vs_controls(r: Results) -> Optional[str]:
+    """The trained protectors beside the fixed codes at each budget, stock and NoDA victims."""
     if r.map_rows() is None:
         return None
     methods = ('VoxShield', 'VoxShield-EOT', 'VoxShield-LC', 'random', 'offset', 'checkerboard', 'smooth')
@@ -271,6 +285,7 @@ def trained_vs_controls(r: Results) -> Optional[str]:
 
 @section('The paper\'s victim is bistable per seed')
 def bistable(r: Results) -> Optional[str]:
+    """Map rows whose seeds differ by 0.3 or more."""
     if r.map_rows() is None:
         return None
     rows = [x for x in r.map_rows() if len(x['ratio_per_seed']) > 1 and '+' not in x['method']
@@ -331,6 +346,7 @@ def clean_share(r: Results) -> Optional[str]:
 
 @section('Purifications')
 def purifications(r: Results) -> Optional[str]:
+    """Purified rows beside their unpurified cell, and the purifications' own cost (Table 1 benchmark)."""
     if r.map_rows() is None:
         return None
     body = []
@@ -355,6 +371,7 @@ def purifications(r: Results) -> Optional[str]:
 
 @section('The amplitude rule')
 def amplitude_rule(r: Results) -> Optional[str]:
+    """The amplitude rule's fit and rows (benchmarks/amplitude_rule.py's own rendering)."""
     data = r.get('amplitude_rule_20*.json')
     if data is None:
         return None
@@ -364,6 +381,7 @@ def amplitude_rule(r: Results) -> Optional[str]:
 
 @block
 def amplitude_rule_summary(r: Results) -> Optional[str]:
+    """One paragraph of the fit's numbers (findings.md)."""
     data = r.get('amplitude_rule_20*.json')
     if data is None:
         return None
@@ -381,6 +399,7 @@ PROTECTED_BELOW = 0.1  # a seed counts as protected at or below this Dice / clea
 
 
 def prediction_rows(r: Results, data: dict) -> list:
+    """Table rows of the predictions file beside what the map measured, with a verdict where one applies."""
     out = []
     for p in data['predictions']:
         row = r.row(p['victim'], p['cell']) if p.get('dataset', 'hippocampus') == 'hippocampus' else None
@@ -406,6 +425,7 @@ def prediction_rows(r: Results, data: dict) -> list:
 
 @section('Predictions written before each run, beside the result')
 def predictions(r: Results) -> Optional[str]:
+    """Each prediction written before a run, beside its measurement."""
     data = r.get('predictions_hippocampus_*.json')
     if data is None or r.map_rows() is None:
         return None
@@ -418,6 +438,7 @@ def predictions(r: Results) -> Optional[str]:
 
 @section('Table 1 on Hippocampus: every method at 4/255 against issue 6\'s target')
 def hippocampus_table1(r: Results) -> Optional[str]:
+    """Dice / clean of every Table 1 method at 4/255 (benchmarks/hippocampus.py's matrix)."""
     data = r.get('hippocampus_20*.json')
     if data is None:
         return None
@@ -432,6 +453,7 @@ def hippocampus_table1(r: Results) -> Optional[str]:
 
 @section('Budget curve and a longer protector schedule (VoxShield-EOT)')
 def eot_budget_and_schedule(r: Results) -> Optional[str]:
+    """The EOT generator exported at 2, 4 and 8/255, and the 20-epoch protector."""
     data, longer = r.get('hippocampus_20*.json'), r.get('hippocampus_eot20ep_20*.json')
     if data is None and longer is None:
         return None
@@ -459,6 +481,7 @@ def eot_budget_and_schedule(r: Results) -> Optional[str]:
 
 @section('Quality of the protected copies (voxshield_verify)')
 def copies_quality(r: Results) -> Optional[str]:
+    """voxshield_verify's summary of each Table 1 copy."""
     data = r.get('hippocampus_20*.json')
     if data is None:
         return None
@@ -475,6 +498,7 @@ def copies_quality(r: Results) -> Optional[str]:
 
 @section('Seed spread of the clean and VoxShield victims')
 def seed_spread(r: Results) -> Optional[str]:
+    """Clean and VoxShield victims with two seeds each."""
     body = []
     for config in ('3d_fullres', '2d'):
         data = r.get(f'hippocampus_seeds_{config}_20*.json')
@@ -493,6 +517,7 @@ def seed_spread(r: Results) -> Optional[str]:
 
 @section('Residual-only detector (does the support leak the labels?)')
 def detector(r: Results) -> Optional[str]:
+    """The residual-only detector's reports, each copy against its clean copy."""
     body = []
     for pattern in ('hippocampus_detector_20*.json', 'hippocampus_detector_variants_*.json',
                     'protection_map_detector_LC_*.json'):
@@ -512,6 +537,7 @@ def detector(r: Results) -> Optional[str]:
 
 @section('Learnability probe: cos(g_delta, g_clean) per epoch')
 def probe(r: Results) -> Optional[str]:
+    """The learnability probe per epoch (benchmarks/probe.py)."""
     data = r.get('probe_20*.json')
     if data is None:
         return None
@@ -523,6 +549,7 @@ def probe(r: Results) -> Optional[str]:
 
 @section('How much of each code survives stock augmentation')
 def code_survival(r: Results) -> Optional[str]:
+    """The share of augmented samples that keep less than half of each code (benchmarks/code_survival.py)."""
     files = [('stock', 'code_survival_20*.json')] + [
         (f'stock without {f.replace("_", "/")}', f'code_survival_without_{f}_*.json')
         for f in ('spatial', 'noise_blur', 'lowres', 'intensity', 'mirror')]
@@ -539,6 +566,7 @@ def code_survival(r: Results) -> Optional[str]:
 
 @section('Export cost on CT (phantom, int16 HU)')
 def ct_export(r: Results) -> Optional[str]:
+    """Export against predict on the CT phantom, per case (benchmarks/ct_export.py)."""
     body = []
     for pattern in ('ct_export_256x256x60_*.json', 'ct_export_512x512x120_2*.json', 'ct_export_512x512x120_lowmem_*'):
         data = r.get(pattern)
@@ -568,6 +596,7 @@ def protector_minutes(r: Results) -> dict:
 
 @section('Compute')
 def timing(r: Results) -> Optional[str]:
+    """Protector and victim times, per-iteration cost and export time, as measured."""
     hip, minutes = r.get('hippocampus_20*.json'), protector_minutes(r)
     if hip is None and not minutes:
         return None
@@ -618,6 +647,7 @@ def audit(r: Results) -> Optional[str]:
 
 @section('Provenance')
 def provenance(r: Results) -> Optional[str]:
+    """Every results file's provenance, one line each."""
     body = []
     for f in sorted(r.folder.glob('*.json')):
         p = json.loads(f.read_text()).get('provenance') or {}
@@ -646,7 +676,8 @@ def frontier_png(r: Results, png: Path) -> None:
     for ax, (title, victim, purification) in zip(axes.flat, PANELS):
         pts = frontier_points(r, victim, purification)
         for fam, p in sorted(pts.items()):
-            for vic, marker, ls in (('stock', 'o', '-'), ('noda', 's', '--')) if purification else ((victim, 'o', '-'),):
+            styles = (('stock', 'o', '-'), ('noda', 's', '--')) if purification else ((victim, 'o', '-'),)
+            for vic, marker, ls in styles:
                 q = [x for x in p if x[5] == vic]
                 if not q:
                     continue
@@ -682,6 +713,7 @@ def frontier_png(r: Results, png: Path) -> None:
 
 @figure
 def amplitude_rule_png(r: Results, png: Path) -> None:
+    """benchmarks/amplitude_rule.py's own figure of the fit."""
     data = r.get('amplitude_rule_20*.json')
     if data is None:
         return
@@ -760,8 +792,10 @@ def audit_png(r: Results, png: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------------------- render
 def render_results_md(r: Results) -> str:
+    """The text of docs/results.md: every registered section whose results exist, in order."""
     parts = ['# Results', '',
-             '<!-- Generated by `python benchmarks/render_docs.py` from benchmarks/results/*.json. Do not edit. -->', '',
+             '<!-- Generated by `python benchmarks/render_docs.py` from benchmarks/results/*.json. Do not edit. -->',
+             '',
              'Every table and figure here is rendered from the committed results files; each file records its '
              'command, commit, date and machine (last section). Method names and exploiter profiles: '
              '[evaluation.md](evaluation.md); what the numbers mean: [findings.md](findings.md).', '']
@@ -773,6 +807,7 @@ def render_results_md(r: Results) -> str:
 
 
 def render_marked(text: str, r: Results) -> str:
+    """Replace the body of each <!-- results:NAME --> block of ``text`` with the block's rendering."""
     def sub(m):
         fn = BLOCKS.get(m.group(2))
         if fn is None:
@@ -795,6 +830,7 @@ def render_all(root: Path = ROOT, results: Path = RESULTS) -> dict:
 
 
 def draw_figures(results: Path = RESULTS, folder: Path = FIGURES_DIR) -> list:
+    """Draw every registered figure into ``folder``; return the PNGs written."""
     r, written = Results(results), []
     folder.mkdir(parents=True, exist_ok=True)
     for name, fn in FIGURES.items():
