@@ -110,8 +110,10 @@ def protect_case(case: str, files: dict, output_folder: str, ctx: dict) -> dict:
         check_finite(array, path)
     seg_raw = sitk.GetArrayFromImage(read_image(files['label']))
     mode = ctx.get('budget_mode')
-    budget = raw_budget(np.stack(clean), ctx['eps'], ctx['eps_abs'], ctx['percentiles'], mode or DEFAULT_BUDGET_MODE,
-                        ctx.get('dataset_std'))
+    own_budget = getattr(ctx['source'], 'raw_budget', None)  # a source with its own bound, not an eps (conv_code)
+    budget = own_budget(np.stack(clean)) if own_budget is not None else raw_budget(
+        np.stack(clean), ctx['eps'], ctx['eps_abs'], ctx['percentiles'], mode or DEFAULT_BUDGET_MODE,
+        ctx.get('dataset_std'))
     out_images = [os.path.join(output_folder, 'imagesTr', os.path.basename(f)) for f in files['images']]
     out_label = os.path.join(output_folder, 'labelsTr', os.path.basename(files['label']))
     roi = seg_raw > 0

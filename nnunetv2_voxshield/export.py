@@ -23,6 +23,7 @@ from nnunetv2_voxshield.budget import (BUDGET_MODES, DEFAULT_BUDGET_MODE, DEFAUL
                                        check_budget, check_budget_mode, parse_eps, parse_eps_abs)
 from nnunetv2_voxshield.case_protection import clean_dataset_std, protect_case
 from nnunetv2_voxshield.controls import DEFAULT_BLOCK, DEFAULT_SMOOTH_SIGMA, DEFAULT_WIDTH, SIGNS
+from nnunetv2_voxshield.conv_code import METHOD as CONV_METHOD, check_strength
 from nnunetv2_voxshield.dataset_io import (InputError, check_case_headers, check_finite_files,
                                            copy_atomic, dataset_id_and_name, env_folder, find_dataset_folder,
                                            list_training_cases, load_dataset_json, num_channels, sha256_of,
@@ -102,6 +103,7 @@ def _summary(reports: list) -> dict:
             'mean_fraction_changed': float(np.mean(values('fraction_changed'))) if channels else 0.0,
             'psnr_mean': float(np.mean(values('psnr'))) if values('psnr') else None,
             'psnr_min': min(values('psnr'), default=None),
+            'psnr_roi_mean': float(np.mean(values('psnr_roi'))) if values('psnr_roi') else None,
             'ssim_mean': float(np.mean(values('ssim'))) if values('ssim') else None,
             'ssim_min': min(values('ssim'), default=None)}
 
@@ -161,11 +163,15 @@ def export_dataset(source_folder: str, output_folder: str, plans_file: str, conf
         raise InputError(f'{checkpoint if state is not None else "budget"}: {e}') from None
     if eps_abs is not None:
         budget_mode = None  # an absolute budget has no window
+    if method == CONV_METHOD:  # no eps: bounded by strength x (max - min) per channel (conv_code), reported as PSNR
+        method_options['strength'] = check_strength(method_options.get('strength'))
+        eps, eps_abs, budget_mode = None, None, None
     dataset_std = clean_dataset_std(cases) if budget_mode == 'zscore-dataset' else None
 
     spec = {'plans_file': os.path.abspath(plans_file), 'configuration': configuration, 'method': method,
             'checkpoint': os.path.abspath(checkpoint) if state is not None else None, 'device': device,
-            'seed': int(seed), 'dataset_json': dataset_json, 'eps': None if eps_abs is not None else float(eps),
+            'seed': int(seed), 'dataset_json': dataset_json,
+            'eps': None if eps_abs is not None or eps is None else float(eps),
             'eps_abs': None if eps_abs is None else float(eps_abs), 'percentiles': percentiles,
             'budget_mode': budget_mode, 'dataset_std': dataset_std, 'method_options': method_options}
     settings = dict(spec, source=os.path.abspath(source_folder), output=os.path.abspath(output_folder),
@@ -273,6 +279,8 @@ def _publish(source_folder: str, output_folder: str, partial: str, report_folder
         'note': 'training images carry a small bounded perturbation (unlearnable examples); labels are unchanged',
         'method': method, 'eps': spec['eps'], 'eps_abs': spec['eps_abs'], 'budget_mode': spec['budget_mode'],
         'percentiles': spec['percentiles']}
+    if method == CONV_METHOD:  # no eps: |delta| <= strength x (max - min) per channel; PSNR in the report
+        published['voxshield']['strength'] = spec['method_options']['strength']
     write_json_atomic(published, os.path.join(partial, 'dataset.json'))
 
     reports = []
@@ -321,7 +329,10 @@ def export_entry(argv=None):
                              'stripes across a diagonal per class) or smooth '
                              '(--smooth-sigma); or a boundary displacement: grow / shrink (--width) moves the voxels '
                              'just outside / inside the labels towards the intensity across the boundary; or edge '
-                             '(--width, --sign): +s b on the labels\' inner band, -s b on the outer band')
+                             '(--width, --sign): +s b on the labels\' inner band, -s b on the outer band; or conv '
+                             '(--strength, --seed): class-wise convolution (CUDA, Sadasivan et al. 2023), inside '
+                             'label c x\' = (1 - s) x + s (k_c * x), k_c a random 3x3x3 kernel (in voxels) per class '
+                             'drawn from --seed; no eps: |delta| <= s (max - min), reported as PSNR')
     parser.add_argument('--block', type=int, default=DEFAULT_BLOCK,
                         help='checkerboard: voxels per square along each axis (period 2 x block); stripes: voxels '
                              'per stripe (period 2 x block) along axis (label - 1) mod 3 of the raw array; diagonal: '
@@ -353,7 +364,11 @@ def export_entry(argv=None):
                         help='what --eps is a fraction of, per channel: ' +
                              '; '.join(f'{k}: {v}' for k, v in BUDGET_MODES.items()) +
                              ' (default: the checkpoint\'s, else range)')
-    parser.add_argument('--seed', type=int, default=0, help='seed of export-time random methods')
+    parser.add_argument('--seed', type=int, default=0, help='seed of export-time random methods (conv: the key, its '
+                                                            'per-class kernels)')
+    parser.add_argument('--strength', type=float, default=None,
+                        help='conv: the weight s in (0, 4] of the convolved image (s > 1 extrapolates; no --eps: the '
+                             'copy\'s budget is its PSNR; conv_code.strength_for_psnr picks s for a target ROI PSNR)')
     parser.add_argument('-np', type=int, default=1, help='worker processes')
     parser.add_argument('-num_parts', type=int, default=1,
                         help='split the export over N runs (processes or machines sharing nnUNet_raw and '
@@ -380,6 +395,11 @@ def export_entry(argv=None):
         parser.error('--lsp-patch, --tap-steps, --block and --width must be >= 1')
     if not args.smooth_sigma > 0:
         parser.error('--smooth-sigma must be > 0')
+    if (args.method == CONV_METHOD) != (args.strength is not None):
+        parser.error('--strength goes with --method conv, and conv needs it')
+    if args.method == CONV_METHOD and (args.eps, args.eps_abs, args.budget_mode) != (None, None, None):
+        parser.error('conv has no eps budget (its copy is measured by PSNR): give --strength, not --eps / --eps-abs / '
+                     '--budget-mode')
     try:
         raw = env_folder('nnUNet_raw')
         source = find_dataset_folder(raw, args.d)
@@ -394,7 +414,8 @@ def export_entry(argv=None):
                        'steps': args.tap_steps}
             plans_file = os.path.join(surrogate, 'plans.json')
         elif args.method in EXPORT_TIME_METHODS:
-            options = {'lsp': {'patch': args.lsp_patch}, 'checkerboard': {'block': args.block, 'sign': args.sign},
+            options = {'conv': {'strength': args.strength},
+                       'lsp': {'patch': args.lsp_patch}, 'checkerboard': {'block': args.block, 'sign': args.sign},
                        'stripes': {'block': args.block}, 'diagonal': {'block': args.block},
                        'offset': {'sign': args.sign},
                        'smooth': {'sigma': args.smooth_sigma, 'sign': args.sign}, 'grow': {'width': args.width},
@@ -426,6 +447,8 @@ def export_entry(argv=None):
         return
     print(f'Wrote {output}: {summary["cases"]} cases, max budget use {summary["max_budget_use"]:.3f}, '
           f'PSNR mean {summary["psnr_mean"]}, SSIM mean {summary["ssim_mean"]}')
+    if args.method == CONV_METHOD:
+        print(f'conv (strength {args.strength}, no eps): ROI PSNR mean {summary["psnr_roi_mean"]}')
     if summary['unchanged_empty_roi']:
         print(f'{len(summary["unchanged_empty_roi"])} case(s) with an all-background label passed through '
               f'unchanged: {", ".join(summary["unchanged_empty_roi"])}')

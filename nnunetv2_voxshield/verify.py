@@ -161,8 +161,11 @@ def _clean_case(clean_folder: str, case: str, ending: str, n_channels: int) -> n
 
 def verify_datasets(clean_folder: str, protected_folder: str, eps: float = DEFAULT_EPS,
                     eps_abs: Optional[float] = None, percentiles: Sequence[float] = DEFAULT_PERCENTILES,
-                    budget_mode: str = DEFAULT_BUDGET_MODE) -> dict:
-    """Report with 'violations' (empty when the protected dataset passes), per-case metrics and a summary."""
+                    budget_mode: str = DEFAULT_BUDGET_MODE, strength: Optional[float] = None) -> dict:
+    """Report with 'violations' (empty when the protected dataset passes), per-case metrics and a summary.
+    ``strength``: a conv copy (``conv_code``): no eps, the bound is strength x (max - min) per channel."""
+    if strength is not None:  # s x the p0-p100 range: conv's bound, whatever eps / mode say
+        eps, eps_abs, percentiles, budget_mode = float(strength), None, (0.0, 100.0), DEFAULT_BUDGET_MODE
     check_budget_mode(budget_mode)
     clean = _dataset_json(clean_folder)
     cases = _cases(clean_folder, clean['ending'])
@@ -196,7 +199,7 @@ def verify_datasets(clean_folder: str, protected_folder: str, eps: float = DEFAU
     return _json_safe({'summary': summary, 'violations': violations, 'cases': reports,
                        'budget': {'eps': None if eps_abs is not None else eps, 'eps_abs': eps_abs,
                                   'mode': None if eps_abs is not None else budget_mode, 'dataset_std': clean_std,
-                                  'percentiles': list(percentiles)}})
+                                  'percentiles': list(percentiles), 'strength': strength}})
 
 
 def verify_entry(argv=None):
@@ -211,6 +214,9 @@ def verify_entry(argv=None):
     budget.add_argument('--eps', default='4/255', help='budget as a fraction in (0, 1] of the window of '
                                                        '--budget-mode (default range: each case\'s p0.5-p99.5 range)')
     budget.add_argument('--eps-abs', default=None, help='absolute budget in raw units (e.g. HU)')
+    budget.add_argument('--strength', type=float, default=None,
+                        help='a conv copy (voxshield_export --method conv --strength S): no eps; checks |delta| <= S x '
+                             '(max - min) per channel and reports PSNR over the volume and inside the labels')
     parser.add_argument('--budget-mode', default=DEFAULT_BUDGET_MODE, metavar='{' + ','.join(BUDGET_MODES) + '}',
                         help='what --eps is a fraction of, per channel: ' +
                              '; '.join(f'{k}: {v}' for k, v in BUDGET_MODES.items()) + ' (default: range)')
@@ -224,7 +230,10 @@ def verify_entry(argv=None):
         print(f'voxshield_verify: error: {e}', file=sys.stderr)
         sys.exit(1)
     try:
-        report = verify_datasets(args.clean, args.protected, eps, eps_abs, budget_mode=args.budget_mode)
+        if args.strength is not None and not args.strength > 0:
+            raise VerifyInputError(f'--strength must be > 0, got {args.strength}')
+        report = verify_datasets(args.clean, args.protected, eps, eps_abs, budget_mode=args.budget_mode,
+                                 strength=args.strength)
     except VerifyInputError as e:
         print(f'voxshield_verify: error: {e}', file=sys.stderr)
         sys.exit(1)
@@ -238,6 +247,9 @@ def verify_entry(argv=None):
     fmt = lambda v: 'n/a' if v is None else f'{v:.4g}'  # noqa: E731
     print(f'{s["cases"]} cases, max budget use {fmt(s["max_budget_use"])}, PSNR mean {fmt(s["psnr"]["mean"])} '
           f'min {fmt(s["psnr"]["min"])} dB, SSIM mean {fmt(s["ssim"]["mean"])} min {fmt(s["ssim"]["min"])}')
+    if args.strength is not None:
+        print(f'conv (strength {args.strength}): ROI PSNR mean {fmt(s["psnr_roi"]["mean"])} min '
+              f'{fmt(s["psnr_roi"]["min"])} dB')
     for violation in report['violations']:
         print(f'VIOLATION: {violation}', file=sys.stderr)
     if report['violations']:

@@ -1,22 +1,19 @@
 """ACDC (issue 29): the committed patient-level split, and the export-time methods on real ACDC cases (three classes,
 float32 in [0, 1], 1.5625 x 1.5625 x 10 mm) through voxshield_export and voxshield_verify."""
 import json
-import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import REPO, private_nnunet_roots, run_cli
+from conftest import ACDC, REPO, private_nnunet_roots, requires_acdc, run_cli
 from nnunetv2_voxshield import export
 from nnunetv2_voxshield.budget import raw_budget
 from nnunetv2_voxshield.controls import checkerboard, class_level
+from nnunetv2_voxshield.conv_code import ConvSource
 from nnunetv2_voxshield.verify import verify_entry
 
-ACDC = Path(os.environ.get('VOXSHIELD_ACDC', REPO.parent / 'shared' / 'data' / 'Dataset027_ACDC'))
-requires_acdc = pytest.mark.skipif(not (ACDC / 'dataset.json').is_file(), reason=f'ACDC not found at {ACDC}')
 SPLIT = REPO / 'benchmarks' / 'acdc_split.json'
 CASES = ('patient001_frame01', 'patient001_frame02')  # both frames of one training patient: labels 1, 2, 3
 
@@ -119,3 +116,23 @@ def test_label_codes_on_acdc(planned_acdc, monkeypatch, method, sign):
                 assert np.median(np.abs(delta[label == k])) == pytest.approx(b, rel=1e-3)
                 expected = level * checkerboard(label.shape)[label == k]
                 assert np.mean(np.sign(delta[label == k]) == expected) > 0.95
+
+
+@requires_acdc
+def test_conv_on_acdc(planned_acdc, monkeypatch):
+    """conv at s = 0.7 on two real ACDC cases: verify --strength passes; float32 and the spacing kept, the background
+    untouched, each of the three labels moved by its own kernel's convolution (in voxels across 10 mm slices); no
+    eps recorded."""
+    for k, v in planned_acdc.items():
+        if k.startswith('nnUNet'):
+            monkeypatch.setenv(k, str(v))
+    arrays, dataset = exported(planned_acdc, 872, ['--method', 'conv', '--strength', '0.7', '--seed', '2'],
+                               ['--strength', '0.7'])
+    assert (dataset['voxshield']['method'], dataset['voxshield']['eps'], dataset['voxshield']['strength']) == \
+        ('conv', None, 0.7)
+    for label, clean, prot in arrays:
+        expected = ConvSource(0.7, seed=2).compute_delta_raw(clean[None], label)[0]
+        delta = prot - clean
+        assert np.all(delta[label == 0] == 0) and np.abs(delta - expected).max() < 1e-6
+        for k in (1, 2, 3):
+            assert np.count_nonzero(delta[label == k]) > 0.9 * np.count_nonzero(label == k)
