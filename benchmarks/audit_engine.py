@@ -237,8 +237,8 @@ def main(argv=None):
               'runs': runs, 'kill_and_rerun': kill}
     out = args.output or os.path.join(REPO, 'benchmarks', 'results',
                                       f'audit_engine_{datetime.date.today().isoformat()}.json')
-    from nnunetv2_voxshield.jobs import _write_json
-    _write_json(os.path.abspath(out), result)
+    from nnunetv2_voxshield.job_folder import write_json
+    write_json(os.path.abspath(out), result)
     print(f'results: {out}')
 
 

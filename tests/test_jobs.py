@@ -1,5 +1,6 @@
-"""The audit engine (nnunetv2_voxshield/jobs.py) on pure-Python jobs (tests/job_fns.py): DAG order, parallel workers,
-resume, a killed job, failures, two runs sharing a root, thread / GPU pinning, bad input, and a real one-node Slurm."""
+"""The audit engine (nnunetv2_voxshield/jobs.py, job_folder.py, job_backends.py) on pure-Python jobs
+(tests/job_fns.py): DAG order, parallel workers, resume, a killed job, failures, two runs sharing a root, an
+interrupted run, thread / GPU pinning, bad input, and a real one-node Slurm (sbatch, preemption and requeue)."""
 import io
 import json
 import os
@@ -199,7 +200,7 @@ def test_terminated_run_cancels_its_jobs_and_rerun_resumes(tmp_path):
 def test_claims_of_dead_runs_are_taken_over(tmp_path):
     """A claim left by a dead process on this host, or one on another host untouched for longer than STALE_S, is
     taken over; a job process started for a claim this run no longer holds runs nothing (a late Slurm job)."""
-    from nnunetv2_voxshield import jobs as J
+    from nnunetv2_voxshield import job_folder as J
     dead = subprocess.Popen([sys.executable, '-c', 'pass'])
     dead.wait()
     for name, claim in (('a', {'pid': dead.pid, 'host': J.HOST, 'token': 'old'}),
@@ -213,7 +214,7 @@ def test_claims_of_dead_runs_are_taken_over(tmp_path):
     late = tmp_path / 'jobs' / 'late'
     late.mkdir()
     (late / 'claim').write_text(json.dumps({'pid': os.getpid(), 'host': J.HOST, 'token': 'current'}))
-    assert J._job_main(str(late), 'late', 'superseded', 'slurm', fns.write_number, (1,), {}) is None
+    assert J.job_main(str(late), 'late', 'superseded', 'slurm', fns.write_number, (1,), {}) is None
     assert sorted(p.name for p in late.iterdir()) == ['claim']
 
 
