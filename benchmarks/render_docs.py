@@ -159,6 +159,8 @@ FAMILIES = (  # (family, predicate on the map's method name), first match wins; 
 )
 TRAINED = ('VoxShield', 'VoxShield-EOT', 'VoxShield-LC')
 PURIFICATIONS = ('blur', 'zmedian', 'zresample', 'quantise')
+PURIFICATION_NAMES = {'blur': 'a Gaussian blur', 'zmedian': 'a 3-slice z-median', 'zresample': 'z-resampling',
+                      'quantise': '8-bit quantisation'}
 PANELS = (  # frontier panels: (title, victim, purification or None)
     ('stock 3d_fullres', 'stock', None), ('no augmentation (paper)', 'noda', None), ('stock 2d', 'stock-2d', None),
     ('ResEnc M', 'stock-ResEncM_cpu', None), ('label-aware', 'labelaware', None),
@@ -236,8 +238,9 @@ def status(r: Results) -> Optional[str]:
         f'{min(x["ratio"] for x in at64):.2f}-{max(x["ratio"] for x in at64):.2f} of clean, noise '
         f'{rnd64["ratio"]:.2f}.',
         f'- **Against the paper\'s victim (no augmentation)** a fixed checkerboard in the labels at 16/255 '
-        f'({cb16["psnr"]:.1f} dB) protects: {ratio_text(cb16)} of clean; {", ".join(undone)} undo it, '
-        f'{", ".join(kept) or "none"} does not.',
+        f'({cb16["psnr"]:.1f} dB) protects: {ratio_text(cb16)} of clean; '
+        f'{", ".join(PURIFICATION_NAMES[p] for p in undone) or "no purification"} undo it, '
+        f'{", ".join(PURIFICATION_NAMES[p] for p in kept) or "none"} does not.',
         f'- **The amplitude rule:** against stock, a code\'s effect follows its amplitude in the labels; 0.05 of clean '
         f'needs {lvl["psnr_whole"]["hippocampus"]:.1f} dB over the whole volume (50 dB is the goal); measured '
         f'{o128["ratio"]:.3f} at {o128["psnr"]:.1f} dB, where the labels are plain to see.',
