@@ -104,12 +104,13 @@ class ConvSource:
 def prepare_cases(cases: Iterable[Tuple[np.ndarray, np.ndarray]], seed: int = 0,
                   blur: float = DEFAULT_BLUR) -> list:
     """Per case and channel: (clean voxels inside the labels as stored, their delta at s = 1, min, max of the
-    channel). delta is linear in s, so one convolution per case serves every strength."""
+    channel, its number of voxels). delta is linear in s, so one convolution per case serves every strength."""
     unit, out = ConvSource(1.0, seed, blur), []
     for images, seg in cases:
         images, inside = np.asarray(images), np.asarray(seg) > 0
         delta = unit.compute_delta_raw(images, seg)
-        out += [(image[inside], d[inside], float(image.min()), float(image.max())) for image, d in zip(images, delta)]
+        out += [(image[inside], d[inside], float(image.min()), float(image.max()), image.size)
+                for image, d in zip(images, delta)]
     return out
 
 
@@ -119,7 +120,7 @@ def roi_psnr(prepared: list, strength: float) -> list:
     to its dtype within ``conv_bound``)."""
     from nnunetv2_voxshield.case_protection import cast_within_budget
     out = []
-    for clean, unit, low, high in prepared:
+    for clean, unit, low, high, _ in prepared:
         target = np.clip(clean.astype(np.float64) + float(strength) * unit, low, high)
         written = cast_within_budget(clean, target, float(strength) * (high - low))
         mse = float(np.mean((written.astype(np.float64) - clean) ** 2)) if clean.size else float('nan')
@@ -130,9 +131,13 @@ def roi_psnr(prepared: list, strength: float) -> list:
 def strength_for_psnr(cases: Iterable[Tuple[np.ndarray, np.ndarray]], target_db: float, seed: int = 0,
                       blur: float = DEFAULT_BLUR, tolerance_db: float = 0.01) -> float:
     """s in (0, ``MAX_STRENGTH``] whose mean ROI PSNR over ``cases`` ((images, seg) pairs) is ``target_db``, by
-    bisection on log s (the mean falls as s grows: 20 log10 s per decade while the copy stays inside its range);
+    bisection on log s (the mean falls by 20 dB per decade of s while the copy stays inside its range);
     InputError when even ``MAX_STRENGTH`` stays above the target."""
-    prepared = prepare_cases(cases, seed, blur)
+    return strength_for_prepared(prepare_cases(cases, seed, blur), target_db, tolerance_db)
+
+
+def strength_for_prepared(prepared: list, target_db: float, tolerance_db: float = 0.01) -> float:
+    """``strength_for_psnr`` on the output of ``prepare_cases``."""
     mean = lambda s: float(np.mean([v for v in roi_psnr(prepared, s) if np.isfinite(v)] or [np.inf]))  # noqa: E731
     low, high = np.log(1e-4), np.log(MAX_STRENGTH)
     if mean(MAX_STRENGTH) > target_db:
