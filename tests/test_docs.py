@@ -112,3 +112,21 @@ def test_an_audit_report_renders_its_verdict(tmp_path):
     assert '**Does not protect: 2 of 2 exploiters keep >= 0.9 of clean Dice**' in md
     assert '| offset64 | stock | 0.27 [0.21, 0.33] | 0.31 / 0.23 | protects | – |' in md
     assert '| offset64 | blur | failed: exit 1 |' in md
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a markdown heading."""
+    import re
+    return re.sub(r'[^\w\- ]', '', heading.strip().lower()).replace(' ', '-')
+
+
+def test_links_between_the_docs_resolve():
+    import re
+    pages = [ROOT / 'README.md'] + sorted((ROOT / 'docs').glob('*.md'))
+    for page in pages:
+        for target, anchor in re.findall(r'\]\(([\w./-]*\.md|[\w./-]*\.png|)(?:#([\w-]+))?\)', page.read_text()):
+            path = (page.parent / target) if target else page
+            assert path.is_file(), f'{page.name}: link to missing {target}'
+            if anchor and path.suffix == '.md':
+                slugs = {_slug(h) for h in re.findall(r'^#+ (.+)$', path.read_text(), re.M)}
+                assert anchor in slugs, f'{page.name}: no heading #{anchor} in {path.name}'
