@@ -5,13 +5,18 @@ Training: DDP wrapping of the generator, device-agnostic (NCCL on CUDA as nnU-Ne
 Export: ``voxshield_export -num_parts N -part_id K`` protects part K of the cases, as ``nnUNetv2_predict`` splits its
 input: the sorted case ids ``[K::N]``. Every part writes into the same hidden ``.partial`` folder and records its
 settings there (``.parts/part_K_of_N.json``); a part whose settings or N differ from a recorded part is refused.
-Setup and publication run under an exclusive lock (``fcntl.flock`` on a file in the report folder, released by
-the kernel when a process dies, so a killed part leaves no stale lock): the first part to find every case present
-and checked renames the folder, any other part then finds it published.
+Setup and publication run under an exclusive lock, a file in the report folder created with ``O_CREAT | O_EXCL``
+(atomic on the shared file systems of clusters, unlike ``flock``, which several of them keep node-local): the first
+part to find every case present and checked renames the folder, any other part then finds it published. The lock
+records its holder (host, pid); a lock whose holder is gone (a dead process on this host, or older than
+``LOCK_STALE_SECONDS`` if held from another host) is taken over, so a killed part leaves no lock behind for long.
 """
-import fcntl
 import json
 import os
+import socket
+import sys
+import time
+import uuid
 from contextlib import contextmanager
 from typing import Dict, Optional
 
@@ -23,6 +28,8 @@ from nnunetv2_voxshield.dataset_io import TEMP_PREFIX, InputError, write_json_at
 
 PARTS_FOLDER = '.parts'  # inside the .partial folder, removed before it is published
 LOCK_FILE = '.export.lock'
+LOCK_STALE_SECONDS = 3600  # a lock held from another host this long is taken over (setup and publication take seconds)
+LOCK_POLL_SECONDS = 0.2
 
 
 def wrap_ddp(module: nn.Module, device: torch.device) -> DDP:
@@ -50,15 +57,99 @@ def part_cases(cases: Dict[str, dict], num_parts: int, part_id: int) -> Dict[str
 
 
 @contextmanager
-def export_lock(folder: str):
-    """Exclusive lock on ``folder/.export.lock`` (blocking); released on exit or when the process dies."""
+def export_lock(folder: str, timeout: Optional[float] = None, stale_after: float = None):
+    """Exclusive lock: ``folder/.export.lock``, created with ``O_CREAT | O_EXCL`` and holding {host, pid, token};
+    removed on exit. Blocks while another live holder has it; a stale lock (``lock_is_stale``) is taken over.
+    InputError naming the lock and its holder after ``timeout`` seconds (None: wait)."""
+    stale_after = LOCK_STALE_SECONDS if stale_after is None else stale_after
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, LOCK_FILE), 'a') as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    path = os.path.join(folder, LOCK_FILE)
+    me = {'host': socket.gethostname(), 'pid': os.getpid(), 'token': uuid.uuid4().hex}
+    start, told = time.monotonic(), False
+    while True:
         try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _take_over_if_stale(path, stale_after)
+            if holder is None:
+                continue
+            if timeout is not None and time.monotonic() - start >= timeout:
+                raise InputError(f'{path}: held by {_describe(holder)} for more than {timeout:g} s (delete it if '
+                                 f'that process is gone)') from None
+            if not told:
+                print(f'waiting for {path} (held by {_describe(holder)})', file=sys.stderr, flush=True)
+                told = True
+            time.sleep(LOCK_POLL_SECONDS)
+            continue
+        with os.fdopen(fd, 'w') as f:
+            json.dump(me, f)
+            f.flush()
+            os.fsync(f.fileno())
+        break
+    try:
+        yield
+    finally:
+        holder, _ = _read_lock(path)
+        if holder == me:  # not taken over meanwhile
+            os.remove(path)
+
+
+def lock_is_stale(holder: Optional[dict], age: float, stale_after: float) -> bool:
+    """A lock of this host whose process is gone; one of another host (or unreadable) older than ``stale_after``."""
+    if isinstance(holder, dict) and holder.get('host') == socket.gethostname():
+        return not _process_alive(holder.get('pid'))
+    return age > stale_after
+
+
+def _process_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, TypeError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_lock(path: str):
+    """(holder dict or None if unreadable, age in seconds); (None, 0) if there is no lock."""
+    try:
+        with open(path) as f:
+            text = f.read()
+        age = time.time() - os.stat(path).st_mtime
+    except FileNotFoundError:
+        return None, 0.0
+    try:
+        holder = json.loads(text)
+    except ValueError:
+        holder = None  # being written, or garbage
+    return holder, age
+
+
+def _take_over_if_stale(path: str, stale_after: float) -> Optional[dict]:
+    """None if the lock is gone or was stale and is removed now (try again); else its holder (wait)."""
+    holder, age = _read_lock(path)
+    if not os.path.exists(path):
+        return None
+    if not lock_is_stale(holder, age, stale_after):
+        return holder if holder is not None else {}
+    aside = f'{path}.stale-{uuid.uuid4().hex}'
+    try:
+        os.rename(path, aside)  # atomic: of several parts taking over, one moves it
+    except FileNotFoundError:
+        return None
+    moved, _ = _read_lock(aside)
+    if moved != holder:  # a new holder's lock, created since we read: put it back
+        try:
+            os.link(aside, path)
+        except FileExistsError:
+            pass
+    os.remove(aside)
+    return None
+
+
+def _describe(holder: dict) -> str:
+    return f'{holder.get("host", "?")}:{holder.get("pid", "?")}' if holder else 'a process that is still writing it'
 
 
 def part_records(partial: str) -> Dict[str, dict]:
