@@ -139,16 +139,51 @@ def normalisation_scale(image: np.ndarray, seg: Optional[np.ndarray], scheme: st
                      f"supported: ZScore, CT, No, RescaleTo01, RGBTo01")
 
 
-def roi_mask(seg: torch.Tensor, foreground_labels: Optional[Sequence[int]] = None, dilation: int = 0,
-             soft_edge: float = 0.0) -> torch.Tensor:
+def dataset_ignore_label(dataset_json: dict) -> Optional[int]:
+    """nnU-Net's ignore label (``labels['ignore']`` of dataset.json, as ``LabelManager``) or None."""
+    value = (dataset_json.get('labels') or {}).get('ignore')
+    return None if value is None else int(value)
+
+
+def without_ignore(seg: np.ndarray, ignore_label: Optional[int]) -> np.ndarray:
+    """``seg`` with the ignore label set to background (0): no code, no ROI and no band grows from it."""
+    seg = np.asarray(seg)
+    return seg if ignore_label is None else np.where(seg == ignore_label, 0, seg).astype(seg.dtype)
+
+
+def _radii(width: float, spacing: Optional[Sequence[float]], dims: int) -> list:
+    """Per-axis radius in voxels of a box ``width`` wide: voxels if ``spacing`` is None, else mm (floor(w / s_a))."""
+    if spacing is None:
+        return [int(width)] * dims
+    return [int(np.floor(float(width) / float(s) + 1e-9)) for s in spacing]
+
+
+def _dilate(mask: torch.Tensor, radii: Sequence[int]) -> torch.Tensor:
+    """Max-pool dilation of (b, 1, *spatial) by a box with per-axis ``radii`` (voxels)."""
+    if not any(radii):
+        return mask
+    pool = F.max_pool3d if mask.ndim == 5 else F.max_pool2d
+    return pool(mask, [2 * r + 1 for r in radii], stride=1, padding=list(radii))
+
+
+def roi_mask(seg: torch.Tensor, foreground_labels: Optional[Sequence[int]] = None, dilation: float = 0,
+             soft_edge: float = 0.0, ignore_label: Optional[int] = None,
+             spacing: Optional[Sequence[float]] = None) -> torch.Tensor:
     """ROI mask M from labels, shaped like ``seg`` (b, 1 or regions, *spatial) -> (b, 1, *spatial), values in [0, 1].
 
     M = union of the foreground classes (``seg > 0`` if ``foreground_labels`` is None; for region one-hot
-    targets, the union of the channels), dilated by ``dilation`` voxels (cube), with an optional soft edge:
-    a linear ramp ``soft_edge`` voxels wide outside the (dilated) mask.
+    targets, the union of the channels), dilated by ``dilation`` (box), with an optional soft edge: a linear ramp
+    ``soft_edge`` wide outside the (dilated) mask. Widths are in voxels of ``seg`` (cube) if ``spacing`` is None,
+    else in mm (``spacing``: per spatial axis; radius floor(width / spacing) voxels per axis, so 10 mm slices get no
+    dilation across slices from a 2 mm width).
+    ``ignore_label`` (nnU-Net's, ``dataset_ignore_label``) is not foreground and never in M, dilated or not; for
+    region targets with an ignore label, the last channel is nnU-Net's ignore channel.
     """
     seg = seg.detach()
+    ignored = None
     if seg.shape[1] > 1:
+        if ignore_label is not None:  # nnU-Net appends the ignore label as the last region
+            seg, ignored = seg[:, :-1], seg[:, -1:] > 0
         mask = (seg > 0).any(1, keepdim=True)
     elif foreground_labels is None:
         mask = seg > 0
@@ -156,26 +191,34 @@ def roi_mask(seg: torch.Tensor, foreground_labels: Optional[Sequence[int]] = Non
         mask = torch.zeros_like(seg, dtype=torch.bool)
         for label in foreground_labels:
             mask |= seg == label
+    if ignore_label is not None and ignored is None:
+        ignored = seg == ignore_label
+        mask &= ~ignored
     mask = mask.float()
-    pool = F.max_pool3d if mask.ndim == 5 else F.max_pool2d
+    dims = mask.ndim - 2
     if dilation > 0:
-        mask = pool(mask, 2 * dilation + 1, stride=1, padding=dilation)
+        mask = _dilate(mask, _radii(dilation, spacing, dims))
     if soft_edge > 0:
-        width = int(np.ceil(soft_edge))
+        unit = 1.0 if spacing is None else float(min(spacing))  # ramp steps: one voxel (of the finest axis)
         ramp = mask.clone()
-        for step in range(1, width + 1):
-            grown = pool(mask, 2 * step + 1, stride=1, padding=step)
-            ramp = torch.maximum(ramp, grown * max(0.0, 1.0 - step / (soft_edge + 1)))
+        for step in range(1, int(np.ceil(soft_edge / unit - 1e-9)) + 1):
+            grown = _dilate(mask, _radii(step * unit, spacing, dims))
+            ramp = torch.maximum(ramp, grown * max(0.0, 1.0 - step * unit / (soft_edge + unit)))
         mask = ramp
+    if ignored is not None:
+        mask = mask * (~ignored).float()
     return mask
 
 
-def roi_mask_np(seg: np.ndarray, roi: dict, dims: int) -> np.ndarray:
-    """``budget.roi_mask`` for a numpy seg (1, *spatial) in nnU-Net's axis order; 2D configs mask slice by slice."""
+def roi_mask_np(seg: np.ndarray, roi: dict, dims: int, ignore_label: Optional[int] = None,
+                spacing: Optional[Sequence[float]] = None) -> np.ndarray:
+    """``budget.roi_mask`` for a numpy seg (1, *spatial) in nnU-Net's axis order; 2D configs mask slice by slice
+    (``spacing``: of the spatial axes, for widths in mm; 2D uses its in-plane part)."""
     t = torch.from_numpy(np.ascontiguousarray(seg)).float()
     if dims == 2 and t.ndim == 4:
-        return roi_mask(t.transpose(0, 1), **roi).transpose(0, 1).numpy()  # slices along axis 0 as the batch
-    return roi_mask(t[None], **roi)[0].numpy()
+        plane = None if spacing is None else list(spacing)[1:]
+        return roi_mask(t.transpose(0, 1), **roi, ignore_label=ignore_label, spacing=plane).transpose(0, 1).numpy()
+    return roi_mask(t[None], **roi, ignore_label=ignore_label, spacing=spacing)[0].numpy()
 
 
 def bound_perturbation(raw: torch.Tensor, mask: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

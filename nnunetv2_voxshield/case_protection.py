@@ -1,6 +1,9 @@
 """Protect one raw case: preprocess as nnU-Net, compute delta, map it back to raw units, clamp, round, write.
 
-Budgets are per channel in raw units (``budget.raw_budget``). The returned report is for the protector only.
+Budgets are per channel in raw units (``budget.raw_budget``); each voxel's bound is the channel's budget times its
+weight (``support_weight``: 1 in the support, the background weight eps_bg / eps outside, 0 on nnU-Net's ignore
+label), and rounding to the image's dtype stays within that per-voxel bound. The returned report is for the
+protector only.
 """
 import os
 from typing import List
@@ -8,16 +11,20 @@ from typing import List
 import numpy as np
 import SimpleITK as sitk
 
-from nnunetv2_voxshield.budget import DEFAULT_BUDGET_MODE, dataset_std, raw_budget, roi_mask_np
+from nnunetv2_voxshield.budget import (DEFAULT_BUDGET_MODE, dataset_ignore_label, dataset_std, raw_budget,
+                                       roi_mask_np, without_ignore)
 from nnunetv2_voxshield.dataset_io import (InputError, check_finite, copy_atomic, read_image, sha256_of,
                                            write_image_atomic)
 from nnunetv2_voxshield.geometry import normalisation_scales, preprocess_case, to_raw_geometry
 from nnunetv2_voxshield.metrics import psnr, slabs, ssim
 
 
-def cast_within_budget(clean: np.ndarray, target: np.ndarray, budget: float) -> np.ndarray:
-    """Cast ``target`` (float64) to ``clean``'s dtype with rounding, keeping |result - clean| <= budget."""
+def cast_within_budget(clean: np.ndarray, target: np.ndarray, budget) -> np.ndarray:
+    """Cast ``target`` (float64) to ``clean``'s dtype with rounding, keeping |result - clean| <= budget per voxel
+    (``budget``: a number or an array like ``clean``; integer voxels whose bound is below one grey level from the
+    rounded value round towards the clean value, so a bound below half a grey level leaves them unchanged)."""
     clean64 = clean.astype(np.float64)
+    budget = np.broadcast_to(np.asarray(budget, dtype=np.float64), clean.shape)
     if np.issubdtype(clean.dtype, np.integer):
         out = np.rint(target)
         over = np.abs(out - clean64) > budget
@@ -63,12 +70,15 @@ def _nnunet_arrays(files: dict, clean: List[np.ndarray], plans_manager):
 
 
 def _delta_through_nnunet(case: str, files: dict, clean: List[np.ndarray], budget: np.ndarray, shape, ctx: dict):
-    """delta in raw units (c, *spatial; float32) and the budget weight: preprocess as nnU-Net, compute, map back."""
+    """delta in raw units (c, *spatial; float32) and the budget weight: preprocess as nnU-Net, compute, map back.
+    Sources see nnU-Net's ignore label as background (no code, no ROI there)."""
     source, pm, cm = ctx['source'], ctx['plans_manager'], ctx['configuration_manager']
     data, seg, properties = _nnunet_arrays(files, clean, pm)
     scales = normalisation_scales(data, seg, pm, cm)
     data_pre, seg_pre, properties = preprocess_case(data, seg, properties, pm, cm, ctx['dataset_json'])
     del data  # preprocess_case works on its own copy
+    ignore = dataset_ignore_label(ctx['dataset_json'])
+    seg, seg_pre = without_ignore(seg, ignore), without_ignore(seg_pre, ignore)
     eps_norm = (budget * scales).astype(np.float32)
     delta_pre = source.compute_delta(data_pre, seg_pre, eps_norm, case)
     del data_pre, seg_pre
@@ -86,6 +96,18 @@ def _delta_through_nnunet(case: str, files: dict, clean: List[np.ndarray], budge
     backward = [0, *[i + 1 for i in pm.transpose_backward]]
     mask = roi_mask_np(seg.transpose(forward), source.roi, len(cm.patch_size)).transpose(backward)
     return delta, np.maximum(mask.reshape(shape), source.eps_bg)
+
+
+def array_spacing(image_spacing) -> tuple:
+    """SimpleITK's (x, y, z) spacing in the array's (z, y, x) axis order."""
+    return tuple(float(s) for s in reversed(tuple(image_spacing)))
+
+
+def _raw_space_delta(source, clean: List[np.ndarray], seg: np.ndarray, budget: np.ndarray, case: str, spacing):
+    """(delta, weight) of a raw-space source (controls, conv) on the raw arrays; widths in mm get the spacing."""
+    kwargs = {'spacing': spacing} if getattr(source, 'spacing_aware', False) else {}
+    delta, support = source.delta_and_support_raw(np.stack(clean).astype(np.float64), seg, budget, case, **kwargs)
+    return delta, support.astype(np.float64)
 
 
 def clean_dataset_std(cases: dict) -> List[float]:
@@ -116,7 +138,9 @@ def protect_case(case: str, files: dict, output_folder: str, ctx: dict) -> dict:
         ctx.get('dataset_std'))
     out_images = [os.path.join(output_folder, 'imagesTr', os.path.basename(f)) for f in files['images']]
     out_label = os.path.join(output_folder, 'labelsTr', os.path.basename(files['label']))
-    roi = seg_raw > 0
+    ignore = dataset_ignore_label(ctx['dataset_json'])
+    annotated = None if ignore is None else seg_raw != ignore  # nnU-Net's ignore label: no ROI, no code, no budget
+    roi = (seg_raw > 0) if annotated is None else (seg_raw > 0) & annotated
 
     if not np.any(roi):  # all background: passed through unchanged
         protected = clean
@@ -126,18 +150,20 @@ def protect_case(case: str, files: dict, output_folder: str, ctx: dict) -> dict:
     else:
         source = ctx['source']
         if getattr(source, 'raw_space', False):  # fixed controls: delta and its support computed on the raw arrays
-            delta, support = source.delta_and_support_raw(np.stack(clean).astype(np.float64), seg_raw, budget, case)
-            weight = support.astype(np.float64)
+            delta, weight = _raw_space_delta(source, clean, without_ignore(seg_raw, ignore), budget, case,
+                                             array_spacing(geometries[0][1]))
         else:
             delta, weight = _delta_through_nnunet(case, files, clean, budget, roi.shape, ctx)
+        if annotated is not None:
+            weight = weight * annotated
         protected = []
         for c, image in enumerate(clean):  # elementwise in float64, slab by slab (bounded memory, same values)
             low, high = float(image.min()), float(image.max())
             result = np.empty_like(image)
             for s in slabs(image.shape):
-                allowed = budget[c] * weight[s]
+                allowed = budget[c] * weight[s]  # the per-voxel bound, kept through rounding
                 target = image[s].astype(np.float64) + np.clip(delta[c][s].astype(np.float64), -allowed, allowed)
-                result[s] = cast_within_budget(image[s], np.clip(target, low, high), budget[c])
+                result[s] = cast_within_budget(image[s], np.clip(target, low, high), allowed)
             protected.append(result)
         del delta, weight
         for array, (origin, spacing, direction), dst in zip(protected, geometries, out_images):

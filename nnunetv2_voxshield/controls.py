@@ -26,7 +26,8 @@ each background voxel within ``width`` voxels of the foreground moves towards th
 voxel, delta = clip(x[nearest fg] - x, -b, b), so the visible structure extends up to ``width`` voxels beyond its label
 and a victim learns to put the boundary inside the visible edge (it erodes on clean scans). ``shrink``: the same from
 the inside (foreground voxels within ``width`` of the background move towards their nearest background voxel).
-Distances are Euclidean in raw voxel units.
+Distances are Euclidean: in raw voxel units with ``unit`` 'voxels' (a 1-voxel band is 10 mm thick across 10 mm
+slices), in mm with ``unit`` 'mm' (``distance_transform_edt(..., sampling=spacing)``, the case's voxel spacing).
 
 Edge reversal (``EdgeSource``, ``edge``): a fixed code on both sides of the label boundary, delta = s_y b on the
 labelled voxels within ``width`` voxels of the background and -s_y b on the background voxels within ``width`` voxels
@@ -48,6 +49,7 @@ EDGE_METHODS = ('edge',)
 CONTROL_METHODS = LABEL_CODE_METHODS + BOUNDARY_METHODS + EDGE_METHODS
 DEFAULT_BLOCK = 1
 DEFAULT_WIDTH = 1
+WIDTH_UNITS = ('voxels', 'mm')
 SIGNS = {'alternate': None, 'plus': 1.0, 'minus': -1.0, 'levels': None}
 DEFAULT_SMOOTH_SIGMA = 4.0
 SMOOTH_TILE = 64
@@ -154,42 +156,64 @@ class LabelCodedSource:
         return np.stack([unit * float(b) for b in np.asarray(budget).reshape(-1)])
 
 
-def boundary_band(seg: np.ndarray, method: str, width: int):
+def boundary_band(seg: np.ndarray, method: str, width: float, spacing=None):
     """(band, nearest): the voxels ``grow`` (background) or ``shrink`` (foreground) moves, those within ``width``
-    voxels of the other side, and for every voxel the index tuple of its nearest voxel on the other side."""
+    of the other side, and for every voxel the index tuple of its nearest voxel on the other side. ``width`` is in
+    voxels if ``spacing`` is None, else in mm (Euclidean distance with ``sampling=spacing``, array axis order)."""
     fg = np.asarray(seg) > 0
     inside = ~fg if method == 'grow' else fg  # the side that moves; its distance to the other side
     if not inside.any() or inside.all():
         return np.zeros(fg.shape, dtype=bool), None
-    distance, nearest = distance_transform_edt(inside, return_indices=True)
-    return inside & (distance <= width), tuple(nearest)
+    distance, nearest = distance_transform_edt(inside, sampling=spacing, return_indices=True)
+    return inside & (distance <= width * (1 + 1e-9)), tuple(nearest)
+
+
+def _width(width, unit: str) -> float:
+    if unit not in WIDTH_UNITS:
+        raise InputError(f'width unit must be one of {", ".join(WIDTH_UNITS)}, got {unit!r}')
+    if unit == 'voxels' and (float(width) != int(width) or int(width) < 1):
+        raise InputError(f'--width must be a whole number of voxels >= 1, got {width}')
+    if not float(width) > 0:
+        raise InputError(f'--width-mm must be > 0, got {width}')
+    return int(width) if unit == 'voxels' else float(width)
+
+
+def _band_spacing(unit: str, spacing):
+    """The sampling of the band's distance transform: None (voxels) or the case's spacing (mm)."""
+    if unit == 'voxels':
+        return None
+    if spacing is None:
+        raise InputError('a width in mm needs the voxel spacing of the case')
+    return tuple(float(s) for s in spacing)
 
 
 class BoundaryShiftSource:
     """Boundary displacement: delta = clip(x[nearest voxel across the label boundary] - x, -b, b) on the band of
-    ``width`` voxels outside (``grow``) or inside (``shrink``) the foreground, zero elsewhere."""
+    ``width`` (``width_unit``: voxels or mm) outside (``grow``) or inside (``shrink``) the foreground, zero elsewhere."""
     raw_space = True
+    spacing_aware = True  # case_protection passes the case's spacing (array axis order)
 
-    def __init__(self, method: str, width: int = DEFAULT_WIDTH):
+    def __init__(self, method: str, width: float = DEFAULT_WIDTH, unit: str = 'voxels'):
         if method not in BOUNDARY_METHODS:
             raise InputError(f'unknown boundary method {method!r} (choose from {", ".join(BOUNDARY_METHODS)})')
-        if int(width) < 1:
-            raise InputError(f'--width must be >= 1, got {width}')
-        self.method, self.width = method, int(width)
-        self.roi = {'dilation': self.width if method == 'grow' else 0, 'soft_edge': 0.0}
+        self.method, self.width, self.width_unit = method, _width(width, unit), unit
+        dilation = self.width if method == 'grow' and unit == 'voxels' else 0
+        self.roi = {'dilation': dilation, 'soft_edge': 0.0}
         self.eps_bg = 0.0
 
-    def support(self, seg: np.ndarray) -> np.ndarray:
+    def support(self, seg: np.ndarray, spacing=None) -> np.ndarray:
         """Where delta may be non-zero: the band."""
-        return boundary_band(seg, self.method, self.width)[0]
+        return boundary_band(seg, self.method, self.width, _band_spacing(self.width_unit, spacing))[0]
 
-    def compute_delta_raw(self, images: np.ndarray, seg: np.ndarray, budget: np.ndarray, case: str) -> np.ndarray:
+    def compute_delta_raw(self, images: np.ndarray, seg: np.ndarray, budget: np.ndarray, case: str,
+                          spacing=None) -> np.ndarray:
         """delta (c, *spatial) in raw units for raw ``images`` (c, *spatial) and raw labels ``seg`` (*spatial)."""
-        return self.delta_and_support_raw(images, seg, budget, case)[0]
+        return self.delta_and_support_raw(images, seg, budget, case, spacing)[0]
 
-    def delta_and_support_raw(self, images: np.ndarray, seg: np.ndarray, budget: np.ndarray, case: str) -> tuple:
-        """(delta, band) from one distance transform."""
-        band, nearest = boundary_band(seg, self.method, self.width)
+    def delta_and_support_raw(self, images: np.ndarray, seg: np.ndarray, budget: np.ndarray, case: str,
+                              spacing=None) -> tuple:
+        """(delta, band) from one distance transform (``spacing``: the case's, array order; used for mm)."""
+        band, nearest = boundary_band(seg, self.method, self.width, _band_spacing(self.width_unit, spacing))
         delta = np.zeros(np.shape(images), dtype=np.float64)
         if nearest is None:
             return delta, band
@@ -199,24 +223,25 @@ class BoundaryShiftSource:
 
 
 class EdgeSource:
-    """Edge reversal: delta = s_y b on the labelled voxels within ``width`` voxels of the background, -s_y b on the
-    background voxels within ``width`` voxels of the foreground (y: their nearest labelled voxel's class), 0
-    elsewhere; s_y as ``LabelCodedSource`` (``sign``: alternate, plus or minus)."""
+    """Edge reversal: delta = s_y b on the labelled voxels within ``width`` of the background, -s_y b on the
+    background voxels within ``width`` of the foreground (y: their nearest labelled voxel's class), 0 elsewhere;
+    s_y as ``LabelCodedSource`` (``sign``: alternate, plus or minus); ``width_unit``: voxels or mm."""
     raw_space = True
+    spacing_aware = True
 
-    def __init__(self, width: int = DEFAULT_WIDTH, sign: str = 'alternate'):
-        if int(width) < 1:
-            raise InputError(f'--width must be >= 1, got {width}')
+    def __init__(self, width: float = DEFAULT_WIDTH, sign: str = 'alternate', unit: str = 'voxels'):
+        width = _width(width, unit)
         if sign not in SIGNS:
             raise InputError(f'--sign must be one of {", ".join(SIGNS)}, got {sign!r}')
-        self.width, self.sign = int(width), sign
-        self.roi, self.eps_bg = {'dilation': self.width, 'soft_edge': 0.0}, 0.0
+        self.width, self.sign, self.width_unit = width, sign, unit
+        self.roi, self.eps_bg = {'dilation': self.width if unit == 'voxels' else 0, 'soft_edge': 0.0}, 0.0
 
-    def unit(self, seg: np.ndarray) -> np.ndarray:
+    def unit(self, seg: np.ndarray, spacing=None) -> np.ndarray:
         """The code in units of b: +-1 on the two bands, 0 elsewhere."""
         seg = np.asarray(seg)
-        inner = boundary_band(seg, 'shrink', self.width)[0]
-        outer, nearest = boundary_band(seg, 'grow', self.width)
+        sampling = _band_spacing(self.width_unit, spacing)
+        inner = boundary_band(seg, 'shrink', self.width, sampling)[0]
+        outer, nearest = boundary_band(seg, 'grow', self.width, sampling)
         classes = np.where(outer, seg[nearest], seg) if nearest is not None else seg
         unit = np.zeros(seg.shape)
         for label in np.unique(classes[inner | outer]):
@@ -224,15 +249,17 @@ class EdgeSource:
             unit[outer & (classes == label)] = -code_sign(label, self.sign)
         return unit
 
-    def support(self, seg: np.ndarray) -> np.ndarray:
+    def support(self, seg: np.ndarray, spacing=None) -> np.ndarray:
         """Where delta may be non-zero: the two bands."""
-        return self.unit(seg) != 0
+        return self.unit(seg, spacing) != 0
 
-    def compute_delta_raw(self, images: np.ndarray, seg: np.ndarray, budget: np.ndarray, case: str) -> np.ndarray:
+    def compute_delta_raw(self, images: np.ndarray, seg: np.ndarray, budget: np.ndarray, case: str,
+                          spacing=None) -> np.ndarray:
         """delta (c, *spatial) in raw units for raw ``images`` (c, *spatial) and raw labels ``seg`` (*spatial)."""
-        return self.delta_and_support_raw(images, seg, budget, case)[0]
+        return self.delta_and_support_raw(images, seg, budget, case, spacing)[0]
 
-    def delta_and_support_raw(self, images: np.ndarray, seg: np.ndarray, budget: np.ndarray, case: str) -> tuple:
+    def delta_and_support_raw(self, images: np.ndarray, seg: np.ndarray, budget: np.ndarray, case: str,
+                              spacing=None) -> tuple:
         """(delta, support) from one pair of distance transforms."""
-        unit = self.unit(seg)
+        unit = self.unit(seg, spacing)
         return np.stack([unit * float(b) for b in np.asarray(budget).reshape(-1)]), unit != 0

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from typing import Dict, List, Optional
 
 import nibabel
@@ -161,19 +162,42 @@ def geometry_mismatch(a: dict, b: dict) -> Optional[str]:
     return None
 
 
-def check_case_headers(case_files: dict) -> None:
-    """Every channel is a scalar image with the label's geometry (headers only, no voxel data)."""
+def nnunet_geometry_problems(image: dict, label: dict) -> tuple:
+    """(error, warnings) as nnU-Net's ``verify_dataset_integrity`` judges an image against its label: a shape or
+    spacing mismatch (beyond ``np.allclose`` and ``GEOMETRY_TOLERANCE``) is an error (or None), an origin or
+    direction mismatch beyond ``np.allclose`` only a warning (nnU-Net trains on the voxel grid either way)."""
+    if image['shape'] != label['shape']:
+        return 'shape', []
+    if not (np.allclose(image['spacing'], label['spacing']) or
+            np.allclose(image['spacing'], label['spacing'], rtol=0, atol=GEOMETRY_TOLERANCE)):
+        return 'spacing', []
+    return None, [key for key in ('origin', 'direction') if not np.allclose(image[key], label[key])]
+
+
+def check_case_headers(case_files: dict) -> List[str]:
+    """Every channel is a scalar image with the label's shape and spacing (headers only, no voxel data); an origin
+    or direction that differs from the label's is accepted as nnU-Net accepts it, with one warning line on stderr
+    naming the file (returned too)."""
     label = read_header(case_files['label'])
     label_geometry = geometry(label)
+    warnings = []
     for path in case_files['images']:
         header = read_header(path)
         if header.GetNumberOfComponents() != 1:
             raise InputError(f'{path}: image has {header.GetNumberOfComponents()} components per voxel; '
                              f'nnU-Net expects one file per channel (_0000, _0001, ...)')
-        mismatch = geometry_mismatch(geometry(header), label_geometry)
-        if mismatch is not None:
-            raise InputError(f'{path}: image/label geometry mismatch ({mismatch} differs from '
-                             f'{case_files["label"]})')
+        image_geometry = geometry(header)
+        error, different = nnunet_geometry_problems(image_geometry, label_geometry)
+        if error is not None:
+            raise InputError(f'{path}: image/label geometry mismatch ({error} {image_geometry[error]} differs from '
+                             f'{label_geometry[error]} of {case_files["label"]})')
+        for key in different:
+            gap = float(np.max(np.abs(np.subtract(image_geometry[key], label_geometry[key]))))
+            warnings.append(f'{path}: {key} differs from {case_files["label"]} by up to {gap:.4g} (nnU-Net warns '
+                            f'and trains on the voxel grid; so does voxshield; check with nnUNetv2_plot_overlay_pngs)')
+    for line in warnings:
+        print(f'WARNING: {line}', file=sys.stderr)
+    return warnings
 
 
 def check_finite_files(case_files: dict) -> None:

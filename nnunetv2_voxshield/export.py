@@ -20,7 +20,7 @@ from tqdm import tqdm
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunetv2_voxshield.budget import (BUDGET_MODES, DEFAULT_BUDGET_MODE, DEFAULT_EPS, DEFAULT_PERCENTILES,
-                                       check_budget, check_budget_mode, parse_eps, parse_eps_abs)
+                                       check_budget, check_budget_mode, dataset_ignore_label, parse_eps, parse_eps_abs)
 from nnunetv2_voxshield.case_protection import clean_dataset_std, protect_case
 from nnunetv2_voxshield.controls import DEFAULT_BLOCK, DEFAULT_SMOOTH_SIGMA, DEFAULT_WIDTH, SIGNS
 from nnunetv2_voxshield.conv_code import METHOD as CONV_METHOD, check_strength
@@ -31,7 +31,8 @@ from nnunetv2_voxshield.dataset_io import (InputError, check_case_headers, check
 from nnunetv2_voxshield.distributed import (PARTS_FOLDER, check_part_arguments, check_parts, export_lock,
                                            part_cases, part_records, record_part, temp_file_target)
 from nnunetv2_voxshield.baselines import DEFAULT_LSP_PATCH, DEFAULT_TAP_STEPS, check_surrogate, surrogate_folder
-from nnunetv2_voxshield.perturbation import EXPORT_TIME_METHODS, load_voxshield_state, make_source
+from nnunetv2_voxshield.manifest import MANIFEST_FILE, build_manifest
+from nnunetv2_voxshield.perturbation import EXPORT_TIME_METHODS, load_voxshield_state, make_source, support_rule
 
 PARTIAL_SUFFIX = '.partial'
 _WORKER_CTX = None
@@ -179,6 +180,7 @@ def export_dataset(source_folder: str, output_folder: str, plans_file: str, conf
                     checkpoint_sha256=sha256_of(checkpoint) if state is not None else None,
                     surrogate_sha256=surrogate_sha256)
     settings.pop('dataset_json')
+    manifest = _manifest(spec, state)
 
     output_folder = os.path.abspath(output_folder)
     partial = os.path.join(os.path.dirname(output_folder), '.' + os.path.basename(output_folder) + PARTIAL_SUFFIX)
@@ -248,7 +250,22 @@ def export_dataset(source_folder: str, output_folder: str, plans_file: str, conf
                     os.remove(os.path.join(folder, f))
         shutil.rmtree(os.path.join(partial, PARTS_FOLDER), ignore_errors=True)
         return _publish(source_folder, output_folder, partial, report_folder, dataset_json, cases, settings,
-                        method, spec, percentiles)
+                        method, spec, percentiles, manifest)
+
+
+def _manifest(spec: dict, state: Optional[dict]) -> dict:
+    """``manifest.build_manifest`` of this export: its source's support rule, the budget, the ignore label."""
+    plans_manager, configuration_manager = _load_plans(spec['plans_file'], spec['configuration'])
+    threads = torch.get_num_threads()
+    try:
+        source = make_source(spec['method'], state, configuration_manager, torch.device('cpu'), spec['seed'],
+                             spec.get('method_options'))
+    finally:
+        torch.set_num_threads(threads)
+    support = support_rule(source, len(configuration_manager.patch_size), plans_manager.transpose_forward)
+    return build_manifest(spec['method'], spec['eps'], spec['eps_abs'], spec['budget_mode'], spec['percentiles'],
+                          support, dataset_ignore_label(spec['dataset_json']),
+                          (spec.get('method_options') or {}).get('strength'))
 
 
 def _published_summary(output_folder: str, report_folder: str, settings: dict) -> dict:
@@ -264,8 +281,9 @@ def _published_summary(output_folder: str, report_folder: str, settings: dict) -
 
 
 def _publish(source_folder: str, output_folder: str, partial: str, report_folder: str, dataset_json: dict,
-             cases: dict, settings: dict, method: str, spec: dict, percentiles: list) -> dict:
-    """Test split, dataset.json and report into the complete ``partial`` folder, then its rename to the output."""
+             cases: dict, settings: dict, method: str, spec: dict, percentiles: list, manifest: dict) -> dict:
+    """Test split, dataset.json, the protection manifest and the report into the complete ``partial`` folder, then its
+    rename to the output."""
     cases_folder = os.path.join(report_folder, 'cases')
     for test_folder in ('imagesTs', 'labelsTs'):  # the test split is published unchanged
         src = os.path.join(source_folder, test_folder)
@@ -282,6 +300,7 @@ def _publish(source_folder: str, output_folder: str, partial: str, report_folder
     if method == CONV_METHOD:  # no eps: |delta| <= strength x (max - min) per channel; PSNR in the report
         published['voxshield']['strength'] = spec['method_options']['strength']
     write_json_atomic(published, os.path.join(partial, 'dataset.json'))
+    write_json_atomic(manifest, os.path.join(partial, MANIFEST_FILE))
 
     reports = []
     for case in cases:
@@ -341,9 +360,12 @@ def export_entry(argv=None):
                         help='offset, checkerboard, smooth, edge: the sign per class (alternate: +, -, +, ... for '
                              'labels 1, 2, 3, ...; plus / minus: the same sign on every class; levels: +1, -1, '
                              '+1/2, -1/2, ... x b, a different level per class)')
-    parser.add_argument('--width', type=int, default=DEFAULT_WIDTH,
-                        help='grow / shrink: width in voxels of the band moved outside / inside the labels; edge: of '
-                             'each band')
+    width = parser.add_mutually_exclusive_group()
+    width.add_argument('--width', type=int, default=DEFAULT_WIDTH,
+                       help='grow / shrink: width in voxels (Euclidean, voxel units: 10 mm across 10 mm slices) of '
+                            'the band moved outside / inside the labels; edge: of each band')
+    width.add_argument('--width-mm', type=float, default=None,
+                       help='the same width in mm, measured with each case\'s voxel spacing (instead of --width)')
     parser.add_argument('--smooth-sigma', type=float, default=DEFAULT_SMOOTH_SIGMA,
                         help='smooth: sigma in voxels of the Gaussian low-pass of each class\'s random field')
     parser.add_argument('--lsp-patch', type=int, default=DEFAULT_LSP_PATCH,
@@ -393,6 +415,9 @@ def export_entry(argv=None):
         sys.exit(1)
     if args.lsp_patch < 1 or args.tap_steps < 1 or args.block < 1 or args.width < 1:
         parser.error('--lsp-patch, --tap-steps, --block and --width must be >= 1')
+    if args.width_mm is not None and not args.width_mm > 0:
+        parser.error('--width-mm must be > 0')
+    band = {'width': args.width} if args.width_mm is None else {'width': args.width_mm, 'unit': 'mm'}
     if not args.smooth_sigma > 0:
         parser.error('--smooth-sigma must be > 0')
     if (args.method == CONV_METHOD) != (args.strength is not None):
@@ -418,9 +443,8 @@ def export_entry(argv=None):
                        'lsp': {'patch': args.lsp_patch}, 'checkerboard': {'block': args.block, 'sign': args.sign},
                        'stripes': {'block': args.block}, 'diagonal': {'block': args.block},
                        'offset': {'sign': args.sign},
-                       'smooth': {'sigma': args.smooth_sigma, 'sign': args.sign}, 'grow': {'width': args.width},
-                       'shrink': {'width': args.width},
-                       'edge': {'width': args.width, 'sign': args.sign}}.get(args.method)
+                       'smooth': {'sigma': args.smooth_sigma, 'sign': args.sign}, 'grow': band, 'shrink': band,
+                       'edge': {**band, 'sign': args.sign}}.get(args.method)
             plans_file = os.path.join(env_folder('nnUNet_preprocessed'), source_name, args.p + '.json')
         if args.method in EXPORT_TIME_METHODS:
             report_folder = os.path.join(env_folder('nnUNet_results'), source_name,

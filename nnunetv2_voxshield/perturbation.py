@@ -195,9 +195,10 @@ def make_source(method: str, state: Optional[dict], configuration_manager, devic
     if method == CONV_METHOD:
         return ConvSource(options.get('strength'), seed)
     if method in BOUNDARY_METHODS:
-        return BoundaryShiftSource(method, options.get('width', DEFAULT_WIDTH))
+        return BoundaryShiftSource(method, options.get('width', DEFAULT_WIDTH), options.get('unit', 'voxels'))
     if method == 'edge':
-        return EdgeSource(options.get('width', DEFAULT_WIDTH), options.get('sign', 'alternate'))
+        return EdgeSource(options.get('width', DEFAULT_WIDTH), options.get('sign', 'alternate'),
+                          options.get('unit', 'voxels'))
     if method in CONTROL_METHODS:
         return LabelCodedSource(method, seed, options.get('block', DEFAULT_BLOCK),
                                 options.get('sigma', DEFAULT_SMOOTH_SIGMA), options.get('sign', 'alternate'))
@@ -217,3 +218,21 @@ def make_source(method: str, state: Optional[dict], configuration_manager, devic
         return UMedSource(state, configuration_manager.patch_size, device)
     return GeneratorSource(state, configuration_manager.patch_size, device)
 
+
+
+def support_rule(source, dims: int, transpose_forward: Sequence[int]) -> dict:
+    """Where ``source`` may change voxels, for the manifest (``manifest.voxel_weight`` recomputes it from a label):
+    raw-space controls: their band ('grow', 'shrink', 'edge') or the labelled voxels ('labels'); nnU-Net-space
+    sources: the ROI ('roi', dilation and soft edge in voxels; 2D: per slice along the raw axis
+    ``transpose_forward[0]``) and the background weight eps_bg / eps outside it."""
+    if getattr(source, 'raw_space', False):
+        if isinstance(source, BoundaryShiftSource):
+            return {'rule': source.method, 'width': source.width, 'width_unit': source.width_unit,
+                    'background_weight': 0.0}
+        if isinstance(source, EdgeSource):
+            return {'rule': 'edge', 'width': source.width, 'width_unit': source.width_unit, 'background_weight': 0.0}
+        return {'rule': 'labels', 'background_weight': 0.0}  # case_protection: weight = the support
+    return {'rule': 'roi', 'dilation': int(source.roi.get('dilation', 0)),
+            'soft_edge': float(source.roi.get('soft_edge', 0.0)), 'unit': 'voxels', 'dims': int(dims),
+            'slice_axis': int(transpose_forward[0]) if dims == 2 else None,
+            'background_weight': float(source.eps_bg)}

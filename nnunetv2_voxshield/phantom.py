@@ -10,6 +10,11 @@ three has 1.5 mm slices. Case ``i`` depends only on (seed, i): the same seed giv
 0.8 x 0.8 x 2.5 mm (``shape`` sets the size, in SimpleITK's (z, y, x) array order), air around a body of fat and
 soft tissue with liver (1), spleen (2) and kidneys (3) labelled and an unlabelled spine, plus noise. Its channel is
 'CT', so nnU-Net's planner picks CTNormalization.
+
+``cardiac=True`` writes a small cine-MRI-like phantom shaped as ACDC: three classes (RV 1, MYO 2, LV 3) on
+1.5 x 1.5 x 10 mm voxels (``CARDIAC_SPACING``; ``shape`` (z, y, x), default ``CARDIAC_SHAPE``), cases cycling through
+float32, uint8 and int16 images; ``ignore=True`` adds nnU-Net's ignore label (4, 'ignore' in dataset.json) on the
+last slice and on a background box, as unannotated regions.
 """
 import argparse
 import json
@@ -27,6 +32,11 @@ LABELS = {'background': 0, 'tube': 1, 'nodule': 2}
 CT_LABELS = {'background': 0, 'liver': 1, 'spleen': 2, 'kidney': 3}
 CT_SHAPE = (120, 512, 512)          # (z, y, x)
 CT_SPACING = (0.8, 0.8, 2.5)        # (x, y, z) mm, as SimpleITK
+CARDIAC_LABELS = {'background': 0, 'RV': 1, 'MYO': 2, 'LV': 3}
+CARDIAC_IGNORE = 4
+CARDIAC_SHAPE = (8, 40, 40)         # (z, y, x)
+CARDIAC_SPACING = (1.5, 1.5, 10.0)  # (x, y, z) mm, as ACDC
+CARDIAC_DTYPES = ('float32', 'uint8', 'int16')
 
 
 def _smooth_noise(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
@@ -138,6 +148,39 @@ def synthesize_ct_case(rng: np.random.Generator, shape: Sequence[int] = CT_SHAPE
     return image, labels, tuple(float(s) for s in spacing)
 
 
+def synthesize_cardiac_case(rng: np.random.Generator, shape: Sequence[int] = CARDIAC_SHAPE,
+                            spacing: Sequence[float] = CARDIAC_SPACING, dtype: str = 'float32',
+                            ignore: bool = False) -> Tuple[np.ndarray, np.ndarray, tuple]:
+    """One ACDC-like case: image (z, y, x) of ``dtype``, labels (LV 3 inside MYO 2, RV 1 beside them; 4 = ignore
+    on the last slice and a background box if ``ignore``) and the spacing (x, y, z) for SimpleITK."""
+    shape = tuple(int(n) for n in shape)
+    sz, sy, sx = spacing[2], spacing[1], spacing[0]
+    z, y, x = np.meshgrid(*[(np.arange(n) + 0.5) * s for n, s in zip(shape, (sz, sy, sx))], indexing='ij')
+    fov_y, fov_x = shape[1] * sy, shape[2] * sx
+    taper = 1 - 0.5 * (z / (shape[0] * sz))  # the heart narrows towards the apex
+    cy, cx = fov_y / 2 + rng.uniform(-2, 2), fov_x / 2 + rng.uniform(-2, 2)
+    r_lv = rng.uniform(5, 7) * taper
+    r = np.sqrt((y - cy) ** 2 + (x - cx) ** 2)
+    labels = np.zeros(shape, dtype=np.uint8)
+    labels[r < r_lv + rng.uniform(3, 4)] = 2
+    labels[r < r_lv] = 3
+    rv = np.sqrt(((y - cy) / 1.2) ** 2 + (x - cx - (r_lv + 8)) ** 2) < rng.uniform(5, 6) * taper
+    labels[rv & (labels == 0)] = 1
+    image = 200 + 20 * _smooth_noise(rng, shape, 1.5)
+    image = np.where(labels == 3, 420, np.where(labels == 2, 120, np.where(labels == 1, 380, image)))
+    image = gaussian_filter(image.astype(np.float64), 0.5) + 10 * rng.standard_normal(shape)
+    if ignore:
+        labels[-1] = CARDIAC_IGNORE
+        labels[:, :4, :4] = CARDIAC_IGNORE
+    if dtype == 'uint8':
+        image = np.clip(np.rint(image * 200 / np.percentile(image, 99.9)), 0, 255).astype(np.uint8)
+    elif dtype == 'int16':
+        image = np.clip(np.rint(image * 3 - 300), -1024, 3071).astype(np.int16)
+    else:
+        image = image.astype(np.float32)
+    return image, labels, tuple(float(s) for s in spacing)
+
+
 def _write_nifti(array: np.ndarray, spacing: tuple, origin: tuple, path: str) -> None:
     img = sitk.GetImageFromArray(array)
     img.SetSpacing(spacing)
@@ -146,8 +189,11 @@ def _write_nifti(array: np.ndarray, spacing: tuple, origin: tuple, path: str) ->
 
 
 def _write_case(folder: str, images: str, labels: str, identifier: str, rng: np.random.Generator, index: int,
-                ct_shape: Optional[Sequence[int]] = None) -> str:
-    if ct_shape is not None:
+                ct_shape: Optional[Sequence[int]] = None, cardiac: Optional[dict] = None) -> str:
+    if cardiac is not None:
+        image, seg, spacing = synthesize_cardiac_case(rng, cardiac['shape'], CARDIAC_SPACING,
+                                                      CARDIAC_DTYPES[index % len(CARDIAC_DTYPES)], cardiac['ignore'])
+    elif ct_shape is not None:
         image, seg, spacing = synthesize_ct_case(rng, ct_shape)
     else:
         image, seg, spacing = synthesize_case(rng, index % 4 == 1, 1.5 if index % 3 == 2 else 1.0)
@@ -159,10 +205,12 @@ def _write_case(folder: str, images: str, labels: str, identifier: str, rng: np.
 
 def write_phantom_dataset(dataset_id: int = 990, name: str = 'VoxShieldPhantom', n_cases: int = 8, n_test: int = 0,
                           seed: int = 0, raw_root: Optional[str] = None, overwrite: bool = False, ct: bool = False,
-                          shape: Optional[Sequence[int]] = None) -> str:
+                          shape: Optional[Sequence[int]] = None, cardiac: bool = False, ignore: bool = False) -> str:
     """Write ``<raw_root>/Dataset<id>_<name>`` (default raw_root: $nnUNet_raw) atomically; return its path.
 
-    ``ct``: the CT phantom (``synthesize_ct_case``) with ``shape`` (z, y, x; default ``CT_SHAPE``)."""
+    ``ct``: the CT phantom (``synthesize_ct_case``) with ``shape`` (z, y, x; default ``CT_SHAPE``); ``cardiac``: the
+    ACDC-like phantom (``synthesize_cardiac_case``, ``shape`` default ``CARDIAC_SHAPE``), ``ignore``: with nnU-Net's
+    ignore label."""
     raw_root = raw_root or os.environ.get('nnUNet_raw')
     if not raw_root:
         raise ValueError('nnUNet_raw is not set; set it or pass raw_root')
@@ -172,8 +220,16 @@ def write_phantom_dataset(dataset_id: int = 990, name: str = 'VoxShieldPhantom',
         raise ValueError(f'dataset name must be letters, digits, - or _, got {name!r}')
     if n_cases < 1 or n_test < 0:
         raise ValueError(f'need n_cases >= 1 and n_test >= 0, got {n_cases} and {n_test}')
-    if shape is not None and not ct:
-        raise ValueError('shape applies to the CT phantom only (ct=True / --ct)')
+    if ct and cardiac:
+        raise ValueError('choose one of the CT (--ct) and the cardiac (--cardiac) phantom')
+    if ignore and not cardiac:
+        raise ValueError('the ignore label applies to the cardiac phantom only (cardiac=True / --cardiac)')
+    if shape is not None and not (ct or cardiac):
+        raise ValueError('shape applies to the CT phantom only (ct=True / --ct) or the cardiac one (--cardiac)')
+    cardiac_options = {'shape': tuple(int(n) for n in (shape or CARDIAC_SHAPE)), 'ignore': bool(ignore)} \
+        if cardiac else None
+    if cardiac and (len(cardiac_options['shape']) != 3 or min(cardiac_options['shape']) < 4):
+        raise ValueError(f'cardiac shape must be 3 sizes (z, y, x) of at least 4 voxels, got {shape!r}')
     ct_shape = tuple(int(n) for n in (shape or CT_SHAPE)) if ct else None
     if ct and (len(ct_shape) != 3 or min(ct_shape) < 8):
         raise ValueError(f'CT shape must be 3 sizes (z, y, x) of at least 8 voxels, got {shape!r}')
@@ -196,10 +252,10 @@ def write_phantom_dataset(dataset_id: int = 990, name: str = 'VoxShieldPhantom',
             os.makedirs(os.path.join(tmp, sub))
         for i in range(n_cases):
             _write_case(tmp, 'imagesTr', 'labelsTr', f'phantom_{i:03d}', np.random.default_rng([seed, 0, i]), i,
-                        ct_shape)
+                        ct_shape, cardiac_options)
         for j in range(n_test):
             _write_case(tmp, 'imagesTs', 'labelsTs', f'phantomts_{j:03d}', np.random.default_rng([seed, 1, j]), j,
-                        ct_shape)
+                        ct_shape, cardiac_options)
         dataset_json = {
             'name': name,
             'description': 'Synthetic phantom: a tube drifting along z (label 1) and an attached nodule (label 2) '
@@ -220,6 +276,16 @@ def write_phantom_dataset(dataset_id: int = 990, name: str = 'VoxShieldPhantom',
                 'reference': f'nnunetv2_voxshield.phantom.write_phantom_dataset(seed={seed}, ct=True, '
                              f'shape={list(ct_shape)})',
                 'channel_names': {'0': 'CT'}, 'labels': CT_LABELS})
+        if cardiac:
+            shape_zyx = cardiac_options['shape']
+            dataset_json.update({
+                'description': f'Synthetic cine-MRI-like phantom (ACDC-shaped: {shape_zyx[2]} x {shape_zyx[1]} x '
+                               f'{shape_zyx[0]} voxels at {" x ".join(map(str, CARDIAC_SPACING))} mm): RV, MYO and '
+                               f'LV; float32, uint8 and int16 cases' + ('; ignore label 4 on unannotated voxels'
+                                                                        if ignore else '') + '.',
+                'reference': f'nnunetv2_voxshield.phantom.write_phantom_dataset(seed={seed}, cardiac=True, '
+                             f'shape={list(shape_zyx)}, ignore={bool(ignore)})',
+                'labels': dict(CARDIAC_LABELS, **({'ignore': CARDIAC_IGNORE} if ignore else {}))})
         with open(os.path.join(tmp, 'dataset.json'), 'w') as f:
             json.dump(dataset_json, f, indent=4)
         if os.path.exists(target):  # overwrite: move the old folder aside first, delete it after the swap
@@ -249,11 +315,15 @@ def phantom_entry():
                         help='abdominal CT phantom: int16 HU, channel CT (nnU-Net picks CTNormalization), '
                              '0.8 x 0.8 x 2.5 mm voxels, labels liver/spleen/kidney')
     parser.add_argument('--shape', type=int, nargs=3, default=None, metavar=('Z', 'Y', 'X'),
-                        help=f'--ct: voxels per axis (z y x). Default: {" ".join(map(str, CT_SHAPE))}')
+                        help=f'--ct / --cardiac: voxels per axis (z y x). Default: {" ".join(map(str, CT_SHAPE))} (CT), '
+                             f'{" ".join(map(str, CARDIAC_SHAPE))} (cardiac)')
+    parser.add_argument('--cardiac', action='store_true',
+                        help='ACDC-like phantom: RV/MYO/LV on 1.5 x 1.5 x 10 mm voxels, float32/uint8/int16 cases')
+    parser.add_argument('--ignore', action='store_true', help='--cardiac: add nnU-Net\'s ignore label (4)')
     args = parser.parse_args()
     try:
         path = write_phantom_dataset(args.d, args.name, args.n, args.test, args.seed, overwrite=args.overwrite,
-                                     ct=args.ct, shape=args.shape)
+                                     ct=args.ct, shape=args.shape, cardiac=args.cardiac, ignore=args.ignore)
     except (ValueError, OSError) as e:
         sys.exit(f'voxshield_phantom: error: {e}')
     print(f'wrote {args.n} training and {args.test} test cases to {path}')

@@ -71,12 +71,16 @@ class UMedPerturbator(nn.Module):
         return self.contour(x), self.texture(x)
 
 
-def contour_band(mask: torch.Tensor, width: int = 2) -> torch.Tensor:
-    """Dilation minus erosion of a binary mask (b, 1, *spatial) by a cube of radius ``width``."""
+def contour_band(mask: torch.Tensor, width: float = 2, spacing: Optional[Sequence[float]] = None) -> torch.Tensor:
+    """Dilation minus erosion of a binary mask (b, 1, *spatial) by a box of radius ``width``: in voxels (a cube) if
+    ``spacing`` is None, as the trainer uses it, else in mm (floor(width / spacing) voxels per axis)."""
     pool = F.max_pool3d if mask.ndim == 5 else F.max_pool2d
-    k = 2 * width + 1
-    dilated = pool(mask, k, stride=1, padding=width)
-    eroded = -pool(-mask, k, stride=1, padding=width)
+    dims = mask.ndim - 2
+    radii = [int(width)] * dims if spacing is None else [int(np.floor(float(width) / float(s) + 1e-9))
+                                                         for s in spacing]
+    k = [2 * r + 1 for r in radii]
+    dilated = pool(mask, k, stride=1, padding=radii)
+    eroded = -pool(-mask, k, stride=1, padding=radii)
     return (dilated - eroded).clamp(0, 1)
 
 
@@ -111,7 +115,7 @@ def umed_perturbation(contour_pattern: torch.Tensor, texture_pattern: torch.Tens
                       use_texture: bool = True) -> torch.Tensor:
     """delta_c + delta_t, both (b, c, *spatial):
 
-    delta_c = clamp(Gc(x) eps, -eps, eps) on the contour band of the ROI;
+    delta_c = clamp(Gc(x) eps, -eps, eps) on the contour band of the ROI (``band_width`` in voxels, a cube);
     delta_t = clamp(Gt(x) eps LBP, -eps LBP, eps LBP) inside the ROI minus the band (UMed Eq. 5).
     The supports are disjoint, so |delta| <= eps everywhere and delta = 0 outside ROI + band.
     """

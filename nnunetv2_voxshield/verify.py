@@ -4,6 +4,9 @@ For every clean training case: present in the protected dataset, label byte-iden
 origin, direction and dtype per channel, finite voxels, and max |protected - clean| <= budget, the budget being
 recomputed from the clean image (``budget.raw_budget``: eps x the window of ``--budget-mode`` per channel, or
 ``--eps-abs``; 'zscore-dataset' takes the std over the clean dataset given here).
+With the export's protection manifest (``manifest.MANIFEST_FILE`` in the protected dataset) its budget settings are
+the defaults (flags override them) and every voxel is checked against its own bound, recomputed from the clean
+label: the budget in the support, eps_bg outside it, zero on nnU-Net's ignore label (``manifest.voxel_weight``).
 Files are read with SimpleITK directly; nothing of export's code or reports is used.
 """
 import argparse
@@ -18,10 +21,13 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnunetv2_voxshield.budget import (BUDGET_MODES, DEFAULT_BUDGET_MODE, DEFAULT_EPS, DEFAULT_PERCENTILES,
-                                       check_budget_mode, dataset_std, parse_eps, parse_eps_abs, raw_budget)
+                                       check_budget_mode, dataset_ignore_label, dataset_std, parse_eps,
+                                       parse_eps_abs, raw_budget)
+from nnunetv2_voxshield.manifest import ManifestError, read_manifest, voxel_weight
 from nnunetv2_voxshield.metrics import psnr, ssim
 
 GEOMETRY_ATOL = 1e-5
+BOUND_RTOL = 1e-6  # per-voxel bounds: export's float32 ROI weights against the float64 ones recomputed here
 
 
 class VerifyInputError(Exception):
@@ -76,10 +82,29 @@ def _geometry_problem(clean: sitk.Image, protected: sitk.Image) -> Optional[str]
     return None
 
 
+def _voxel_check(path: str, diff: np.ndarray, allowed: np.ndarray, weight: np.ndarray) -> tuple:
+    """(violation or None, per-voxel metrics) of |delta| ``diff`` against the per-voxel bound ``allowed``."""
+    over = diff > allowed * (1 + BOUND_RTOL)
+    support, background, zero = weight >= 1, (weight > 0) & (weight < 1), weight == 0
+    top = lambda region: float(diff[region].max()) if region.any() else 0.0  # noqa: E731
+    positive = allowed > 0
+    metrics = {'voxels_over_bound': int(over.sum()), 'max_abs_delta_support': top(support),
+               'max_abs_delta_background': top(background), 'max_abs_delta_zero_bound': top(zero),
+               'max_bound_use': float((diff[positive] / allowed[positive]).max()) if positive.any() else 0.0}
+    if not over.any():
+        return None, metrics
+    where = [f'{int((over & region).sum())} {name}' for region, name in
+             ((support, 'in the support'), (background, 'outside it (eps_bg)'), (zero, 'where the bound is 0'))
+             if (over & region).any()]
+    return (f'{path}: {int(over.sum())} voxel(s) exceed their per-voxel bound ({", ".join(where)}; max |delta| there '
+            f'{float(diff[over].max()):.6g})'), metrics
+
+
 def verify_case(case: str, clean_folder: str, protected_folder: str, ending: str, n_channels: int, eps: float,
                 eps_abs: Optional[float], percentiles: Sequence[float], budget_mode: str = DEFAULT_BUDGET_MODE,
-                clean_std: Optional[Sequence[float]] = None) -> dict:
-    """Violations (one line each) and metrics of one case (``clean_std``: the dataset's, for 'zscore-dataset')."""
+                clean_std: Optional[Sequence[float]] = None, manifest: Optional[dict] = None) -> dict:
+    """Violations (one line each) and metrics of one case (``clean_std``: the dataset's, for 'zscore-dataset';
+    ``manifest``: its support rule and ignore label give every voxel its own bound, ``manifest.voxel_weight``)."""
     violations, channels = [], []
     clean_label = os.path.join(clean_folder, 'labelsTr', case + ending)
     protected_label = os.path.join(protected_folder, 'labelsTr', case + ending)
@@ -90,7 +115,10 @@ def verify_case(case: str, clean_folder: str, protected_folder: str, ending: str
     label = _read(clean_label)
     if label is None:
         raise VerifyInputError(f'{clean_label}: cannot be read as an image')
-    roi = sitk.GetArrayFromImage(label) > 0
+    seg = sitk.GetArrayFromImage(label)
+    ignore = None if manifest is None else manifest.get('ignore_label')
+    roi = (seg > 0) if ignore is None else (seg > 0) & (seg != ignore)
+    weight = None if manifest is None else voxel_weight(manifest['support'], seg, label.GetSpacing()[::-1], ignore)
     clean_files = [os.path.join(clean_folder, 'imagesTr', f'{case}_{c:04d}{ending}') for c in range(n_channels)]
     protected_files = [os.path.join(protected_folder, 'imagesTr', f'{case}_{c:04d}{ending}')
                        for c in range(n_channels)]
@@ -122,10 +150,15 @@ def verify_case(case: str, clean_folder: str, protected_folder: str, ending: str
         if max_delta > budget:
             violations.append(f'{path}: max |delta| {max_delta:.6g} exceeds the budget {budget:.6g} '
                               f'at {int(np.sum(diff > budget))} voxel(s)')
+        voxel = {}
+        if weight is not None and weight.shape == diff.shape:
+            problem, voxel = _voxel_check(path, diff, float(budget) * weight, weight)
+            if problem is not None and max_delta <= budget:  # over the channel budget: reported above
+                violations.append(problem)
         channels.append({'file': os.path.basename(path), 'budget': float(budget), 'max_abs_delta': max_delta,
                          'budget_use': max_delta / budget if budget > 0 else (0.0 if max_delta == 0 else np.inf),
                          'fraction_changed': float(np.mean(diff > 0)), 'psnr': psnr(clean, protected),
-                         'psnr_roi': psnr(clean, protected, roi), 'ssim': ssim(clean, protected)})
+                         'psnr_roi': psnr(clean, protected, roi), 'ssim': ssim(clean, protected), **voxel})
     return {'case': case, 'violations': violations, 'channels': channels}
 
 
@@ -159,15 +192,39 @@ def _clean_case(clean_folder: str, case: str, ending: str, n_channels: int) -> n
         raise VerifyInputError(f'{os.path.join(clean_folder, "imagesTr", case)}_*: channels differ in shape') from None
 
 
-def verify_datasets(clean_folder: str, protected_folder: str, eps: float = DEFAULT_EPS,
-                    eps_abs: Optional[float] = None, percentiles: Sequence[float] = DEFAULT_PERCENTILES,
-                    budget_mode: str = DEFAULT_BUDGET_MODE, strength: Optional[float] = None) -> dict:
+def _manifest_settings(protected_folder: str, eps, eps_abs, percentiles, budget_mode, strength) -> tuple:
+    """(manifest or None, eps, eps_abs, percentiles, budget_mode, strength): the arguments given, the manifest's
+    where an argument is None (an eps or eps_abs given replaces both of the manifest's), else the defaults."""
+    try:
+        manifest = read_manifest(protected_folder) if os.path.isdir(protected_folder) else None
+    except ManifestError as e:
+        raise VerifyInputError(str(e)) from None
+    m = manifest or {}
+    if eps is None and eps_abs is None and strength is None:
+        eps, eps_abs, strength = m.get('eps'), m.get('eps_abs'), m.get('strength')
+        if eps is None and eps_abs is None and strength is None:
+            eps = DEFAULT_EPS
+    percentiles = percentiles if percentiles is not None else m.get('percentiles') or DEFAULT_PERCENTILES
+    budget_mode = budget_mode or m.get('budget_mode') or DEFAULT_BUDGET_MODE
+    return manifest, eps, eps_abs, percentiles, budget_mode, strength
+
+
+def verify_datasets(clean_folder: str, protected_folder: str, eps: Optional[float] = None,
+                    eps_abs: Optional[float] = None, percentiles: Optional[Sequence[float]] = None,
+                    budget_mode: Optional[str] = None, strength: Optional[float] = None) -> dict:
     """Report with 'violations' (empty when the protected dataset passes), per-case metrics and a summary.
-    ``strength``: a conv copy (``conv_code``): no eps, the bound is strength x (max - min) per channel."""
+    ``strength``: a conv copy (``conv_code``): no eps, the bound is strength x (max - min) per channel.
+    Arguments left None come from the protected dataset's manifest, else the defaults (eps 4/255, range,
+    p0.5-p99.5); with a manifest every voxel is also checked against its own bound (eps, eps_bg, 0 on the ignore
+    label of the clean dataset.json)."""
+    manifest, eps, eps_abs, percentiles, budget_mode, strength = _manifest_settings(
+        protected_folder, eps, eps_abs, percentiles, budget_mode, strength)
     if strength is not None:  # s x the p0-p100 range: conv's bound, whatever eps / mode say
         eps, eps_abs, percentiles, budget_mode = float(strength), None, (0.0, 100.0), DEFAULT_BUDGET_MODE
     check_budget_mode(budget_mode)
     clean = _dataset_json(clean_folder)
+    if manifest is not None:  # the ignore label of the clean dataset, not the export's word for it
+        manifest = dict(manifest, ignore_label=dataset_ignore_label(clean['json']))
     cases = _cases(clean_folder, clean['ending'])
     if not cases:
         raise VerifyInputError(f'{os.path.join(clean_folder, "labelsTr")}: no training cases found')
@@ -189,14 +246,17 @@ def verify_datasets(clean_folder: str, protected_folder: str, eps: float = DEFAU
     violations += [f'{os.path.join(protected_folder, "labelsTr", c + clean["ending"])}: case {c} is not in the '
                    f'clean dataset' for c in extra]
     reports = [verify_case(c, clean_folder, protected_folder, clean['ending'], clean['channels'], eps, eps_abs,
-                           percentiles, budget_mode, clean_std) for c in cases]
+                           percentiles, budget_mode, clean_std, manifest) for c in cases]
     violations += [v for r in reports for v in r['violations']]
     channels = [ch for r in reports for ch in r['channels']]
     summary = {'cases': len(cases), 'violations': len(violations),
                'max_budget_use': max((ch['budget_use'] for ch in channels), default=0.0),
                'psnr': _stats([ch['psnr'] for ch in channels]), 'psnr_roi': _stats([ch['psnr_roi'] for ch in channels]),
-               'ssim': _stats([ch['ssim'] for ch in channels])}
-    return _json_safe({'summary': summary, 'violations': violations, 'cases': reports,
+               'ssim': _stats([ch['ssim'] for ch in channels]),
+               'per_voxel_bounds': manifest is not None,
+               'voxels_over_bound': sum(ch.get('voxels_over_bound', 0) for ch in channels),
+               'max_bound_use': max((ch['max_bound_use'] for ch in channels if 'max_bound_use' in ch), default=None)}
+    return _json_safe({'summary': summary, 'violations': violations, 'cases': reports, 'manifest': manifest,
                        'budget': {'eps': None if eps_abs is not None else eps, 'eps_abs': eps_abs,
                                   'mode': None if eps_abs is not None else budget_mode, 'dataset_std': clean_std,
                                   'percentiles': list(percentiles), 'strength': strength}})
@@ -211,29 +271,36 @@ def verify_entry(argv=None):
     parser.add_argument('clean', help='clean nnU-Net raw dataset folder')
     parser.add_argument('protected', help='protected nnU-Net raw dataset folder')
     budget = parser.add_mutually_exclusive_group()
-    budget.add_argument('--eps', default='4/255', help='budget as a fraction in (0, 1] of the window of '
-                                                       '--budget-mode (default range: each case\'s p0.5-p99.5 range)')
+    budget.add_argument('--eps', default=None, help='budget as a fraction in (0, 1] of the window of --budget-mode '
+                                                    '(default: the manifest\'s, else 4/255 of each case\'s '
+                                                    'p0.5-p99.5 range)')
     budget.add_argument('--eps-abs', default=None, help='absolute budget in raw units (e.g. HU)')
     budget.add_argument('--strength', type=float, default=None,
                         help='a conv copy (voxshield_export --method conv --strength S): no eps; checks |delta| <= S x '
                              '(max - min) per channel and reports PSNR over the volume and inside the labels')
-    parser.add_argument('--budget-mode', default=DEFAULT_BUDGET_MODE, metavar='{' + ','.join(BUDGET_MODES) + '}',
+    parser.add_argument('--budget-mode', default=None, metavar='{' + ','.join(BUDGET_MODES) + '}',
                         help='what --eps is a fraction of, per channel: ' +
-                             '; '.join(f'{k}: {v}' for k, v in BUDGET_MODES.items()) + ' (default: range)')
+                             '; '.join(f'{k}: {v}' for k, v in BUDGET_MODES.items()) +
+                             ' (default: the manifest\'s, else range)')
+    parser.add_argument('--percentiles', type=float, nargs=2, default=None, metavar=('LOW', 'HIGH'),
+                        help='the percentiles of the range window (default: the manifest\'s, else 0.5 99.5)')
     parser.add_argument('-o', default=None, help='write the full report to this JSON file')
     args = parser.parse_args(argv)
     try:
-        eps = parse_eps(args.eps)
+        eps = parse_eps(args.eps) if args.eps is not None else None
         eps_abs = parse_eps_abs(args.eps_abs) if args.eps_abs is not None else None
-        check_budget_mode(args.budget_mode)
+        if args.budget_mode is not None:
+            check_budget_mode(args.budget_mode)
+        if args.percentiles is not None and not 0 <= args.percentiles[0] < args.percentiles[1] <= 100:
+            raise ValueError(f'--percentiles must satisfy 0 <= LOW < HIGH <= 100, got {args.percentiles}')
     except ValueError as e:  # one line, nothing written
         print(f'voxshield_verify: error: {e}', file=sys.stderr)
         sys.exit(1)
     try:
         if args.strength is not None and not args.strength > 0:
             raise VerifyInputError(f'--strength must be > 0, got {args.strength}')
-        report = verify_datasets(args.clean, args.protected, eps, eps_abs, budget_mode=args.budget_mode,
-                                 strength=args.strength)
+        report = verify_datasets(args.clean, args.protected, eps, eps_abs, args.percentiles,
+                                 budget_mode=args.budget_mode, strength=args.strength)
     except VerifyInputError as e:
         print(f'voxshield_verify: error: {e}', file=sys.stderr)
         sys.exit(1)
