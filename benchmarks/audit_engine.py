@@ -1,9 +1,12 @@
 """The audit engine (nnunetv2_voxshield/jobs.py) on a `quick` panel: parallel efficiency at 1 and 2 local workers,
 the engine's overhead per job against a victim's time, and a run killed in the middle of a training and rerun.
 
-Two sources of jobs, one measurement:
+Three sources of jobs, one measurement:
 - ``--source audit``: the real audit, ``voxshield_audit <args after -->`` (panel, epochs, datasets as you give them),
   run as a subprocess per measurement with ``-o <work>/<run> -w W``;
+- ``--source phantom``: the real audit on the phantom (6 training cases, 2 test cases, a copy with a label-keyed
+  offset) with the quick panel's two exploiters as short victims (stock and no-augmentation nnU-Net, 6 epochs of 3
+  iterations: benchmarks/engine_trainers), CPU plans;
 - ``--source synthetic``: the quick panel's DAG shape (plan x2 -> train x4 -> predict x4 -> score x4, quality)
   with pure-Python CPU work instead of nnU-Net (each 'epoch' a fixed amount of work, a checkpoint file after each),
   to validate the measurement in seconds.
@@ -17,6 +20,7 @@ exactly one completion record, how often each job was started (from its log.txt)
 finished before the kill kept their records and numbers unchanged.
 
     python benchmarks/audit_engine.py --source synthetic --work /tmp/engine_bench
+    python benchmarks/audit_engine.py --source phantom --work /tmp/engine_bench
     python benchmarks/audit_engine.py --source audit --work /tmp/engine_bench -- --clean C --protected P --epochs 4
 """
 import argparse
@@ -95,6 +99,43 @@ def run_synthetic(root: str, workers: int, epochs: int, units: int) -> None:
     sys.exit(0 if all(r.state == 'done' for r in records.values()) else 1)
 
 
+# --------------------------------------------------------------------------------------------- phantom audit
+ENGINE_TRAINERS = os.path.join(REPO, 'benchmarks', 'engine_trainers')
+SHORT_EPOCHS = 6   # engine_trainers.Short.epochs
+
+
+def phantom_audit_args(work: str) -> list:
+    """A clean phantom and a protected copy (a +-40 offset inside labels 1 / 2) under ``work``; the audit's args."""
+    import shutil
+    import numpy as np
+    import SimpleITK as sitk
+    from nnunetv2_voxshield.phantom import write_phantom_dataset
+    raw = os.path.join(work, 'raw')
+    os.makedirs(raw, exist_ok=True)
+    clean = os.path.join(raw, 'Dataset201_EngineClean')
+    copy = os.path.join(raw, 'Dataset202_EngineCopy')
+    if not os.path.isdir(clean):
+        write_phantom_dataset(201, 'EngineClean', n_cases=6, n_test=2, raw_root=raw)
+    if not os.path.isdir(copy):
+        tmp = copy + '.tmp'
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(clean, tmp, ignore=shutil.ignore_patterns('*Ts'))
+        for f in sorted(glob.glob(os.path.join(tmp, 'imagesTr', '*.nii.gz'))):
+            image = sitk.ReadImage(f)
+            a = sitk.GetArrayFromImage(image)
+            lab = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(tmp, 'labelsTr',
+                                                                     os.path.basename(f).replace('_0000', ''))))
+            b = a.astype(np.float64) + np.where(lab == 1, 40.0, np.where(lab == 2, -40.0, 0.0))
+            if a.dtype.kind in 'iu':
+                b = np.clip(b, np.iinfo(a.dtype).min, np.iinfo(a.dtype).max)
+            out = sitk.GetImageFromArray(b.astype(a.dtype))
+            out.CopyInformation(image)
+            sitk.WriteImage(out, f, True)
+        os.replace(tmp, copy)
+    return ['--clean', clean, '--protected', copy, '-p', 'nnUNetPlans_cpu', '--exploiter', 'stock=nnUNetTrainer_engine',
+            '--exploiter', 'noda=nnUNetTrainerNoDA_engine', '--disable-tta', '--boot', '200', '--no-detector']
+
+
 # --------------------------------------------------------------------------------------------- measuring
 def command(args, root: str, workers: int) -> list:
     if args.source == 'synthetic':
@@ -120,6 +161,15 @@ def starts(root: str) -> dict:
         name = os.path.basename(os.path.dirname(log))
         n[name] = sum(line.startswith(f'=== {name}: started') for line in open(log, errors='replace'))
     return n
+
+
+def first_epoch_of_last_start(root: str, name: str):
+    """The first 'Epoch N' nnU-Net (or the synthetic training) logged after the job's last start: N > 0 when the
+    training continued from its checkpoint."""
+    text = open(os.path.join(root, 'jobs', name, 'log.txt'), errors='replace').read()
+    last = text.split(f'=== {name}: started')[-1]
+    m = re.search(r'^.*Epoch (\d+)\s*$', last, re.M)
+    return int(m.group(1)) if m else None
 
 
 def summarise(recs: dict, workers: int, wall: float) -> dict:
@@ -170,9 +220,10 @@ def half_trained(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--source', choices=('synthetic', 'audit'), default='synthetic')
+    parser.add_argument('--source', choices=('synthetic', 'phantom', 'audit'), default='synthetic')
     parser.add_argument('--work', required=True, help='scratch folder (one sub-folder per run)')
-    parser.add_argument('--epochs', type=int, default=6, help='victim epochs (synthetic; audit: pass --epochs too)')
+    parser.add_argument('--epochs', type=int, default=6, help='victim epochs (synthetic; audit: taken from its '
+                                                              '--epochs; phantom: 6)')
     parser.add_argument('--units', type=int, default=20, help='synthetic work per epoch / step (units of ~0.05 s)')
     parser.add_argument('--workers', type=int, nargs='+', default=[1, 2])
     parser.add_argument('-o', '--output', default=None, help='results JSON (default: benchmarks/results/'
@@ -187,6 +238,10 @@ def main(argv=None):
     if args.source == 'audit' and '--epochs' in audit_args:
         args.epochs = int(audit_args[audit_args.index('--epochs') + 1])
     os.makedirs(args.work, exist_ok=True)
+    if args.source == 'phantom':
+        args.audit_args, args.epochs = phantom_audit_args(os.path.abspath(args.work)), SHORT_EPOCHS
+        os.environ['nnUNet_extTrainer'] = os.pathsep.join(
+            [ENGINE_TRAINERS] + [p for p in os.environ.get('nnUNet_extTrainer', '').split(os.pathsep) if p])
     stamp = datetime.datetime.utcnow().strftime('%Y%m%dT%H%M%S')
 
     runs = []
@@ -208,11 +263,10 @@ def main(argv=None):
     wall_b, rc_b, _ = timed_run(args, root, w)
     after = records(root)
     started = starts(root)
-    expected = [j.name for j in synthetic_jobs(args.epochs, args.units)] if args.source == 'synthetic' else \
-        sorted(after)
+    reference = next((r['root'] for r in runs if r['workers'] == w), None)
+    expected = sorted(records(reference)) if reference else [j.name for j in synthetic_jobs(args.epochs, args.units)]
     uninterrupted = next((r['wall_s'] for r in runs if r['workers'] == w), None)
-    killed_trains = {n: r['result'].get('resumed_from_epoch') for n, r in after.items()
-                     if n.startswith('train_') and n not in before and isinstance(r.get('result'), dict)}
+    resumed = {n: first_epoch_of_last_start(root, n) for n, k in started.items() if k > 1 and n.startswith('train_')}
     kill = {'workers': w, 'killed': killed, 'returncode_killed': rc_a, 'returncode_rerun': rc_b,
             'wall_killed_run_s': round(wall_a, 2), 'wall_rerun_s': round(wall_b, 2),
             'wall_uninterrupted_s': uninterrupted,
@@ -223,7 +277,14 @@ def main(argv=None):
             'finished_before_kill_unchanged': all(after[n]['result'] == before[n]['result']
                                                   and os.path.getmtime(os.path.join(root, 'jobs', n, 'done.json'))
                                                   == mtimes[n] for n in before),
-            'resumed_trainings': killed_trains, 'root': root}
+            'resumed_trainings_first_epoch': resumed, 'root': root}
+    report = os.path.join(root, 'report.json')
+    if os.path.isfile(report):   # the audit's report: each copy's exploiters, once each
+        with open(report) as f:
+            rows = [(c.get('name'), e.get('name'))
+                    for c in json.load(f).get('copies', []) for e in c.get('exploiters', [])]
+        kill['report_rows'] = [list(r) for r in rows]
+        kill['report_rows_once'] = len(rows) == len(set(rows)) > 0
     print(json.dumps(kill), flush=True)
 
     try:
