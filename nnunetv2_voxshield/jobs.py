@@ -56,8 +56,10 @@ class JobRecord:
     log_tail: List[str] = field(default_factory=list)
     reused: bool = False
 
+
 # ---------------------------------------------------------------------------------------------------------------
 # checks (before any job starts)
+
 
 def check_jobs(jobs: Sequence[Job], backend: str, workers: int, slurm: Optional[dict] = None) -> None:
     """Raises ValueError with one line naming the culprit: unknown backend, bad workers, duplicate or unsafe
@@ -124,6 +126,7 @@ def _gpu_pool(jobs: Sequence[Job], gpus: Optional[Sequence[int]]) -> List[int]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # the run
+
 
 class _Run:
     """One invocation of run_jobs: orders the DAG, claims and submits ready jobs, watches them, prints progress."""
@@ -387,7 +390,6 @@ class _Run:
         self.stream.flush()
 
 
-
 def _duration(s: float) -> str:
     m, s = divmod(int(round(s)), 60)
     return f'{m}m{s:02d}s' if m else f'{s}s'
@@ -419,7 +421,7 @@ def run_jobs(jobs: Sequence[Job], root: str, backend: str = 'local', workers: in
         with tempfile.TemporaryDirectory(prefix='voxshield_slurm_check_') as tmp:
             try:
                 B.slurm_executor(tmp, jobs[0] if jobs else Job('check', print), dict(slurm))
-            except (ValueError, TypeError, AssertionError) as e:
+            except (ValueError, TypeError, NameError, AssertionError) as e:
                 raise ValueError(f'slurm options {sorted(slurm)}: {str(e).splitlines()[0]}') from None
     gpu_ids = _gpu_pool(jobs, gpus) if backend == 'local' else []
     os.makedirs(os.path.join(os.path.abspath(root), 'jobs'), exist_ok=True)

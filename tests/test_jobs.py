@@ -295,3 +295,14 @@ def test_slurm_preempted_job_requeues_and_resumes(tmp_path, slurm_cluster):
         runner.join(180)
     assert (out['pre'].state, out['pre'].result) == ('done', {'resumed': True})
     assert calls(tmp_path, 'pre') == 2 and not (job_dir / 'failed.json').exists()
+
+
+@requires_slurm
+def test_bad_slurm_options_refused_before_any_job(tmp_path):
+    for options, message in (({'bogus': 1}, "slurm options ['bogus']: Parameter 'bogus' need to be prefixed"),
+                             ({'timeout_min': 'abc'}, 'slurm options [\'timeout_min\']: Parameter "timeout_min"')):
+        with pytest.raises(ValueError) as e:
+            run_jobs([Job('a', fns.write_number, (1,))], str(tmp_path / 'root'), backend='slurm', slurm=options,
+                     stream=io.StringIO())
+        assert str(e.value).startswith(message) and '\n' not in str(e.value)
+    assert not (tmp_path / 'root').exists()
