@@ -34,6 +34,7 @@ DOCS = ROOT / 'docs'
 FIGURES_DIR = DOCS / 'figures'
 MARKED = ('README.md', 'docs/method.md', 'docs/evaluation.md', 'docs/findings.md')
 PROVENANCE_KEYS = ('command', 'commit', 'date', 'machine')
+HIPPOCAMPUS_MAP = 'protection_map_20*.json'  # the Hippocampus protection map (Results.map_rows' default)
 MARK = re.compile(r'(<!-- results:([\w-]+) -->\n)(.*?)(<!-- /results -->)', re.S)
 
 BLOCKS: dict = {}
@@ -84,19 +85,20 @@ class Results:
         matches = sorted(glob.glob(str(self.folder / pattern)))
         return Path(matches[-1]).name if matches else None
 
-    def map_rows(self) -> Optional[list]:
-        """The protection map's rows (benchmarks/protection_map.py's own aggregation), or None."""
-        if 'map_rows' not in self._cache:
-            data = self.get('protection_map_20*.json')
+    def map_rows(self, pattern: str = HIPPOCAMPUS_MAP) -> Optional[list]:
+        """A protection map's rows (benchmarks/protection_map.py's own aggregation), or None; ``pattern`` names
+        another dataset's map file (e.g. 'protection_map_acdc_*.json')."""
+        if ('map_rows', pattern) not in self._cache:
+            data = self.get(pattern)
             if data is None:
                 return None
             from protection_map import map_rows
-            self._cache['map_rows'] = map_rows(data)
-        return self._cache['map_rows']
+            self._cache[('map_rows', pattern)] = map_rows(data)
+        return self._cache[('map_rows', pattern)]
 
-    def row(self, victim: str, cell: str) -> Optional[dict]:
+    def row(self, victim: str, cell: str, pattern: str = HIPPOCAMPUS_MAP) -> Optional[dict]:
         """The map row of (victim profile, cell name), or None."""
-        return next((r for r in self.map_rows() or [] if r['victim'] == victim and r['cell'] == cell), None)
+        return next((r for r in self.map_rows(pattern) or [] if r['victim'] == victim and r['cell'] == cell), None)
 
 
 def missing_provenance(folder: Path = RESULTS) -> list:
@@ -177,16 +179,17 @@ def family(method: str) -> Optional[str]:
     return next((name for name, test in FAMILIES if test(base)), None)
 
 
-def cell_psnr(r: Results) -> dict:
+def cell_psnr(r: Results, pattern: str = HIPPOCAMPUS_MAP) -> dict:
     """Whole-volume PSNR of each protected copy (the unpurified cell), for placing purified rows by protection cost."""
-    return {row['cell']: row['psnr'] for row in r.map_rows() or [] if '+' not in row['method'] and row['psnr']}
+    return {row['cell']: row['psnr'] for row in r.map_rows(pattern) or [] if '+' not in row['method'] and row['psnr']}
 
 
-def frontier_points(r: Results, victim: Optional[str], purification: Optional[str]) -> dict:
+def frontier_points(r: Results, victim: Optional[str], purification: Optional[str],
+                    pattern: str = HIPPOCAMPUS_MAP) -> dict:
     """{family: [(psnr, ratio, lo, hi, cell, victim)]}: per family and budget the row with the lowest mean ratio."""
-    psnr = cell_psnr(r)
+    psnr = cell_psnr(r, pattern)
     best = {}
-    for row in r.map_rows() or []:
+    for row in r.map_rows(pattern) or []:
         fam = family(row['method'])
         if fam is None:
             continue
@@ -668,16 +671,22 @@ def provenance(r: Results) -> Optional[str]:
 # ------------------------------------------------------------------------------------------------------- figures
 @figure
 def frontier_png(r: Results, png: Path) -> None:
-    """Small multiples: one panel per exploiter, best point per family and budget, seed range as bars."""
+    """The Hippocampus frontier (``draw_frontier``)."""
+    if r.map_rows() is not None:
+        draw_frontier(r, png, HIPPOCAMPUS_MAP, 'Hippocampus', r.get('amplitude_rule_20*.json'))
+
+
+def draw_frontier(r: Results, png: Path, pattern: str, dataset: str, rule: Optional[dict] = None) -> None:
+    """Small multiples: one panel per exploiter of ``PANELS``, best point per family and budget of the map
+    ``pattern``, seed range as bars; ``rule`` (an amplitude_rule JSON) is drawn on the stock panel."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     import numpy as np
-    rule = r.get('amplitude_rule_20*.json')
     colours = dict(zip([f for f, _ in FAMILIES], plt.get_cmap('tab10').colors))
     fig, axes = plt.subplots(3, 3, figsize=(12, 10.5), sharex=True, sharey=True)
     for ax, (title, victim, purification) in zip(axes.flat, PANELS):
-        pts = frontier_points(r, victim, purification)
+        pts = frontier_points(r, victim, purification, pattern)
         for fam, p in sorted(pts.items()):
             styles = (('stock', 'o', '-'), ('noda', 's', '--')) if purification else ((victim, 'o', '-'),)
             for vic, marker, ls in styles:
@@ -707,7 +716,7 @@ def frontier_png(r: Results, png: Path) -> None:
                 plt.Line2D([], [], color='grey', marker='o', ls='-', label='stock victim (purified panels)'),
                 plt.Line2D([], [], color='grey', marker='s', ls='--', label='no-augmentation victim')]
     fig.legend(handles=handles, loc='lower center', ncol=5, fontsize=11, frameon=False)
-    fig.suptitle('Hippocampus: best code per family and budget, per exploiter (goal: below 0.05 right of 50 dB)',
+    fig.suptitle(f'{dataset}: best code per family and budget, per exploiter (goal: below 0.05 right of 50 dB)',
                  fontsize=13)
     fig.tight_layout(rect=(0, 0.07, 1, 0.97))
     fig.savefig(png, dpi=80)
