@@ -12,8 +12,10 @@ replicated (``mode='nearest'``).
 
 s may exceed 1 (up to ``MAX_STRENGTH``): x' = ((1 - s) delta_0 + s k_c) * x is still one sum-1 kernel per class,
 its centre weight 1 - s + s k_c(0) turning negative as s grows (a sharpening along k_c's pattern); the export clips
-x' to the channel's [min, max]. A 3 x 3 x 3 sum-1 kernel moves the ROI little: at s = 1 the ROI PSNR of training cases is about 27 dB (ACDC) to 29 dB
-(Hippocampus), so ~25 and ~20 dB need s > 1.
+x' to the channel's [min, max]. A 3 x 3 x 3 sum-1 kernel moves the ROI little: at s = 1 the mean ROI PSNR of the
+training cases is 26 dB (ACDC) and 28 dB (Hippocampus), so ~25 and ~20 dB need s > 1
+(``benchmarks/results/conv_strengths_2026-12-07.json``: s = 0.63 / 1.12 / 1.99 on ACDC and 0.79 / 1.40 / 2.49 on
+Hippocampus for 30 / 25 / 20 dB, seed 0).
 
 Budget: not an eps. Because k_c is non-negative with sum 1, |x' - x| <= s (max - min) per channel, the bound the
 export clamps to and ``voxshield_verify --strength s`` checks (for s >= 1 it says no more than the range clip); the
