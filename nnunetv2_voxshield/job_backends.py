@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Sequence
 
 from nnunetv2_voxshield.job_folder import LOG_TAIL_LINES, pid_alive
 
+
 def thread_env(threads: int) -> Dict[str, str]:
     t = str(threads)
     return {'OMP_NUM_THREADS': t, 'MKL_NUM_THREADS': t, 'OPENBLAS_NUM_THREADS': t, 'VOXSHIELD_TORCH_THREADS': t,
@@ -86,6 +87,7 @@ def submitit_tail(handle) -> List[str]:
         return (handle.stderr() or handle.stdout() or '').splitlines()[-LOG_TAIL_LINES:]
     except Exception:   # noqa: BLE001
         return []
+
 
 def _children(pid: int) -> List[int]:
     kids = []

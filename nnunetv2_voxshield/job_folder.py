@@ -18,6 +18,7 @@ HEARTBEAT_S = 30.0   # claims and running.json are touched this often ...
 STALE_S = 300.0      # ... and one untouched for this long belongs to a dead run
 HOST = socket.gethostname()
 
+
 def write_json(path: str, obj) -> None:
     """Temporary file next to ``path``, then rename: readers see the whole record or none."""
     fd, tmp = tempfile.mkstemp(prefix='.tmp_', dir=os.path.dirname(path))
@@ -97,6 +98,7 @@ def read_done(root: str, name: str) -> Optional[dict]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # inside the job process
+
 
 def _heartbeat(path: str, stop: threading.Event) -> None:
     while not stop.wait(HEARTBEAT_S):
@@ -185,6 +187,7 @@ def job_main(job_dir: str, name: str, token: str, backend: str, fn: Callable, ar
 
 # ---------------------------------------------------------------------------------------------------------------
 # claims (two runs sharing a root)
+
 
 def try_claim(p: Dict[str, str], token: str) -> bool:
     """Atomically claims the job for this run; a claim whose owner is dead is taken over (under a lock, so two runs
