@@ -126,7 +126,7 @@ class JobCall:
 
 
 def job_main(job_dir: str, name: str, token: str, backend: str, fn: Callable, args: tuple, kwargs: dict,
-              submitted: Optional[float] = None, call: Optional[JobCall] = None):
+             submitted: Optional[float] = None, call: Optional[JobCall] = None):
     """Runs in the job's own process (submitted through submitit): checks that this run still owns the job, sends
     stdout/stderr to log.txt, calls ``fn(job_dir, *args, **kwargs)`` and writes done.json or failed.json."""
     p = {k: os.path.join(job_dir, v) for k, v in
@@ -168,7 +168,7 @@ def job_main(job_dir: str, name: str, token: str, backend: str, fn: Callable, ar
             if isinstance(e, TypeError) and 'JSON serializable' in str(e):
                 error = f'result of {name} is not JSON-serialisable: {e}'
             write_json(p['failed'], dict(base, error=error, seconds=round(time.time() - t0, 3),
-                                          finished=now(), finished_unix=time.time(), log_tail=tail(p['log'])))
+                                         finished=now(), finished_unix=time.time(), log_tail=tail(p['log'])))
             raise
         seconds = round(time.time() - t0, 3)
         write_json(p['done'], dict(base, result=result, seconds=seconds, finished=now(), finished_unix=time.time()))
