@@ -1,4 +1,4 @@
-"""nnUNetTrainerEMSampleWise: sample-wise error-minimising noise (Huang et al. 2021, arXiv 2101.04898) in nnU-Net's loop.
+"""nnUNetTrainerEMSampleWise: sample-wise error-minimising noise (Huang et al. 2021, arXiv 2101.04898) in nnU-Net.
 
 One delta per training case at preprocessed resolution (``samplewise.DeltaStore``), kept in the checkpoint. Iterations
 alternate as in the authors' ``sample_wise_perturbation``: ``surrogate_steps_per_cycle`` nnU-Net steps of the
@@ -62,7 +62,8 @@ class nnUNetTrainerEMSampleWise(nnUNetTrainer):
     # ------------------------------------------------------------------ data: crops with their boxes, T in the step
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         """As stock nnUNetTrainerNoDA: the loader crops the final patch, no mirroring (Huang et al.: no augmentation)."""
-        rotation_for_DA, do_dummy_2d_data_aug, _, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        rotation_for_DA, do_dummy_2d_data_aug, _, _ = \
+            super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         self.inference_allowed_mirroring_axes = None
         return rotation_for_DA, do_dummy_2d_data_aug, self.configuration_manager.patch_size, None
 
@@ -95,6 +96,8 @@ class nnUNetTrainerEMSampleWise(nnUNetTrainer):
         return float(self.eps_bg) / float(self.eps) if self.eps_bg > 0 and self.eps_abs is None else 0.0
 
     def on_train_start(self):
+        if self.is_ddp:  # each rank would update its own copy of the deltas, and only rank 0's would be saved
+            raise RuntimeError(f'{type(self).__name__}: multi-GPU (DDP) training is not supported; train on one device')
         super().on_train_start()
         if self.case_budgets is None:
             self.case_budgets = self._compute_case_budgets()
