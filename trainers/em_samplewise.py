@@ -61,7 +61,7 @@ class nnUNetTrainerEMSampleWise(nnUNetTrainer):
 
     # ------------------------------------------------------------------ data: crops with their boxes, T in the step
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
-        """As stock nnUNetTrainerNoDA: the loader crops the final patch, no mirroring (Huang et al.: no augmentation)."""
+        """As stock nnUNetTrainerNoDA: the loader crops the final patch, no mirroring (Huang et al.: no DA)."""
         rotation_for_DA, do_dummy_2d_data_aug, _, _ = \
             super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         self.inference_allowed_mirroring_axes = None
