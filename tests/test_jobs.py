@@ -126,9 +126,12 @@ def test_failed_job_reported_others_finish(tmp_path):
 
 
 def test_progress_lines(tmp_path):
-    records, out = run([Job('t', fns.epochs, kwargs={'n': 2}, kind='train', progress=fns.progress_seen)], tmp_path)
+    records, out = run([Job('t', fns.epochs, kwargs={'n': 2}, kind='train', progress=fns.progress_seen)], tmp_path,
+                       status_every=1e-6)
     assert records['t'].result == 2
     lines = [' '.join(line.split()[1:]) for line in out.splitlines() if line[:2].isdigit()]
+    assert any(line.startswith('-- 1 running, 0 queued, 0 done (') for line in lines)    # the status line
+    lines = [line for line in lines if not line.startswith('--')]
     assert lines[0] == 't queued train'
     assert lines[1].startswith('t running train, pid ')
     assert lines[2:4] == ['t running epoch 1/2', 't running epoch 2/2']
