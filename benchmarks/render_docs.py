@@ -570,6 +570,25 @@ def code_survival(r: Results) -> Optional[str]:
             'the code\'s amplitude, per pipeline.\n\n' + table(['code'] + [n for n, _ in loaded], body))
 
 
+@section('Class-wise convolution: strengths per target ROI PSNR')
+def conv_strengths(r: Results) -> Optional[str]:
+    """The conv method's strength s that reaches each target ROI PSNR, per dataset and seed
+    (benchmarks/conv_strengths.py)."""
+    data = r.get('conv_strengths_*.json')
+    if data is None:
+        return None
+    body = []
+    for dataset, d in data['results'].items():
+        for seed, v in sorted(d['seeds'].items(), key=lambda kv: int(kv[0])):
+            for target, t in sorted(v['targets'].items(), key=lambda kv: -float(kv[0])):
+                body.append([dataset, d['cases'], seed, target, f'{t["strength"]:.2f}', f1(t['roi_psnr_mean']),
+                             f'{f1(t["roi_psnr_min"])}-{f1(t["roi_psnr_max"])}', f1(t['psnr_mean'])])
+    return ('`--method conv`: inside label c the image becomes (1 - s) x + s (k_c * x); the strength s per target '
+            'mean ROI PSNR over the split\'s training cases.\n\n'
+            + table(['dataset', 'cases', 'seed', 'target ROI PSNR (dB)', 'strength s', 'ROI PSNR mean (dB)',
+                     'ROI PSNR range (dB)', 'whole-volume PSNR mean (dB)'], body))
+
+
 @section('Export cost on CT (phantom, int16 HU)')
 def ct_export(r: Results) -> Optional[str]:
     """Export against predict on the CT phantom, per case (benchmarks/ct_export.py)."""
