@@ -297,7 +297,8 @@ def main():
 def table_rows(results: dict) -> list:
     """One row per (method, defence, victim configuration) over all eval folders, each once (the first found: clean
     victims, and victims reused from another folder, appear in several), with the Dice ratio to the clean victim of
-    the same configuration."""
+    the same configuration, paired by seed as everywhere (``verdict.seed_ratio``: the seeds both have)."""
+    from nnunetv2_voxshield.verdict import seed_ratio
     rows, clean, seen = [], {}, set()
     for report in (results.get('eval') or {}).values():
         for row in report.get('rows', []):
@@ -306,16 +307,18 @@ def table_rows(results: dict) -> list:
                 if key in seen:
                     continue
                 seen.add(key)
+                per_seed = (row.get('per_seed') or {}).get(config) or {}
                 if row['row'] == 'clean':
-                    clean[config] = v['dice']['mean']
+                    clean[config] = per_seed
                 q = row.get('quality') or {}
                 rows.append({'method': row['method'], 'defence': row['defence'] or '-',
                              'defence_spec': row.get('defence_spec') or '-', 'config': config,
-                             'dice': v['dice']['mean'], 'hd95': v['hd95_mm']['mean'],
+                             'dice': v['dice']['mean'], 'hd95': v['hd95_mm']['mean'], 'per_seed': per_seed,
                              'psnr': (q.get('psnr') or {}).get('mean'), 'psnr_roi': (q.get('psnr_roi') or {}).get('mean'),
                              'ssim': (q.get('ssim') or {}).get('mean')})
     for r in rows:
-        r['ratio'] = r['dice'] / clean[r['config']] if clean.get(r['config']) else None
+        paired = seed_ratio(r.pop('per_seed'), clean.get(r['config']) or {})
+        r['ratio'] = paired['ratio'] if paired else None
     return sorted(rows, key=lambda r: (r['config'] != '3d_fullres', r['defence'] != '-'))
 
 

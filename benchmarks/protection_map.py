@@ -1,4 +1,4 @@
-"""Protection map on MSD Hippocampus (issue 12): victim Dice / clean against budget (PSNR) per method and exploiter.
+"""Protection map (issue 12; any dataset with a split): victim Dice / clean against budget (PSNR) per method and exploiter.
 
     python benchmarks/protection_map.py -o benchmarks/out/map --victim stock --cells offset@16/255 checkerboard@16/255
     python benchmarks/protection_map.py -o benchmarks/out/map --table-only
@@ -10,18 +10,19 @@ lsp) exported at EPS, or a protector trained at EPS with nnU-Net's trainer API a
 takes ``:clean=F``: its copy with a fixed share F of the training cases left clean.
 ``--victim`` is an exploiter profile (stock: ``nnUNetTrainer_5epochs``; noda: ``nnUNetTrainerNoDA_5epochs``;
 adam, labelaware, noSpatial, noNoiseBlur, noIntensity, noLowRes, noMirror, intensityMirrorOnly, onlySpatial,
-onlyNoiseBlur, onlyLowRes: the profiles of
-``trainers/victim_profiles.py``; or any trainer class with ``--victim-trainer``). Every cell is one
-``voxshield_evaluate`` folder ``eval_<victim>_<cell>[+<defence>...]_seed<seeds>`` (``--victim-plans``: a
-residual-encoder victim, profile ``<victim>-ResEncM_cpu``; ``--configuration 2d``: profile ``<victim>-2d``;
-``--victim-epochs N`` other than 5: profile ``<victim>-<N>ep``;
+onlyNoiseBlur, onlyLowRes: the profiles of ``trainers/victim_profiles.py``; or any trainer class with
+``--victim-trainer``); ``--victim-plans``: a residual-encoder victim, profile ``<victim>-ResEncM_cpu``;
+``--configuration 2d``: profile ``<victim>-2d``; ``--victim-epochs N`` other than 5: profile ``<victim>-<N>ep``;
 ``--defences``: the exploiter purifies the protected copy first, one row ``<method>+<defence>@<eps>`` each, next to
-``clean+<defence>@0``, its victim on the purified clean data, which says what the purification alone costs
-(``--no-defend-clean`` skips those); a defence folder's unpurified row is left to the cell's own folder); the clean
-victim of a profile and seed is trained once and reused by all its cells (so run the first cell of a profile alone
-before starting parallel lanes of that profile; a lane that needs a copy another lane is training or exporting waits
-for it under a lock). Uses the split and CPU preset of benchmarks/hippocampus.py; results merge into -o/map.json
-(lanes may run side by side), the table prints, map.md and frontier.png are written.
+``clean+<defence>@0``, its victim on the purified clean data (what the purification alone costs).
+
+Any dataset with a split: ``--dataset 4`` (Hippocampus, benchmarks/hippocampus_split.json, the default) or
+``--dataset 27`` (ACDC, benchmarks/acdc_split.json, both frames of a patient on one side), or ``--data``/``--split``.
+Cells are jobs on the audit's engine (``nnunetv2_voxshield.jobs``, ``-w`` workers or ``--backend slurm``): one
+protect job per cell (train the protector, export, verify), then the audit's victim jobs (plan, purify, train,
+predict, score, quality) under -o/victims, where a clean victim of a profile and seed is one job shared by all cells;
+rerunning resumes, runs sharing -o claim jobs instead of waiting on locks. Results merge into -o/map.json in the
+format ``map_rows`` (and benchmarks/amplitude_rule.py) read; the table prints, map.md and frontier.png are written.
 """
 import argparse
 import fcntl
@@ -59,6 +60,11 @@ VICTIMS = {'stock': 'nnUNetTrainer_{e}epochs', 'noda': 'nnUNetTrainerNoDA_{e}epo
            'intensityMirrorOnly': 'nnUNetTrainerDA_intensityMirrorOnly_{e}epochs',
            **{f'only{f}': f'nnUNetTrainerDA_only{f}_{{e}}epochs' for f in ('Spatial', 'NoiseBlur', 'LowRes')}}
 FIRST_ID = 100  # protected copies get dataset ids from here, one per cell (recorded in map.json)
+DATASETS = {  # --dataset: raw folder in ../shared/data, split, patient grouping of the case ids
+    4: ('Dataset004_Hippocampus', HERE / 'hippocampus_split.json', None),
+    27: ('Dataset027_ACDC', HERE / 'acdc_split.json', r'(patient\d+)_frame\d+'),
+}
+DATASET = {'id': 4, 'name': 'Dataset004_Hippocampus'}  # the map's clean dataset (set by main / protect_job)
 
 
 def parse_cell(text: str) -> dict:
@@ -130,31 +136,30 @@ def copy_folder(label: str, roots: dict, mapfile: MapFile) -> tuple:
         ids = data.setdefault('dataset_ids', {})
         ids.setdefault(label, FIRST_ID + len(ids))
     dataset_id = mapfile.update(assign)['dataset_ids'][label]
-    return dataset_id, roots['nnUNet_raw'] / f'Dataset{dataset_id:03d}_Hippocampus_{label}'
+    return dataset_id, roots['nnUNet_raw'] / f'Dataset{dataset_id:03d}_{DATASET["name"][11:]}_{label}'
 
 
 def protect(cell: dict, roots: dict, env: dict, logs: Path, mapfile: MapFile, clean: Path, epochs: int) -> Path:
     """Export (after training the protector where the method trains) and verify one cell; resumable. Option
-    ``clean=F`` (any method): the cell's copy with a fixed random fraction F of its training cases left clean."""
+    ``clean=F`` (any method): the cell's copy with a fixed random fraction F of its training cases left clean. Runs as
+    one job per cell (``protect_job``): the engine's claim, not a lock, keeps two runs from making one copy twice."""
     label = cell_label(cell)
-    with open(logs / f'protect_{label}.lock', 'w') as lock:  # a lane that needs a copy another lane is making waits
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if 'clean' in cell['options']:
-            return mix_clean(cell, roots, env, logs, mapfile, clean, epochs)
-        return _protect(cell, label, roots, env, logs, mapfile, clean, epochs)
+    if 'clean' in cell['options']:
+        return mix_clean(cell, roots, env, logs, mapfile, clean, epochs)
+    return _protect(cell, label, roots, env, logs, mapfile, clean, epochs)
 
 
 def _protect(cell: dict, label: str, roots: dict, env: dict, logs: Path, mapfile: MapFile, clean: Path,
              epochs: int) -> Path:
     dataset_id, dst = copy_folder(label, roots, mapfile)
-    cmd = ['voxshield_export', '-d', '4', '-o', dataset_id, '--name', dst.name, '-p', hb.PLANS, '-c', '3d_fullres',
+    cmd = ['voxshield_export', '-d', str(DATASET['id']), '-o', dataset_id, '--name', dst.name, '-p', hb.PLANS, '-c', '3d_fullres',
            '-device', 'cpu']
     if cell['method'] in TRAINED:
         trainer = protector_trainer(cell, epochs)
-        fold = roots['nnUNet_results'] / 'Dataset004_Hippocampus' / f'{trainer}__{hb.PLANS}__3d_fullres' / 'fold_all'
+        fold = roots['nnUNet_results'] / DATASET['name'] / f'{trainer}__{hb.PLANS}__3d_fullres' / 'fold_all'
         if not (fold / 'checkpoint_final.pth').is_file():
             hb.log(f'{label}: training {trainer}')
-            seconds = hb.run([sys.executable, '-m', 'nnunetv2_voxshield.victims', 'run', '4', '3d_fullres', '--seed',
+            seconds = hb.run([sys.executable, '-m', 'nnunetv2_voxshield.victims', 'run', str(DATASET['id']), '3d_fullres', '--seed',
                               '0', '-tr', trainer, '-p', hb.PLANS, '-device', 'cpu'], env, logs / f'train_{label}.log')
             mapfile.update(lambda d: d.setdefault('protectors', {}).setdefault(label, {}).update(
                 trainer=trainer, train_seconds=seconds))
@@ -257,7 +262,8 @@ def row_cell(entry: dict, row: dict) -> str:
 def map_rows(data: dict) -> list:
     """One row per (victim profile, cell) over every eval folder and seed: mean Dice over the seeds, the clean
     victim's mean Dice over the same seeds (same profile), their ratio, the per-seed ratios and the PSNR. A purified
-    row's ratio is against the clean victim on unpurified data."""
+    row's ratio is against the clean victim on unpurified data. Seeds are paired by ``verdict.seed_ratio``."""
+    from nnunetv2_voxshield.verdict import seed_ratio
     cells = {}
     for entry in (data.get('eval') or {}).values():
         rows, config = entry['report']['rows'], entry.get('configuration', '3d_fullres')
@@ -267,10 +273,10 @@ def map_rows(data: dict) -> list:
                                                                          and not r.get('defence_spec')):
                 continue
             cell = cells.setdefault((entry['victim'], row_cell(entry, r)),
-                                    {'seeds': {}, 'quality': r.get('quality')})
+                                    {'victim': {}, 'clean': {}, 'quality': r.get('quality')})
             for seed, v in r['per_seed'][config].items():
                 if seed in clean:
-                    cell['seeds'][int(seed)] = (v, clean[seed])
+                    cell['victim'][int(seed)], cell['clean'][int(seed)] = v, clean[seed]
     verify = {p.get('cell'): p.get('verify') or {} for p in (data.get('protectors') or {}).values()}
     overlap = {}  # (victim, cell): mean over the recorded seeds of the protected victims' overlap_stats
     for entry in (data.get('eval') or {}).values():
@@ -282,18 +288,12 @@ def map_rows(data: dict) -> list:
                for k, v in overlap.items()}
     out = []
     for (victim, name), cell in cells.items():
-        seeds = sorted(cell['seeds'])
-        mean = lambda f: sum(f(*cell['seeds'][s]) for s in seeds) / len(seeds)  # noqa: E731
-        q = cell['quality'] or {}
+        q, paired = cell['quality'] or {}, seed_ratio(cell['victim'], cell['clean'])
         out.append({'victim': victim, 'cell': name, 'method': name.split('@')[0], 'eps': name.split('@')[1],
-                    'seeds': seeds, 'dice': mean(lambda v, c: v['dice']), 'clean_dice': mean(lambda v, c: c['dice']),
-                    'ratio_per_seed': [round(cell['seeds'][s][0]['dice'] / cell['seeds'][s][1]['dice'], 3)
-                                       for s in seeds],
-                    'dice_per_label': {k: mean(lambda v, c: v['dice_per_label'][k])
-                                       for k in cell['seeds'][seeds[0]][0]['dice_per_label']},
+                    **{k: paired[k] for k in ('seeds', 'dice', 'clean_dice', 'ratio_per_seed', 'dice_per_label')},
                     'psnr': (q.get('psnr') or {}).get('mean'), 'psnr_min': (verify.get(name, {}).get('psnr') or {}).get('min'),
-                    'psnr_roi': (q.get('psnr_roi') or {}).get('mean'), 'overlap': overlap.get((victim, name))})
-        out[-1]['ratio'] = out[-1]['dice'] / out[-1]['clean_dice']
+                    'psnr_roi': (q.get('psnr_roi') or {}).get('mean'), 'overlap': overlap.get((victim, name)),
+                    'ratio': paired['ratio']})
     return out
 
 
@@ -357,10 +357,138 @@ def frontier_figure(rows: list, png: Path) -> None:
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------------------- cells as jobs
+def plan_job(job_dir: str, env: dict, dataset: dict) -> dict:
+    """Stock plan and preprocess of the map's clean dataset (3d_fullres) and the CPU preset, for the protectors."""
+    logs = Path(job_dir)
+    if not (Path(env['nnUNet_preprocessed']) / dataset['name'] / f'{hb.PLANS}.json').is_file():
+        hb.run(['nnUNetv2_plan_and_preprocess', '-d', dataset['id'], '-c', '3d_fullres', '-np', '1'], env,
+               logs / 'plan.log')
+        hb.run(['voxshield_plans', '-d', dataset['id'], '--preset', 'cpu'], env, logs / 'plan.log')
+    return {'plans': hb.PLANS}
+
+
+def protect_job(job_dir: str, cell_text: str, roots: dict, env: dict, clean: str, epochs: int, dataset: dict,
+                dataset_ids: dict) -> dict:
+    """One cell's protected copy (``protect``) in its own job; its map.json entries (protector, verify summary) go to
+    the job's record and are merged into map.json by the run that started it."""
+    DATASET.update(dataset)
+    part = MapFile(Path(job_dir) / 'map_part.json')
+    part.update(lambda d: d.setdefault('dataset_ids', {}).update(dataset_ids))
+    logs = Path(roots['nnUNet_raw']).parent / 'logs'
+    dst = protect(parse_cell(cell_text), {k: Path(v) for k, v in roots.items()}, env, logs, part, Path(clean), epochs)
+    return {'dataset': str(dst), 'map': json.loads(part.path.read_text())}
+
+
+def _merge(base: dict, new: dict) -> dict:
+    for k, v in new.items():
+        base[k] = _merge(base.get(k) or {}, v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return base
+
+
+def cells_with_bases(cells: list) -> list:
+    """The cells and the base cell of each ``clean=F`` cell (made by its own job, first), each once."""
+    out = {}
+    for cell in cells:
+        if 'clean' in cell['options']:
+            base = parse_cell(cell['cell'].replace(f':clean={cell["options"]["clean"]}', ''))
+            out.setdefault(base['cell'], base)
+        out.setdefault(cell['cell'], cell)
+    return list(out.values())
+
+
+def map_jobs(cells: list, roots: dict, env: dict, clean: Path, args, dataset_ids: dict, victims: Path,
+             victim_trainer: str, profile: str, split: dict) -> tuple:
+    """The map's DAG: plan, one protect job per cell, and the audit's victim jobs (plan / purify / train / predict /
+    score / quality) for the clean data and each cell's copy, under ``victims``; (jobs, victims, rows)."""
+    from nnunetv2_voxshield.audit import build_jobs, link_cases, row_dataset_id
+    from nnunetv2_voxshield.dataset_io import list_training_cases, load_dataset_json
+    from nnunetv2_voxshield.jobs import Job
+    from nnunetv2_voxshield.panel import Panel, Profile
+    import protection_map as this  # job functions by their module's name (not __main__), so job processes find them
+    str_roots = {k: str(v) for k, v in roots.items()}
+    jobs = [Job('plan', this.plan_job, (env, dict(DATASET)), kind='plan')]
+    copies, rows, row_deps = [], {}, {}
+    for cell in cells_with_bases(cells):
+        label = cell_label(cell)
+        deps = ['plan'] + ([f'protect_{cell_label(parse_cell(cell["cell"].replace(":clean=" + cell["options"]["clean"], "")))}']
+                           if 'clean' in cell['options'] else [])
+        jobs.append(Job(f'protect_{label}', this.protect_job, (cell['cell'], str_roots, env, str(clean),
+                                                          args.protector_epochs, dict(DATASET), dataset_ids),
+                        deps=deps, kind='protect'))
+        if cell in cells:
+            copies.append(label)
+            row_deps[label] = [f'protect_{label}']
+    for sub in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'):
+        (victims / sub).mkdir(parents=True, exist_ok=True)
+    ds_json = load_dataset_json(str(clean))
+    rows['clean'] = str(victims / 'nnUNet_raw' / f'Dataset{row_dataset_id(str(victims), "clean"):03d}_clean')
+    link_cases(list_training_cases(str(clean), ds_json), split['train'], ds_json, rows['clean'])
+    for label in copies:  # a link to the copy the cell's protect job makes
+        rows[label] = str(victims / 'nnUNet_raw' / f'Dataset{row_dataset_id(str(victims), label):03d}_{label}')
+        target = roots['nnUNet_raw'] / f'Dataset{dataset_ids[label]:03d}_{DATASET["name"][11:]}_{label}'
+        if not os.path.lexists(rows[label]):
+            os.symlink(target, rows[label])
+    profiles = [Profile(profile, victim_trainer, args.configuration, args.victim_plans, scheduled=False)]
+    profiles += [Profile(f'{profile}+{d}', victim_trainer, args.configuration, args.victim_plans, d, scheduled=False)
+                 for d in args.defences]
+    panel = Panel('map', profiles, list(dict.fromkeys(args.seeds)), None, args.victim_plans)
+    tests = {'train': split['train'], 'test': sorted(split['test']), 'images': str(clean / 'imagesTs'),
+             'labels': str(clean / 'labelsTs')}
+    victim_jobs, scores = build_jobs(str(victims), panel, {p.name: victim_trainer for p in profiles}, rows, copies,
+                                     tests, ds_json['file_ending'], ds_json, 'cpu', True, None, False, str(clean),
+                                     row_deps=row_deps)
+    return jobs + victim_jobs, scores, panel
+
+
+def map_entries(cells: list, records: dict, scores: dict, panel, args, profile: str, victim_trainer: str,
+                victims: Path, labels_dir: Path) -> dict:
+    """map.json's ``eval`` entries (the format voxshield_evaluate's reports had, read by ``map_rows``) of every cell
+    whose victims finished, with the protected victims' ``overlap``; {key: entry}."""
+    from nnunetv2_voxshield.audit import _safe
+    from nnunetv2_voxshield.defences import defence_key
+    done = lambda name: records[name].result if name in records and records[name].state == 'done' else None  # noqa
+    config, entries = args.configuration, {}
+    for cell in cells:
+        label = cell_label(cell)
+        for defences in [[]] + ([args.defences] if args.defences else []):  # the cell alone, then with the defences
+            bases = [('clean', None, profile), (label, None, profile)]
+            bases += [(f'{b}+{defence_key(d)}', d, f'{profile}+{d}') for d in defences for b in ('clean', label)]
+            rows = []
+            for row, spec, prof in bases:
+                per_seed = {str(s): (done(scores[(row, prof, s)]) or {}).get('summary') for s in panel.seeds}
+                if not all(per_seed.values()):
+                    break
+                quality = done(f'quality_{_safe(row)}') if row != 'clean' else None
+                rows.append({'row': 'protected' + row[len(label):] if row.startswith(label) else row,
+                             'method': cell['cell'] if row.startswith(label) else 'Clean', 'defence_spec': spec,
+                             'per_seed': {config: per_seed}, 'quality': (quality or {}).get('summary')})
+            else:
+                purified = ''.join('+' + defence_key(d) for d in defences)
+                key = f'{profile}_{label}{purified}_seed{"-".join(map(str, args.seeds))}'
+                entry = {'victim': profile, 'victim_trainer': victim_trainer, 'victim_plans': args.victim_plans,
+                         'configuration': config, 'victim_epochs': args.victim_epochs, 'defences': defences,
+                         'cell': cell['cell'], 'seeds': args.seeds, 'report': {'rows': rows}}
+                if not defences:
+                    tag = lambda row, s: scores[(row, profile, s)].replace('score_', 'predict_', 1)  # noqa: E731
+                    overlap = {str(s): overlap_stats(victims / 'jobs' / tag(label, s) / 'predictions', labels_dir)
+                               for s in panel.seeds}
+                    if all(overlap.values()):
+                        entry['overlap'] = overlap
+                    entry['clean_overlap'] = {str(s): overlap_stats(victims / 'jobs' / tag('clean', s) /
+                                                                    'predictions', labels_dir) for s in panel.seeds}
+                entries[key] = entry
+    return entries
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('-o', default=str(HERE / 'out' / 'map'), help='output folder')
-    parser.add_argument('--data', default=str(hb.DEFAULT_DATA), help='Dataset004_Hippocampus raw folder')
+    parser.add_argument('--dataset', type=int, default=4, help='the clean dataset\'s id: 4 (Hippocampus, default) or 27 '
+                                                               '(ACDC, patient split), or another with --data/--split')
+    parser.add_argument('--data', default=None, help='its raw folder (default: ../shared/data/<the dataset>)')
+    parser.add_argument('--split', default=None, help='split file {"train": [...], "test": [...]} (default: the '
+                                                      'dataset\'s committed split)')
     parser.add_argument('--cells', nargs='*', default=[], help='METHOD[:key=value]@EPS, e.g. offset@16/255')
     parser.add_argument('--victim', default='stock', help='exploiter profile name: stock, noda, or a name of your '
                                                           'choice with --victim-trainer')
@@ -376,70 +504,90 @@ def main():
     parser.add_argument('--defences', nargs='*', default=[],
                         help='the exploiter purifies the protected copy (and, as a control, the clean data) first: '
                              'blur, zmedian, zresample, quantise (NAME:PARAM); one row each')
-    parser.add_argument('--defend-clean', action=argparse.BooleanOptionalAction, default=True,
-                        help='with --defences, also the victims on the purified clean data (default: yes)')
     parser.add_argument('--seeds', nargs='+', type=int, default=[0])
+    parser.add_argument('-w', '--workers', type=int, default=1, help='jobs at a time')
+    parser.add_argument('--backend', default='local', help='local (default) or slurm')
+    parser.add_argument('--partition', default=None)
+    parser.add_argument('--time', default=None)
+    parser.add_argument('--gpus', type=int, default=None)
+    parser.add_argument('--mem', default=None)
+    parser.add_argument('--sbatch-extra', nargs='*', default=[])
     parser.add_argument('--table-only', action='store_true', help='print the table of -o/map.json, draw the figure')
     args = parser.parse_args()
     out = Path(args.o).resolve()
     out.mkdir(parents=True, exist_ok=True)
     mapfile = MapFile(out / 'map.json')
+    name, default_split, _ = DATASETS.get(args.dataset, (None, None, None))
+    data = Path(args.data) if args.data else (HERE.parent.parent / 'shared' / 'data' / name if name else None)
+    if data is None or not (data / 'dataset.json').is_file():
+        parser.error(f'--dataset {args.dataset}: give its raw folder with --data (dataset.json not found at {data})')
+    DATASET.update(id=args.dataset, name=f'Dataset{args.dataset:03d}_{data.name.split("_", 1)[1]}')
     if args.table_only:
         if not mapfile.path.is_file():
             parser.error(f'{mapfile.path}: not found (run some cells first)')
-        labels_dir = out / 'nnUNet_raw' / 'Dataset004_Hippocampus' / 'labelsTs'
+        labels_dir = out / 'nnUNet_raw' / DATASET['name'] / 'labelsTs'
         if labels_dir.is_dir():  # victims' foreground volume, precision and recall where not yet recorded
             mapfile.update(lambda d: record_overlap(d, out, labels_dir))
         return print_table(json.loads(mapfile.path.read_text()), out)
+    split_file = Path(args.split) if args.split else default_split
+    if split_file is None or not split_file.is_file():
+        parser.error(f'--split: no split file for dataset {args.dataset} ({split_file})')
     cells = [parse_cell(c) for c in args.cells]
     if args.victim_trainer is None and args.victim not in VICTIMS:
         parser.error(f'--victim {args.victim!r} needs --victim-trainer (built in: {", ".join(VICTIMS)})')
     victim_trainer = args.victim_trainer or VICTIMS[args.victim].format(e=args.victim_epochs)
     profile = profile_name(args.victim, args.victim_plans, args.configuration, args.victim_epochs)
+    from nnunetv2_voxshield.audit import AuditError, parse_slurm
     from nnunetv2_voxshield.defences import defence_key
-    try:  # checked before any protector trains; also the folder name's suffix
-        purified = ''.join('+' + defence_key(d) for d in args.defences)
-    except ValueError as e:
-        parser.error(f'--defences: {e}')
+    from nnunetv2_voxshield.panel import missing_trainers
+    try:  # checked before any job starts
+        [defence_key(d) for d in args.defences]
+        slurm = parse_slurm(args.partition, args.time, args.gpus, args.mem, args.sbatch_extra)
+    except (ValueError, AuditError) as e:
+        parser.error(str(e))
+    if missing_trainers([victim_trainer]):
+        parser.error(f'--victim-trainer {victim_trainer}: trainer class not found')
 
     roots = {k: out / k for k in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results')}
     for d in roots.values():
         d.mkdir(parents=True, exist_ok=True)
-    env = hb.bench_env(roots)
-    os.environ.update({**env, 'nnUNet_n_proc_DA': '0'})
-    logs = out / 'logs'
-    logs.mkdir(exist_ok=True)
-    split = json.loads(hb.SPLIT.read_text())
-    clean = hb.prepare_raw(Path(args.data), roots['nnUNet_raw'], split)
-    if not (roots['nnUNet_preprocessed'] / 'Dataset004_Hippocampus' / f'{hb.PLANS}.json').is_file():
-        hb.log('plan and preprocess (stock), CPU preset')
-        hb.run(['nnUNetv2_plan_and_preprocess', '-d', '4', '-c', '3d_fullres', '-np', '1'], env, logs / 'plan.log')
-        hb.run(['voxshield_plans', '-d', '4', '--preset', 'cpu'], env, logs / 'plan.log')
-    mapfile.update(lambda d: d.setdefault('settings', {}).update(
-        split=str(hb.SPLIT.relative_to(HERE.parent)), plans=hb.PLANS, victim_epochs=DEFAULT_VICTIM_EPOCHS,
-        protector_epochs=args.protector_epochs, victim_configuration='3d_fullres', tta=False))
+    env = {**hb.bench_env(roots), 'PYTHONPATH': os.pathsep.join([str(HERE)] + [p for p in os.environ.get(
+        'PYTHONPATH', '').split(os.pathsep) if p])}
+    os.environ['PYTHONPATH'] = env['PYTHONPATH']  # the job processes import this module by name
+    (out / 'logs').mkdir(exist_ok=True)
+    split = json.loads(split_file.read_text())
+    clean = hb.prepare_raw(data, roots['nnUNet_raw'], split, DATASET['name'])
 
-    from nnunetv2_voxshield.evaluate import evaluate
-    train_env = {**env, 'nnUNet_n_proc_DA': '0'}
-    for cell in cells:
-        dataset = protect(cell, roots, train_env, logs, mapfile, clean, args.protector_epochs)
-        key = f'{profile}_{cell_label(cell)}{purified}_seed{"-".join(map(str, args.seeds))}'
-        folder = out / f'eval_{key}'
-        others = [str(d) for d in sorted(out.glob('eval_*')) if d != folder and (d / 'state.json').is_file()]
-        hb.log(f'victims ({victim_trainer}, seeds {args.seeds}): clean vs {cell["cell"]} -> {folder.name}')
-        t0 = time.time()
-        report = evaluate('4', [str(dataset)], str(folder), test_images=str(clean / 'imagesTs'),
-                          test_labels=str(clean / 'labelsTs'), plans=args.victim_plans, trainer=victim_trainer,
-                          seeds=args.seeds, device='cpu', disable_tta=True, method_name=[cell['cell']],
-                          reuse_from=others, configurations=[args.configuration], defences=args.defences,
-                          defend_clean=bool(args.defences) and args.defend_clean)
-        mapfile.update(lambda d: d.setdefault('eval', {}).__setitem__(key, {
-            'victim': profile, 'victim_trainer': victim_trainer, 'victim_plans': args.victim_plans,
-            'configuration': args.configuration, 'victim_epochs': args.victim_epochs, 'defences': args.defences,
-            'cell': cell['cell'], 'seeds': args.seeds,
-            'seconds': time.time() - t0, 'report': report}))
-        mapfile.update(lambda d: record_overlap(d, out, clean / 'labelsTs'))
+    def assign(d):  # copy ids: assigned here, once, by the only writer of map.json
+        ids = d.setdefault('dataset_ids', {})
+        for c in cells_with_bases(cells):
+            ids.setdefault(cell_label(c), FIRST_ID + len(ids))
+        d.setdefault('settings', {}).update(
+            split=str(split_file.resolve().relative_to(HERE.parent)) if HERE.parent in split_file.resolve().parents
+            else str(split_file), plans=hb.PLANS, victim_epochs=DEFAULT_VICTIM_EPOCHS,
+            protector_epochs=args.protector_epochs, victim_configuration='3d_fullres', tta=False,
+            dataset=DATASET['name'])
+    dataset_ids = mapfile.update(assign)['dataset_ids']
+    victims = out / 'victims'
+    jobs, scores, panel = map_jobs(cells, roots, env, clean, args, dataset_ids, victims, victim_trainer, profile, split)
+    from nnunetv2_voxshield.jobs import run_jobs
+    records = run_jobs(jobs, str(victims), backend=args.backend, workers=args.workers, slurm=slurm)
+    entries = map_entries(cells, records, scores, panel, args, profile, victim_trainer, victims, clean / 'labelsTs')
+    parts = [r.result['map'] for n, r in records.items() if n.startswith('protect_') and r.state == 'done']
+
+    def merge(d):
+        for part in parts:
+            _merge(d, {k: v for k, v in part.items() if k != 'dataset_ids'})
+        for entry in entries.values():  # the clean victims' overlap, per profile and seed (as record_overlap keeps it)
+            for seed, st in (entry.pop('clean_overlap', None) or {}).items():
+                if st:
+                    d.setdefault('clean_overlap', {}).setdefault(entry['victim'], {}).setdefault(seed, st)
+        d.setdefault('eval', {}).update(entries)
+    mapfile.update(merge)
     print_table(json.loads(mapfile.path.read_text()), out)
+    failed = [n for n, r in records.items() if r.state != 'done']
+    if failed:
+        sys.exit(f'protection_map: {len(failed)} job(s) failed or skipped: {", ".join(failed[:5])}; rerun to resume')
 
 
 if __name__ == '__main__':

@@ -259,8 +259,11 @@ def copy_names(protected: Sequence[str], names: Optional[Sequence[str]]) -> List
 
 def build_jobs(out: str, panel: Panel, trainers: Dict[str, str], rows: Dict[str, str], copies: List[str],
                tests: dict, ending: str, dataset_json: dict, device: str, disable_tta: bool, eps: Optional[float],
-               detector: bool, clean_dir: str, threads: int = 1, gpus: int = 0) -> tuple:
-    """(jobs, victims): the DAG of an audit and {(row, profile, seed): score job name}."""
+               detector: bool, clean_dir: str, threads: int = 1, gpus: int = 0,
+               row_deps: Optional[Dict[str, List[str]]] = None) -> tuple:
+    """(jobs, victims): the DAG of an audit and {(row, profile, seed): score job name}. ``row_deps``: jobs that
+    make a row's data (the protection map's export jobs), before anything that reads it."""
+    row_deps = dict(row_deps or {})
     from nnunetv2_voxshield.defences import defence_key
     from nnunetv2_voxshield.jobs import Job
     jobs: Dict[str, object] = {}
@@ -282,12 +285,13 @@ def build_jobs(out: str, panel: Panel, trainers: Dict[str, str], rows: Dict[str,
             dst = os.path.join(out, 'nnUNet_raw', f'Dataset{row_dataset_id(out, row):03d}_{row}')
             rows[row] = dst
             jobs[f'purify_{row}'] = Job(f'purify_{_safe(row)}', J.purify_job, (rows[base], dst, p.defence),
-                                        kind='purify')
+                                        deps=list(row_deps.get(base, [])), kind='purify')
+            row_deps[row] = [jobs[f'purify_{row}'].name]
         cfgs = plans_of_row.setdefault(row, {}).setdefault(panel.plans_of(p), [])
         if p.configuration not in cfgs:
             cfgs.append(p.configuration)
     for row, plans in plans_of_row.items():
-        deps = [jobs[f'purify_{row}'].name] if f'purify_{row}' in jobs else []
+        deps = list(row_deps.get(row, []))
         jobs[f'plan_{row}'] = Job(f'plan_{_safe(row)}', J.plan_job, (out, row_dataset_id(out, row), plans, device),
                                   deps=deps, kind='plan', threads=threads)
     test_images = tests['images'] or os.path.join(out, 'test', 'imagesTs')
@@ -311,12 +315,12 @@ def build_jobs(out: str, panel: Panel, trainers: Dict[str, str], rows: Dict[str,
     for row in rows:
         if row != 'clean':
             copy_eps = eps if row in copies else None
-            deps = [jobs[f'purify_{row}'].name] if f'purify_{row}' in jobs else []
+            deps = list(row_deps.get(row, []))
             jobs[f'quality_{row}'] = Job(f'quality_{_safe(row)}', J.quality_job,
                                          (clean_dir_of(rows), rows[row], ending, copy_eps), deps=deps, kind='quality')
     if detector:
         jobs['detector'] = Job('detector', J.detector_job, ([rows['clean']] + [rows[c] for c in copies], 400, device),
-                               kind='detector', threads=threads)
+                               deps=[d for c in copies for d in row_deps.get(c, [])], kind='detector', threads=threads)
     return list(jobs.values()), victims
 
 

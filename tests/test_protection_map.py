@@ -1,6 +1,7 @@
 """benchmarks/protection_map.py: cell parsing, protector names, and the per-seed aggregation of the map's rows."""
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -182,26 +183,67 @@ def test_bench_env_leaves_the_planner_its_workers(tmp_path, monkeypatch):
     assert env['nnUNet_raw'] == str(tmp_path / 'raw') and env['nnUNet_def_n_proc'] == '1'
 
 
-def test_protect_holds_the_cells_lock(tmp_path, monkeypatch):
-    """Two lanes that need the same copy: the second waits on protect_<label>.lock while the first makes it."""
-    import fcntl
-    logs = tmp_path / 'logs'
-    logs.mkdir()
-    seen = []
+def _fake_clean(root: Path, cases: list) -> Path:
+    for sub in ('imagesTr', 'labelsTr', 'imagesTs', 'labelsTs'):
+        (root / sub).mkdir(parents=True)
+    for c in cases:
+        (root / 'imagesTr' / f'{c}_0000.nii.gz').write_text('image')
+        (root / 'labelsTr' / f'{c}.nii.gz').write_text('label')
+    (root / 'dataset.json').write_text(json.dumps({'labels': {'background': 0, 'a': 1, 'b': 2}, 'file_ending': '.nii.gz',
+                                                   'channel_names': {'0': 'MRI'}, 'numTraining': len(cases)}))
+    return root
 
-    def fake_protect(cell, label, *args):
-        with open(logs / f'protect_{label}.lock', 'w') as other:
-            with pytest.raises(BlockingIOError):
-                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        seen.append(label)
-        return tmp_path / label
 
-    monkeypatch.setattr(pmap, '_protect', fake_protect)
-    cell = pmap.parse_cell('offset@16/255')
-    assert pmap.protect(cell, {}, {}, logs, None, tmp_path, 5) == tmp_path / 'offset_eps16_255'
-    assert seen == ['offset_eps16_255']
-    with open(logs / 'protect_offset_eps16_255.lock', 'w') as after:  # released on return
-        fcntl.flock(after, fcntl.LOCK_EX | fcntl.LOCK_NB)
+def test_cells_are_jobs_of_one_dag_without_locks(tmp_path):
+    """A cell is a protect job (a clean=F cell after its base cell's), its victims are the audit's jobs; the clean
+    victim of a profile and seed is one job for all cells; finished jobs' results become map.json entries that
+    map_rows reads as before; no lock files."""
+    from argparse import Namespace
+    from nnunetv2_voxshield.jobs import JobRecord
+    cases = [f'hippocampus_{i:03d}' for i in range(4)]
+    roots = {k: tmp_path / k for k in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results')}
+    clean = _fake_clean(roots['nnUNet_raw'] / 'Dataset004_Hippocampus', cases)
+    cells = [pmap.parse_cell('offset@16/255'), pmap.parse_cell('checkerboard:clean=0.25@10/255')]
+    assert [c['cell'] for c in pmap.cells_with_bases(cells)] == ['offset@16/255', 'checkerboard@10/255',
+                                                                  'checkerboard:clean=0.25@10/255']
+    ids = {'offset_eps16_255': 100, 'checkerboard_eps10_255': 101, 'checkerboard-clean0.25_eps10_255': 102}
+    args = Namespace(configuration='3d_fullres', victim_plans='nnUNetPlans_cpu', defences=['blur'], seeds=[0, 1],
+                     protector_epochs=5, victim_epochs=5)
+    victims = tmp_path / 'victims'
+    jobs, scores, panel = pmap.map_jobs(cells, roots, {}, clean, args, ids, victims, 'nnUNetTrainer_5epochs', 'stock',
+                                        {'train': cases, 'test': []})
+    by = {j.name: j for j in jobs}
+    assert len(by) == len(jobs)
+    assert by['protect_checkerboard-clean0.25_eps10_255'].deps == ['plan', 'protect_checkerboard_eps10_255']
+    assert by['plan_offset_eps16_255'].deps == ['protect_offset_eps16_255']
+    assert by['purify_offset_eps16_255+blur'].deps == ['protect_offset_eps16_255']
+    assert 'plan_checkerboard_eps10_255' not in by  # a base cell only made for its clean=F cell has no victims
+    train = [n for n in by if n.startswith('train_')]
+    assert len(train) == 6 * 2  # rows clean, 2 copies, clean+blur, 2 purified copies; 2 seeds each
+    assert len([n for n in train if n.startswith('train_clean_')]) == 2  # one clean victim per seed, for all cells
+    target = os.readlink(next(p for p in (victims / 'nnUNet_raw').iterdir() if p.name.endswith('_offset_eps16_255')))
+    assert target == str(roots['nnUNet_raw'] / 'Dataset100_Hippocampus_offset_eps16_255')
+    assert not list(tmp_path.rglob('*.lock'))
+
+    summary = lambda d: {'dice': d, 'dice_per_label': {'1': d, '2': d}}  # noqa: E731
+    dice = {'clean': 0.8, 'offset_eps16_255': 0.2, 'clean+blur': 0.7, 'offset_eps16_255+blur': 0.6,
+            'checkerboard-clean0.25_eps10_255': 0.4, 'checkerboard-clean0.25_eps10_255+blur': 0.4}
+    records = {n: JobRecord(n, 'done', {'summary': summary(dice[row])}, 1.0)
+               for (row, _, _), n in scores.items()}
+    records.update({n: JobRecord(n, 'done', {'summary': {'psnr': {'mean': 40.0}, 'psnr_roi': {'mean': 30.0}}}, 1.0)
+                    for n in by if n.startswith('quality_')})
+    entries = pmap.map_entries(cells, records, scores, panel, args, 'stock', 'nnUNetTrainer_5epochs', victims,
+                               clean / 'labelsTs')
+    assert sorted(entries) == ['stock_checkerboard-clean0.25_eps10_255+blur_seed0-1',
+                               'stock_checkerboard-clean0.25_eps10_255_seed0-1',
+                               'stock_offset_eps16_255+blur_seed0-1', 'stock_offset_eps16_255_seed0-1']
+    rows = {r['cell']: r for r in pmap.map_rows({'eval': entries})}
+    assert rows['offset@16/255']['ratio'] == pytest.approx(0.25) and rows['offset@16/255']['seeds'] == [0, 1]
+    assert rows['offset+blur@16/255']['ratio'] == pytest.approx(0.75)  # against the unpurified clean victim
+    assert rows['clean+blur@0']['ratio'] == pytest.approx(0.875) and rows['offset@16/255']['psnr'] == 40.0
+    del records[scores[('clean', 'stock', 1)]]  # a victim not finished: no entry with it
+    assert pmap.map_entries(cells, records, scores, panel, args, 'stock', 'nnUNetTrainer_5epochs', victims,
+                            clean / 'labelsTs') == {}
 
 
 def test_frontier_figure_draws_seed_bars(tmp_path, monkeypatch):
