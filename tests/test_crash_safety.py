@@ -132,6 +132,7 @@ def _train(extra=()):
     return ['nnUNetv2_train', '860', '3d_fullres', 'all', '-tr', TRAINER, '-device', 'cpu', *extra]
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_to_the_same_next_epoch(crash_env, tmp_path):
     """SIGKILL to nnUNetv2_train in the middle of epoch 1 (after checkpoint_latest of epoch 0), then ``--c``: the
     resumed epoch draws the same cases, crops and tile phases, has the same losses, and ends with the same surrogate,
