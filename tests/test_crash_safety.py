@@ -110,8 +110,8 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint(crash_env, monkeypat
 
 
 def test_export_reads_checkpoint_final_unless_told_otherwise(crash_env, capsys):
-    """A protector's fold folder with checkpoint_latest.pth only: voxshield_export's default is checkpoint_final.pth
-    (one line naming it), --chk picks another file."""
+    """A protector's fold folder with checkpoint_latest.pth only: voxshield_export reads checkpoint_final.pth by
+    default (``--chk`` to choose another), and says so in one line naming it."""
     from nnunetv2_voxshield import export
     trainer = make_trainer()
     folder = Path(trainer.output_folder)
