@@ -32,7 +32,9 @@ class EvaluationError(ValueError):
 
 # ----------------------------------------------------------------------------------------- inputs
 def resolve_raw_dataset(name_or_id: str) -> str:
-    """A dataset folder, a dataset id or a DatasetXXX_Name in $nnUNet_raw -> absolute folder with dataset.json."""
+    """A dataset folder, a dataset id or a DatasetXXX_Name in $nnUNet_raw -> absolute folder with dataset.json (ids
+    through dataset_io.find_dataset_folder, nnU-Net's lookup: two folders with one id are refused)."""
+    from nnunetv2_voxshield.dataset_io import InputError, find_dataset_folder
     text = str(name_or_id)
     if os.path.isdir(text):
         folder = text
@@ -40,13 +42,11 @@ def resolve_raw_dataset(name_or_id: str) -> str:
         raw = os.environ.get('nnUNet_raw')
         if not raw:
             raise EvaluationError(f'{text}: not a folder and nnUNet_raw is not set')
-        if text.isdigit():
-            hits = sorted(d for d in os.listdir(raw) if re.fullmatch(rf'Dataset{int(text):03d}_.+', d))
-            if not hits:
-                raise EvaluationError(f'{raw}: no dataset with id {int(text)}')
-            folder = os.path.join(raw, hits[0])
-        else:
-            folder = os.path.join(raw, text)
+        try:
+            folder = find_dataset_folder(raw, text) if text.isdigit() or text.startswith('Dataset') \
+                else os.path.join(raw, text)
+        except InputError as e:
+            raise EvaluationError(str(e)) from None
     folder = os.path.abspath(folder)
     for need in ('dataset.json', 'imagesTr', 'labelsTr'):
         if not os.path.exists(os.path.join(folder, need)):
