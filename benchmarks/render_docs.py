@@ -214,6 +214,11 @@ def frontier_points(r: Results, victim: Optional[str], purification: Optional[st
 
 
 # ------------------------------------------------------------------------------------------------------ sections
+def acdc_measured(r: Results) -> list:
+    """ACDC results files that hold measurements (acdc_*.json other than predictions written before the runs)."""
+    return [f for f in sorted(r.folder.glob('acdc_*.json')) if 'prediction' not in f.name]
+
+
 @section('Status')
 def status(r: Results) -> Optional[str]:
     """The five lines at the top of the README."""
@@ -231,8 +236,9 @@ def status(r: Results) -> Optional[str]:
     kept = [p for p, x in zip(PURIFICATIONS, purified) if x and x['ratio'] <= 0.5]
     lvl = rule['fit']['levels']['0.05']
     o128 = r.row('stock', 'offset@128/255')
-    datasets = ['Hippocampus (MSD Task04, 208 MRI crops)'] + (['ACDC'] if r.get('acdc_*.json') else [])
-    pending = '' if r.get('acdc_*.json') else '; ACDC: runs under way, not yet in these results'
+    acdc = acdc_measured(r)
+    datasets = ['Hippocampus (MSD Task04, 208 MRI crops)'] + (['ACDC'] if acdc else [])
+    pending = '' if acdc else '; ACDC: runs under way, not yet in these results'
     return '\n'.join([
         f'- **Against stock nnU-Net, nothing protects at a usable budget.** Up to 16/255 every trained method '
         f'(VoxShield, -EOT, -LC) keeps >= {math.floor(low["ratio"] * 100) / 100:.2f} of the clean victim\'s Dice '
@@ -440,6 +446,24 @@ def predictions(r: Results) -> Optional[str]:
             '"held": every listed seed inside the predicted range.\n\n'
             + table(['session', 'victim', 'cell', 'predicted', 'measured Dice / clean', 'verdict'],
                     prediction_rows(r, data)))
+
+
+@section('ACDC: the amplitude rule\'s predictions, written before the victims')
+def acdc_predictions(r: Results) -> Optional[str]:
+    """The Hippocampus rule applied to ACDC's class-coded offsets before any ACDC victim trained
+    (acdc_predictions_*.json); the measured ratios join them as the ACDC runs land."""
+    data = r.get('acdc_predictions_*.json')
+    if data is None:
+        return None
+    body = [[x['cell'], f1(x['psnr_whole']), f'{x["psnr_roi"]:.1f} ± {x["psnr_roi_std"]:.1f}',
+             small(x['predicted_ratio']),
+             f'{small(x["predicted_ratio_range"][0])}-{small(x["predicted_ratio_range"][1])}',
+             '; '.join(x.get('victims') or [])] for x in data['rows']]
+    return (f'Predicted Dice / clean of the stock victim from the Hippocampus fit (x50 {data["rule"]["x50"]:.1f} dB, '
+            f's {data["rule"]["s"]:.2f} dB) at each copy\'s ROI PSNR (measured on the exported copies; range: the '
+            'fit\'s 90% parameter intervals, not the seed spread).\n\n'
+            + table(['cell', 'PSNR (dB)', 'ROI PSNR (dB, mean ± sd)', 'predicted', 'range', 'victims to train'],
+                    body))
 
 
 @section('Table 1 on Hippocampus: every method at 4/255 against issue 6\'s target')
