@@ -200,19 +200,23 @@ def timed_run(args, root: str, workers: int, kill_when=None) -> tuple:
     return time.time() - t0, proc.returncode, killed
 
 
-def half_trained(args):
-    """True once some training has passed half of its epochs (its progress 'epoch k[/N]')."""
-    if args.source == 'synthetic':
-        progress = syn_progress
-    else:
-        from nnunetv2_voxshield.audit_jobs import train_progress as progress
-    total = args.epochs
+def last_epoch(root: str, name: str):
+    """The last 'Epoch N' (0-based) nnU-Net (or the synthetic training) logged since the job's last start, from its
+    log.txt (flushed as it goes), or None."""
+    try:
+        text = open(os.path.join(root, 'jobs', name, 'log.txt'), errors='replace').read()
+    except OSError:
+        return None
+    found = re.findall(r'^.*Epoch (\d+)\s*$', text.split(f'=== {name}: started')[-1], re.M)
+    return int(found[-1]) if found else None
 
+
+def half_trained(total: int):
+    """True once some training has passed half of its ``total`` epochs."""
     def check(root: str) -> bool:
         for d in glob.glob(os.path.join(root, 'jobs', 'train_*')):
-            text = progress(d) or ''
-            m = re.search(r'epoch (\d+)', text)
-            if m and int(m.group(1)) >= max(1, total // 2) + 1:
+            epoch = last_epoch(root, os.path.basename(d))
+            if epoch is not None and epoch >= max(1, total // 2):
                 return True
         return False
     return check
@@ -227,7 +231,7 @@ def main(argv=None):
     parser.add_argument('--units', type=int, default=20, help='synthetic work per epoch / step (units of ~0.05 s)')
     parser.add_argument('--workers', type=int, nargs='+', default=[1, 2])
     parser.add_argument('-o', '--output', default=None, help='results JSON (default: benchmarks/results/'
-                                                             'audit_engine_<date>.json)')
+                                                             'audit_engine[_synthetic]_<date>.json)')
     if argv is None:
         argv = sys.argv[1:]
     audit_args = argv[argv.index('--') + 1:] if '--' in argv else []
@@ -257,7 +261,7 @@ def main(argv=None):
     # killed in the middle of a training, then rerun
     w = max(args.workers)
     root = os.path.join(args.work, f'{stamp}_killed_w{w}')
-    wall_a, rc_a, killed = timed_run(args, root, w, kill_when=half_trained(args))
+    wall_a, rc_a, killed = timed_run(args, root, w, kill_when=half_trained(args.epochs))
     before = records(root)
     mtimes = {n: os.path.getmtime(os.path.join(root, 'jobs', n, 'done.json')) for n in before}
     wall_b, rc_b, _ = timed_run(args, root, w)
@@ -296,8 +300,9 @@ def main(argv=None):
                              'machine': {'nproc': os.cpu_count(), 'platform': platform.platform()}},
               'source': args.source, 'epochs': args.epochs, 'units': args.units if args.source == 'synthetic' else None,
               'runs': runs, 'kill_and_rerun': kill}
+    tag = '_synthetic' if args.source == 'synthetic' else ''
     out = args.output or os.path.join(REPO, 'benchmarks', 'results',
-                                      f'audit_engine_{datetime.date.today().isoformat()}.json')
+                                      f'audit_engine{tag}_{datetime.date.today().isoformat()}.json')
     from nnunetv2_voxshield.job_folder import write_json
     write_json(os.path.abspath(out), result)
     print(f'results: {out}')

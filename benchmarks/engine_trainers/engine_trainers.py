@@ -1,5 +1,6 @@
-"""Short victims for benchmarks/audit_engine.py --source phantom: 6 epochs of 3 iterations (a training long enough
-to be killed in the middle and resumed from checkpoint_latest.pth; found through nnUNet_extTrainer)."""
+"""Short victims for benchmarks/audit_engine.py --source phantom: 6 epochs of 3 iterations, checkpoint_latest.pth
+after every epoch (nnU-Net's default is every 50), so that a training killed in the middle resumes from its
+checkpoint as a long one would; found through nnUNet_extTrainer."""
 import torch
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -7,7 +8,7 @@ from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoD
 
 
 class Short:
-    """Mixin: ``epochs`` epochs of ``iterations`` training and 1 validation iterations."""
+    """Mixin: ``epochs`` epochs of ``iterations`` training and 1 validation iterations, a checkpoint every epoch."""
     epochs, iterations = 6, 3
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -15,6 +16,7 @@ class Short:
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = self.epochs, \
             self.iterations, 1
+        self.save_every = 1
 
 
 class nnUNetTrainer_engine(Short, nnUNetTrainer): pass
