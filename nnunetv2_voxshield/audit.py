@@ -427,8 +427,9 @@ def audit(clean: str, protected: Sequence[str], output_dir: str, test_images: Op
           names: Optional[Sequence[str]] = None, backend: str = 'local', workers: int = 1, threads: int = 1,
           slurm: Optional[dict] = None, device: str = 'cpu', disable_tta: bool = False, eps: Optional[float] = None,
           detector: Optional[bool] = None, protects: float = VD.PROTECTS, keeps: float = VD.KEEPS,
-          rule_file: Optional[str] = RULE_FILE, boot: int = 2000, stream=sys.stderr) -> dict:
+          rule_file: Optional[str] = RULE_FILE, boot: int = 2000, stream=None) -> dict:
     """Check every input (nothing is started on bad input), run the audit's DAG and write its report."""
+    stream = stream or sys.stderr
     if backend not in BACKENDS:
         raise AuditError(f'--backend {backend!r}: unknown backend (choose from {", ".join(BACKENDS)})')
     if workers < 1 or threads < 1:

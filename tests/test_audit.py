@@ -244,6 +244,7 @@ def test_bad_input_refused_before_any_job(phantom_pair, tmp_path, test_trainers_
 
 @pytest.mark.slow
 def test_audit_dag_end_to_end_on_the_phantom(phantom_pair, tmp_path, test_trainers_env, capsys):
+    """One exploiter, one seed: 9 jobs (2 plan, 2 train, 2 predict, 2 score, 1 quality) on 2 local workers."""
     clean, protected = phantom_pair
     out = tmp_path / 'OUT'
     argv = ['--clean', str(clean), '--protected', str(protected), '-o', str(out), '-p', 'nnUNetPlans_cpu',
