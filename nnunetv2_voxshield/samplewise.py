@@ -77,6 +77,13 @@ def crop_delta(delta: torch.Tensor, bbox: Sequence[Sequence[int]]) -> torch.Tens
     return out
 
 
+def inside_case(shape: Sequence[int], bbox: Sequence[Sequence[int]]) -> torch.Tensor:
+    """(1, *box size) float mask: 1 where the crop box lies inside a case of spatial ``shape``, 0 in the padding."""
+    out = torch.zeros((1, *[ub - lb for lb, ub in bbox]))
+    out[(slice(None), *_overlap(bbox, shape)[1])] = 1
+    return out
+
+
 def insert_delta(delta: torch.Tensor, bbox: Sequence[Sequence[int]], patch: torch.Tensor) -> None:
     """Write ``patch`` back into ``delta`` (in place); the part outside the case is dropped."""
     case, inside = _overlap(bbox, delta.shape[1:])
@@ -123,6 +130,11 @@ class DeltaStore:
         """The batch's delta patches (b, c, *patch); ``two_d``: drop the slice axis as nnU-Net's 2D loader does."""
         patches = [crop_delta(self.deltas[k], box) for k, box in zip(keys, bboxes)]
         return torch.stack([p[:, 0] if two_d else p for p in patches])
+
+    def inside(self, keys: Sequence[str], bboxes, two_d: bool = False) -> torch.Tensor:
+        """(b, 1, *patch) masks of the part of each crop that lies inside its case (no delta is stored outside)."""
+        masks = [inside_case(self.deltas[k].shape[1:], box) for k, box in zip(keys, bboxes)]
+        return torch.stack([m[:, 0] if two_d else m for m in masks])
 
     def put(self, keys: Sequence[str], bboxes, patches: torch.Tensor, two_d: bool = False) -> None:
         """Write the batch's patches back (a case twice in a batch: the later sample wins where they overlap)."""

@@ -13,7 +13,7 @@ from conftest import TEST_TRAINERS, run_cli, use_cpu_preset_as_default_plans
 from nnunetv2_voxshield.export import export_entry
 from nnunetv2_voxshield.phantom import write_phantom_dataset
 from nnunetv2_voxshield.samplewise import (DeltaStore, SampleWiseSource, crop_delta, full_case_bound, insert_delta,
-                                           pgd_step)
+                                           inside_case, pgd_step)
 from nnunetv2_voxshield.verify import verify_datasets
 
 NAME = 'Dataset981_EMPhantom'
@@ -27,6 +27,8 @@ def test_crop_and_insert_map_a_box_partly_outside_the_case():
     assert patch.shape == (2, 5, 5, 4)
     torch.testing.assert_close(patch[:, 2:, :2], delta[:, 0:3, 4:6, 1:5])
     assert torch.all(patch[:, :2] == 0) and torch.all(patch[:, :, 2:] == 0)
+    inside = inside_case(delta.shape[1:], box)
+    assert inside.shape == (1, 5, 5, 4) and inside.sum() == 3 * 2 * 4 and torch.all(inside[:, 2:, :2] == 1)
     copy = delta.clone()
     insert_delta(copy, box, patch * -1 - 1000)
     changed = copy != delta
@@ -139,7 +141,7 @@ def test_pgd_batch_lowers_the_frozen_surrogates_loss_and_touches_only_the_crops(
     _steps(trainer, 1)  # one surrogate step: a surrogate that has seen the data
     batch = next(trainer.dataloader_train)
     keys, boxes = batch['keys'], batch['bbox']
-    bound = trainer._batch_bound(keys, batch['target'])
+    bound = trainer._batch_bound(keys, batch['target']) * trainer.deltas.inside(keys, boxes)
     delta = trainer.deltas.crop(keys, boxes)
     before = {k: v.clone() for k, v in trainer.deltas.deltas.items()}
     weights = {k: v.clone() for k, v in trainer.network.state_dict().items()}

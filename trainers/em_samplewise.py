@@ -137,7 +137,7 @@ class nnUNetTrainerEMSampleWise(nnUNetTrainer):
     def train_step(self, batch: dict) -> dict:
         keys, boxes, target = batch['keys'], batch['bbox'], batch['target']
         two_d = len(self.configuration_manager.patch_size) == 2
-        bound = self._batch_bound(keys, target)
+        bound = self._batch_bound(keys, target) * self.deltas.inside(keys, boxes, two_d)  # 0 in the padding
         delta = torch.maximum(torch.minimum(self.deltas.crop(keys, boxes, two_d), bound), -bound)
         cycle = self.surrogate_steps_per_cycle + self.pgd_batches_per_cycle
         is_pgd = self.em_iteration % cycle >= self.surrogate_steps_per_cycle
