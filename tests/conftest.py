@@ -170,6 +170,22 @@ def run_cli(args, env_updates=None, check=True, **kwargs):
     return proc
 
 
+def validation_summary(fold: Path, labels) -> dict:
+    """nnU-Net's validation of a trained fold, checked by value: summary.json scores every predicted case, the mean
+    Dice of each label (``labels``, str) lies in [0, 1], and each prediction holds only background and those labels."""
+    import json
+    import numpy as np
+    import SimpleITK as sitk
+    summary = json.loads((fold / 'validation' / 'summary.json').read_text())
+    predictions = sorted((fold / 'validation').glob('*.nii.gz'))
+    assert predictions and len(summary['metric_per_case']) == len(predictions)
+    assert set(summary['mean']) == set(labels)
+    assert all(0.0 <= summary['mean'][k]['Dice'] <= 1.0 for k in labels), summary['mean']
+    for p in predictions:
+        assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(p))))) <= {0} | {int(k) for k in labels}, p
+    return summary
+
+
 def plan_and_preprocess(dataset_id: int, roots: dict, configurations=('3d_fullres',)):
     """Stock nnUNetv2_plan_and_preprocess in a subprocess (the planner fails with nnUNet_n_proc_DA=0)."""
     run_cli(['nnUNetv2_plan_and_preprocess', '-d', dataset_id, '-c', *configurations, '-np', '1'],

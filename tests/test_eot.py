@@ -8,7 +8,7 @@ from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from conftest import requires_hippocampus, run_cli, same, snapshot
+from conftest import requires_hippocampus, run_cli, same, snapshot, validation_summary
 from nnunetv2_voxshield.budget import roi_mask
 from nnunetv2_voxshield.diff_augment import (DiffContrastTransform, DiffGammaTransform, DiffGaussianBlurTransform,
                                              augment_batch, differentiable, replay_rng)
@@ -233,7 +233,10 @@ def test_stock_nnunetv2_train_runs_the_eot_trainer(hippocampus_env, test_trainer
     checkpoint = torch.load(folder / 'checkpoint_final.pth', map_location='cpu', weights_only=False)
     state = checkpoint['voxshield']
     assert state['method'] == 'voxshield_eot' and state['eps_bg'] == pytest.approx(1 / 255)
-    assert state['iteration'] == 2 and (folder / 'validation' / 'summary.json').is_file()
+    assert state['iteration'] == 2 and set(state['case_budgets']) == set(hippocampus_env['cases'])
+    assert all(torch.isfinite(v).all() for v in state['generator_weights'].values())
+    validation_summary(folder, {'1', '2'})
+    assert not (folder / 'checkpoint_best.pth').exists()  # chosen by the surrogate's Dice: not written for protectors
 
 
 @requires_hippocampus

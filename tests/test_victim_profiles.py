@@ -9,7 +9,7 @@ from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from conftest import requires_hippocampus, run_cli
+from conftest import requires_hippocampus, run_cli, validation_summary
 from nnunetv2_voxshield.exploiter_transforms import LabelAwareIntensityTransform
 from nnunetv2_voxshield.trainers import victim_profiles as vp
 
@@ -246,4 +246,5 @@ def test_label_aware_profile_through_stock_nnunetv2_train(hippocampus_env, test_
             'nnUNetTrainerLabelAware_tiny__nnUNetPlans__3d_fullres' / 'fold_0')
     ckpt = torch.load(fold / 'checkpoint_final.pth', weights_only=False)
     assert ckpt['trainer_name'] == 'nnUNetTrainerLabelAware_tiny' and ckpt['current_epoch'] == 1
-    assert (fold / 'validation' / 'summary.json').is_file()
+    validation_summary(fold, {'1', '2'})
+    assert (fold / 'checkpoint_best.pth').is_file()  # a victim is stock nnU-Net: its best checkpoint stays
