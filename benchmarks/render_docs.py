@@ -14,8 +14,12 @@ Every number a reader sees in the docs comes from here. Two registries hold what
 - ``FIGURES``: name -> function(results, png path), drawn into docs/figures/ unless ``--no-figures``.
 
 To add a dataset's results (e.g. ACDC), write ``@section('ACDC: ...') def acdc_...(r): data = r.get('acdc_*.json')``
-returning None while the file is missing; it lands in results.md in registration order. Every results JSON must carry
-``provenance`` {command, commit, date, machine}; ``--check`` and the test fail on one that does not.
+returning None while the file is missing; it lands in results.md in registration order (move its entry in
+``SECTIONS`` to reorder). A protection map of another dataset reuses the map helpers with its file pattern:
+``r.map_rows('protection_map_acdc_*.json')``, ``r.row(victim, cell, pattern)``, ``frontier_points(..., pattern)`` and,
+in a ``@figure`` function, ``draw_frontier(r, png, pattern, 'ACDC')``. Every results JSON must carry ``provenance``
+{command, commit, date, machine}; ``--check`` and the test fail on one that does not. Results JSONs are read from the
+working tree: after committing one, run this script and commit the docs it changes.
 """
 import argparse
 import glob
