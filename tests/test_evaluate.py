@@ -91,7 +91,8 @@ def test_pipeline_outputs_and_resume(clean_and_protected, nnunet_dirs, test_trai
     assert '| Method | Defence | Configuration | DSC (%) | HD95 (mm) | PSNR (dB)' in md
     assert md.count('| 3d_fullres |') == 4  # main table + per-class table, two rows each
     import matplotlib.image
-    assert matplotlib.image.imread(str(out / 'figure.png')).shape[0] > 300
+    figure = matplotlib.image.imread(str(out / 'figure.png'))
+    assert figure.shape[0] > 300 and figure[..., :3].std() > 0.05  # drawn, not a blank canvas
     # inputs and the user's own nnU-Net folders untouched
     assert {d: tree_digest(d) for d in (clean, protected)} == before
     assert not any(nnunet_dirs['nnUNet_preprocessed'].iterdir()) and not any(nnunet_dirs['nnUNet_results'].iterdir())
@@ -132,6 +133,8 @@ def test_pipeline_outputs_and_resume(clean_and_protected, nnunet_dirs, test_trai
         scores = json.loads((out2 / 'victims' / row / '3d_fullres' / 'seed_0' / 'scores.json').read_text())
         assert scores['reused_from'] == str(out / 'victims' / row / '3d_fullres' / 'seed_0' / 'scores.json')
     assert (out2 / 'victims' / 'clean+zmedian' / '3d_fullres' / 'seed_0' / 'victim.log').is_file()
+    scores = json.loads((out2 / 'victims' / 'clean+zmedian' / '3d_fullres' / 'seed_0' / 'scores.json').read_text())
+    assert len(scores['cases']) == 2 and 'reused_from' not in scores  # trained here, every test case scored
     purified_clean = report2['rows'][1]
     assert purified_clean['method'] == 'Clean' and purified_clean['defence'] == 'median over z-slices (size 3)'
     assert 0.0 <= purified_clean['victims']['3d_fullres']['dice']['mean'] <= 1.0
