@@ -772,12 +772,38 @@ def draw_frontier(r: Results, png: Path, pattern: str, dataset: str, rule: Optio
 
 @figure
 def amplitude_rule_png(r: Results, png: Path) -> None:
-    """benchmarks/amplitude_rule.py's own figure of the fit."""
+    """The amplitude rule: per-seed points of the fitted codes, the other codes' means, the fit and the goal (the
+    same content as benchmarks/amplitude_rule.py's figure, at a size a repository page shows legibly)."""
     data = r.get('amplitude_rule_20*.json')
     if data is None:
         return
-    from amplitude_rule import figure as rule_figure
-    rule_figure(data, png)
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    import numpy as np
+    fit, shift = data['fit'], data['whole_minus_roi_db']
+    fig, ax = plt.subplots(figsize=(9, 5))
+    x = [row['psnr_roi'] for row in data['rows'] for _ in row['ratio_per_seed']]
+    ax.plot(x, [v for row in data['rows'] for v in row['ratio_per_seed']], 'o', color='tab:blue', ms=6,
+            label='fitted codes: offset, gratings (per seed)')
+    for k, method in enumerate(sorted({o['cell'].split('@')[0] for o in data['others']})):
+        pts = sorted((o['psnr_roi'], o['ratio']) for o in data['others'] if o['cell'].split('@')[0] == method)
+        ax.plot(*zip(*pts), 'x--', ms=7, lw=1, color=plt.get_cmap('tab10').colors[k + 1], label=method)
+    grid = np.linspace(5, 50, 200)
+    ax.plot(grid, 1 / (1 + np.exp((fit['x50'] - grid) / fit['s'])), 'k-', lw=1.5,
+            label=f'fit: x50 {fit["x50"]:.1f} dB, s {fit["s"]:.2f} dB')
+    ax.axhline(0.05, color='k', lw=0.8, ls=':')
+    ax.axvline(50 - shift, color='tab:red', lw=1, ls=':',
+               label=f'the 50 dB goal over the whole volume (ROI {50 - shift:.1f} dB here)')
+    ax.set_xlabel("the code's PSNR inside the labels (dB)", fontsize=12)
+    ax.set_ylabel('stock victim Dice / clean', fontsize=12)
+    ax.set_title(f'The amplitude rule, Hippocampus ({len(data["rows"])} fitted cells)', fontsize=13)
+    ax.tick_params(labelsize=11)
+    ax.grid(alpha=0.25)
+    ax.legend(fontsize=10, loc='lower right')
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
 
 
 @figure
