@@ -5,6 +5,8 @@ nnU-Net runs in subprocesses (``victims.py``) with the audit's private nnUNet_ra
 (one results root per seed), so each step sees only its own folders and a killed training continues from
 ``checkpoint_latest.pth`` on rerun (``victims.train_seeded``, nnU-Net's ``--c``).
 """
+import functools
+import json
 import os
 import re
 import shutil
@@ -12,6 +14,7 @@ import sys
 from typing import Dict, List, Optional, Sequence
 
 from nnunetv2_voxshield import victims as V
+from nnunetv2_voxshield.panel import Panel
 
 
 def audit_env(out: str, seed: int, device: str) -> Dict[str, str]:
@@ -118,3 +121,102 @@ def detector_job(job_dir: str, folders: Sequence[str], iterations: int = 400, de
     from nnunetv2_voxshield.residual_detector import detect
     result = detect(list(folders), iterations=iterations, device=device)
     return {d['dataset']: {'mean_dice': d['mean_dice'], 'union_dice': d['union_dice']} for d in result['datasets']}
+
+
+# ----------------------------------------------------------------------------------------- the DAG
+def _safe(text: str) -> str:
+    return re.sub(r'[^A-Za-z0-9_.+-]', '-', text)
+
+
+def copy_names(protected: Sequence[str], names: Optional[Sequence[str]]) -> List[str]:
+    if names:
+        if len(names) != len(protected):
+            raise AuditError(f'--name: {len(names)} names for {len(protected)} protected copies')
+        return list(names)
+    return ['protected'] if len(protected) == 1 else [f'protected{i + 1}' for i in range(len(protected))]
+
+
+def build_jobs(out: str, panel: Panel, trainers: Dict[str, str], rows: Dict[str, str], copies: List[str],
+               tests: dict, ending: str, dataset_json: dict, device: str, disable_tta: bool, eps: Optional[float],
+               detector: bool, clean_dir: str, threads: int = 1, gpus: int = 0,
+               row_deps: Optional[Dict[str, List[str]]] = None) -> tuple:
+    """(jobs, victims): the DAG of an audit and {(row, profile, seed): score job name}. ``row_deps``: jobs that
+    make a row's data (the protection map's export jobs), before anything that reads it."""
+    row_deps = dict(row_deps or {})
+    from nnunetv2_voxshield.audit_inputs import AuditError, row_dataset_id  # noqa: F401
+    from nnunetv2_voxshield.defences import defence_key
+    from nnunetv2_voxshield.jobs import Job
+    jobs: Dict[str, object] = {}
+    victims: Dict[tuple, str] = {}
+    plans_of_row: Dict[str, Dict[str, List[str]]] = {}
+
+    def row_of(base: str, profile) -> str:
+        return base if profile.defence is None else f'{base}+{defence_key(profile.defence)}'
+
+    needed = []  # (row, profile) of every victim
+    for p in panel.profiles:
+        for base in ['clean'] + copies:
+            needed.append((row_of(base, p), p))
+        if p.defence is not None:  # the unpurified clean victim of the same trainer: the ratio's reference
+            needed.append(('clean', p))
+    for row, p in needed:
+        if row not in rows:
+            base, key = row.split('+', 1)
+            dst = os.path.join(out, 'nnUNet_raw', f'Dataset{row_dataset_id(out, row):03d}_{row}')
+            rows[row] = dst
+            jobs[f'purify_{row}'] = Job(f'purify_{_safe(row)}', purify_job, (rows[base], dst, p.defence),
+                                        deps=list(row_deps.get(base, [])), kind='purify')
+            row_deps[row] = [jobs[f'purify_{row}'].name]
+        cfgs = plans_of_row.setdefault(row, {}).setdefault(panel.plans_of(p), [])
+        if p.configuration not in cfgs:
+            cfgs.append(p.configuration)
+    for row, plans in plans_of_row.items():
+        deps = list(row_deps.get(row, []))
+        jobs[f'plan_{row}'] = Job(f'plan_{_safe(row)}', plan_job, (out, row_dataset_id(out, row), plans, device),
+                                  deps=deps, kind='plan', threads=threads)
+    test_images = tests['images'] or os.path.join(out, 'test', 'imagesTs')
+    test_labels = tests['labels'] or os.path.join(out, 'test', 'labelsTs')
+    for row, p in needed:
+        trainer, plans = trainers[p.name], panel.plans_of(p)
+        for seed in panel.seeds:
+            tag = _safe(f'{row}_{trainer}_{plans}_{p.configuration}_s{seed}')
+            if f'train_{tag}' not in jobs:
+                jobs[f'train_{tag}'] = Job(f'train_{tag}', train_job, (out, row_dataset_id(out, row), p.configuration,
+                                                                        seed, trainer, plans, device),
+                                           deps=[jobs[f'plan_{row}'].name], kind='train', threads=threads, gpus=gpus,
+                                           progress=functools.partial(train_progress, total=panel.epochs))
+                jobs[f'predict_{tag}'] = Job(f'predict_{tag}', _predict_from, (out, f'train_{tag}', test_images,
+                                                                             device, disable_tta),
+                                             deps=[f'train_{tag}'], kind='predict', threads=threads, gpus=gpus)
+                jobs[f'score_{tag}'] = Job(f'score_{tag}', _score_from, (out, f'predict_{tag}', test_labels,
+                                                                       tests['test'], ending, dataset_json),
+                                           deps=[f'predict_{tag}'], kind='score')
+            victims[(row, p.name, seed)] = f'score_{tag}'
+    for row in rows:
+        if row != 'clean':
+            copy_eps = eps if row in copies else None
+            deps = list(row_deps.get(row, []))
+            jobs[f'quality_{row}'] = Job(f'quality_{_safe(row)}', quality_job,
+                                         (clean_dir_of(rows), rows[row], ending, copy_eps), deps=deps, kind='quality')
+    if detector:
+        jobs['detector'] = Job('detector', detector_job, ([rows['clean']] + [rows[c] for c in copies], 400, device),
+                               deps=[d for c in copies for d in row_deps.get(c, [])], kind='detector', threads=threads)
+    return list(jobs.values()), victims
+
+
+def clean_dir_of(rows: Dict[str, str]) -> str:
+    return rows['clean']
+
+
+def _record(out: str, name: str) -> dict:
+    return json.load(open(os.path.join(out, 'jobs', name, 'done.json')))['result']
+
+
+def _predict_from(job_dir: str, out: str, train_name: str, test_images: str, device: str, disable_tta: bool) -> dict:
+    """predict_job with the model folder from the train job's record."""
+    return predict_job(job_dir, _record(out, train_name)['model_folder'], test_images, device, disable_tta)
+
+
+def _score_from(job_dir: str, out: str, predict_name: str, *args) -> dict:
+    """score_job with the predictions folder from the predict job's record."""
+    return score_job(job_dir, _record(out, predict_name)['predictions'], *args)

@@ -12,6 +12,8 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from nnunetv2_voxshield.panel import Panel
+
 PROTECTS, KEEPS = 0.3, 0.9     # default thresholds: "protects" at <= 0.3 of clean, "does not" at >= 0.9
 
 
@@ -232,3 +234,82 @@ def figures(report: dict, out_dir: str) -> List[str]:
     _save(fig, frontier)
     plt.close(fig)
     return [bars, frontier]
+
+
+# ----------------------------------------------------------------------------------------- the report of an audit
+def build_report(out: str, records: dict, panel: Panel, trainers: Dict[str, str], rows: Dict[str, str],
+                 copies: List[str], victims: Dict[tuple, str], settings: dict, boot: int) -> dict:
+    """The report dict: per copy its verdict line and per exploiter the seed-paired ratio with its interval, per
+    label, the purification's cost, quality, detector and the amplitude rule."""
+    from nnunetv2_voxshield.audit_jobs import _safe
+    from nnunetv2_voxshield.defences import defence_key
+    result = lambda name: records[name].result if name in records and records[name].state == 'done' else None  # noqa
+    protects, keeps = settings['protects'], settings['keeps']
+
+    def per_seed(row, profile, label=None):
+        got = {}
+        for s in panel.seeds:
+            r = result(victims[(row, profile, s)])
+            if r:
+                got[s] = {c: (v['dice'] if label is None else v['labels'][label]) for c, v in r['cases'].items()}
+        return got
+
+    rule = settings.get('rule')
+    det = result('detector') if 'detector' in records else None
+    report_copies = []
+    labels = []
+    for copy in copies:
+        exploiters = []
+        for p in panel.profiles:
+            row = copy if p.defence is None else f'{copy}+{defence_key(p.defence)}'
+            prot, clean = per_seed(row, p.name), per_seed('clean', p.name)
+            entry = {'name': p.name, 'trainer': trainers[p.name], 'configuration': p.configuration,
+                     'plans': panel.plans_of(p), 'defence': p.defence}
+            b = bootstrap_ratio(prot, clean, boot)
+            if b is None:
+                failed = [victims[(r, p.name, s)] for r in (row, 'clean') for s in panel.seeds
+                          if not result(victims[(r, p.name, s)])]
+                entry['failed'] = ', '.join(failed)
+                exploiters.append(entry)
+                continue
+            first = result(victims[(row, p.name, b['seeds'][0])])
+            labels = list(next(iter(first['cases'].values()))['labels'])
+            entry.update(ratio=b, status=classify(b['per_seed'], protects, keeps),
+                         seeds=b['seeds'], per_seed=b['per_seed'],
+                         dice=sum(sum(v.values()) / len(v) for v in prot.values()) / len(prot),
+                         clean_dice=sum(sum(v.values()) / len(v) for v in clean.values()) / len(clean),
+                         per_label={l: bootstrap_ratio(per_seed(row, p.name, l), per_seed('clean', p.name, l), boot)
+                                    for l in labels})
+            if p.defence is not None:
+                entry['cost'] = bootstrap_ratio(per_seed(f'clean+{defence_key(p.defence)}', p.name), clean, boot)
+            exploiters.append(entry)
+        done = [e for e in exploiters if not e.get('failed')]
+        line = verdict_line(done, protects, keeps) if done else 'No verdict: every exploiter failed'
+        if len(done) < len(exploiters):
+            line += f'; failed: {", ".join(e["name"] for e in exploiters if e.get("failed"))}'
+        q = result(f'quality_{_safe(copy)}') or {}
+        stock = next((e for e in done if e['trainer'].startswith('nnUNetTrainer') and e['configuration'] ==
+                      '3d_fullres' and not e['defence'] and e['name'] == 'stock'), None)
+        copy_rule = None
+        if rule and q.get('psnr_roi') is not None:
+            copy_rule = {**rule, 'psnr_roi': q['psnr_roi'], 'predicted': rule_ratio(q['psnr_roi'], rule['x50'],
+                                                                                      rule['s']),
+                         'measured': stock['ratio']['ratio'] if stock else None}
+        detector = None
+        if det:
+            detector = {'mean_dice': det[rows[copy]]['mean_dice'], 'clean_mean_dice': det[rows['clean']]['mean_dice']}
+        report_copies.append({'name': copy, 'dataset': settings['protected'][copies.index(copy)],
+                              'verdict': (f'{copy}: ' if len(copies) > 1 else '') + line, 'labels': labels,
+                              'quality': q, 'rule': copy_rule, 'detector': detector, 'exploiters': exploiters})
+    failed = [{'name': n, 'state': r.state, 'error': r.error, 'log': r.log} for n, r in records.items()
+              if r.state != 'done']
+    return {'verdict': [c['verdict'] for c in report_copies], 'settings': settings, 'copies': report_copies,
+            'failed': failed}
+
+
+def write_report(out: str, report: dict) -> List[str]:
+    from nnunetv2_voxshield.dataset_io import write_json_atomic
+    from nnunetv2_voxshield.report import write_atomic
+    write_json_atomic(report, os.path.join(out, 'report.json'))
+    write_atomic(os.path.join(out, 'report.md'), markdown(report))
+    return [os.path.join(out, 'report.json'), os.path.join(out, 'report.md')] + figures(report, out)
