@@ -284,3 +284,55 @@ def test_audit_dag_end_to_end_on_the_phantom(phantom_pair, tmp_path, test_traine
     n_jobs = len(list((out / 'jobs').iterdir()))
     assert f'{n_jobs} jobs ({n_jobs} done earlier)' in err
     assert json.loads((out / 'report.json').read_text())['copies'] == report['copies']
+
+
+def test_report_from_job_records_holds_the_numbers(tmp_path):
+    """build_report / write_report on synthetic job records: ratios, the purification's cost, the rule, the
+    detector, a failed victim named in the verdict line and in the report; report.json, report.md and PNGs."""
+    from nnunetv2_voxshield.jobs import JobRecord
+    from nnunetv2_voxshield.panel import Panel, Profile
+    from nnunetv2_voxshield.verdict import build_report, write_report
+    panel = Panel('t', [Profile('stock', 'nnUNetTrainer'), Profile('blur', 'nnUNetTrainer', defence='blur'),
+                        Profile('2d', 'nnUNetTrainer', '2d')], [0, 1], 5, 'nnUNetPlans_cpu')
+    trainers = {p.name: panel.trainer(p) for p in panel.profiles}
+    cases = ['a', 'b', 'c']
+    dice = {('clean', 'stock'): 0.8, ('protected', 'stock'): 0.04, ('clean+blur', 'blur'): 0.6,
+            ('protected+blur', 'blur'): 0.72, ('clean', 'blur'): 0.8, ('clean', '2d'): 0.7}
+    victims, records = {}, {}
+    for (row, prof), d in list(dice.items()) + [(('protected', '2d'), None)]:
+        for s in (0, 1):
+            name = f'score_{row}_{prof}_{s}'
+            victims[(row, prof, s)] = name
+            records[name] = JobRecord(name, 'failed', error='boom', log='/x/log.txt') if d is None else JobRecord(
+                name, 'done', {'cases': {c: {'dice': d, 'labels': {'1': d, '2': d / 2}} for c in cases}})
+    records['quality_protected'] = JobRecord('quality_protected', 'done', {'psnr': 40.0, 'psnr_roi': 20.0,
+                                                                          'max_budget_use': 0.9, 'violations': 0})
+    records['detector'] = JobRecord('detector', 'done', {'/p': {'mean_dice': 0.7}, '/c': {'mean_dice': 0.01}})
+    settings = {'protects': 0.3, 'keeps': 0.9, 'protected': ['/p'], 'rule': {'x50': 22.0, 's': 3.0},
+                'panel': panel.to_json(), 'n_test_cases': 3}
+    report = build_report(str(tmp_path), records, panel, trainers, {'clean': '/c', 'protected': '/p'}, ['protected'],
+                          victims, settings, 100)
+    copy = report['copies'][0]
+    by = {e['name']: e for e in copy['exploiters']}
+    assert by['stock']['ratio']['ratio'] == pytest.approx(0.05) and by['stock']['status'] == 'protects'
+    assert by['stock']['per_label']['2']['ratio'] == pytest.approx(0.05) and by['stock']['trainer'] == \
+        'nnUNetTrainer_5epochs'
+    assert by['blur']['ratio']['ratio'] == pytest.approx(0.9) and by['blur']['cost']['ratio'] == pytest.approx(0.75)
+    assert by['2d']['failed'] == 'score_protected_2d_0, score_protected_2d_1'
+    assert report['verdict'] == ['Protects against 1 of 2 exploiters (<= 0.3 of clean); not against: blur; '
+                                 'failed: 2d']
+    assert copy['rule']['predicted'] == pytest.approx(rule_ratio(20.0, 22.0, 3.0)) and \
+        copy['rule']['measured'] == pytest.approx(0.05)
+    assert copy['detector'] == {'mean_dice': 0.7, 'clean_mean_dice': 0.01}
+    assert {f['name'] for f in report['failed']} == {'score_protected_2d_0', 'score_protected_2d_1'}
+    files = write_report(str(tmp_path), report)
+    assert json.loads((tmp_path / 'report.json').read_text())['copies'][0]['exploiters'][1]['cost']['ratio'] == \
+        pytest.approx(0.75)
+    md = (tmp_path / 'report.md').read_text()
+    assert md.startswith(f'**{report["verdict"][0]}**')
+    assert '| blur | nnUNetTrainer_5epochs | 3d_fullres | 0.720 | 0.800 | 0.90 [0.90, 0.90] | 0.90 / 0.90 | partial | ' \
+           '0.75 [0.75, 0.75] |' in md
+    assert 'predicted 0.34 at ROI PSNR 20.0 dB, measured 0.05' in md and 'score_protected_2d_0: boom' in md
+    import matplotlib.image
+    assert [Path(f).name for f in files] == ['report.json', 'report.md', 'bars.png', 'frontier.png']
+    assert all(matplotlib.image.imread(f)[..., :3].std() > 0.02 for f in files[2:])
