@@ -83,6 +83,8 @@ def squeue_states(job_ids: Sequence[str]) -> Optional[Dict[str, str]]:
 
 
 def submitit_tail(handle) -> List[str]:
+    """The last lines submitit logged for a job (where an error before the job's own log.txt shows, e.g. a job
+    function that can no longer be unpickled because its module changed)."""
     try:
         return (handle.stderr() or handle.stdout() or '').splitlines()[-LOG_TAIL_LINES:]
     except Exception:   # noqa: BLE001
@@ -117,18 +119,29 @@ def _zombie(pid: int) -> bool:
         return False
 
 
+def _tree(pid: int) -> List[int]:
+    """``pid``'s descendants (children first), read from /proc."""
+    out, todo = [], [pid]
+    while todo:
+        kids = _children(todo.pop())
+        out += kids
+        todo += kids
+    return out
+
+
 def stop_local(handle, grace: float = 10.0) -> None:
-    """Stops a local job: SIGINT to its process (KeyboardInterrupt, as Ctrl-C), SIGKILL after ``grace`` s; then
-    its submitit controller, which exits once its task has. (submitit's own cancel only signals the controller,
-    which cannot stop a task that ignores SIGINT, e.g. one started in the background.)"""
+    """Stops a local job and every process it started (e.g. the nnU-Net training it runs): SIGINT to them
+    (KeyboardInterrupt, as Ctrl-C), SIGKILL after ``grace`` s; then its submitit controller, which exits once its
+    task has. (submitit's own cancel only signals the controller, which cannot stop a task that ignores SIGINT,
+    e.g. one started in the background, nor the task's own children.)"""
     controller = handle._process
     if controller is None or controller.poll() is not None:
         return
-    tasks = _children(controller.pid)
-    for pid in tasks:
+    tree = _tree(controller.pid)
+    for pid in tree:
         with suppress(ProcessLookupError):
             os.kill(pid, signal.SIGINT)
-    for pid in _wait_gone(tasks, grace):
+    for pid in _wait_gone(tree, grace):
         with suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     try:

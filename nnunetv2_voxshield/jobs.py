@@ -256,10 +256,16 @@ class _Run:
             first = self.gone_since.setdefault(name, time.time())
             if time.time() - first < 10:   # the record may still be on its way (shared filesystem)
                 return
-        if got is None:
+        if got is None:   # the process died before job_main could write a record: write one for it
             tail = F.tail(p['log']) or B.submitit_tail(handle)
             how = f'slurm job {handle.job_id}' if self.backend == 'slurm' else 'job process'
-            self.finish(name, 'failed', error=f'{how} ended without a record (killed or crashed)', log_tail=tail)
+            last = next((line.strip() for line in reversed(tail) if line.strip()), '')
+            why = last if re.match(r'^\w+(Error|Exception)\b', last) else 'killed or crashed'
+            error = f'{how} ended without a record ({why})'
+            with suppress(OSError):
+                F.write_json(p['failed'], {'name': name, 'token': self.token, 'backend': self.backend,
+                                           'error': error, 'finished': F.now(), 'log_tail': tail})
+            self.finish(name, 'failed', error=error, log_tail=tail)
         elif got[0] == 'done':
             self.finish(name, 'done', rec=got[1])
         else:

@@ -107,3 +107,14 @@ def preempted_once(job_dir, never):
     open(partial, 'w').close()
     _wait_for(never, timeout=600)
     return {'resumed': False}
+
+
+def gated_with_child(job_dir, gate):
+    """Like ``gated``, in a child process it starts (as a train job runs nnU-Net); the child's pid in child.pid."""
+    import subprocess
+    import sys
+    _count(job_dir)
+    child = subprocess.Popen([sys.executable, '-c', f'import job_fns; job_fns._wait_for({gate!r})'])
+    with open(os.path.join(job_dir, 'child.pid'), 'w') as f:
+        f.write(str(child.pid))
+    return child.wait()

@@ -38,6 +38,13 @@ def calls(root, name):
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
+def _until(predicate, what, timeout=120.0):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f'timed out waiting for {what}'
+        time.sleep(0.1)
+
+
 def number_dag(root):
     jd = lambda n: str(Path(root).resolve() / 'jobs' / n)  # noqa: E731
     return [Job('c', fns.write_number, (3,), {'after': [jd('a'), jd('b')]}, deps=('a', 'b'), kind='score'),
@@ -176,28 +183,48 @@ def test_two_runs_share_a_root(tmp_path):
 
 
 def test_terminated_run_cancels_its_jobs_and_rerun_resumes(tmp_path):
-    """SIGTERM (or Ctrl-C) to a run stops its running job processes and releases their claims; the rerun runs the
-    interrupted job again and its dependant after it."""
+    """SIGTERM (or Ctrl-C) to a run stops its running job processes and the processes they started, and releases
+    their claims; the rerun runs the interrupted job again and its dependant after it."""
     root, gate = tmp_path / 'root', tmp_path / 'gate'
-    proc = subprocess.Popen([sys.executable, '-c', RUNNER, str(root), str(gate), str(tmp_path / 'out')],
+    runner = RUNNER.replace('fns.gated,', 'fns.gated_with_child,')
+    proc = subprocess.Popen([sys.executable, '-c', runner, str(root), str(gate), str(tmp_path / 'out')],
                             stdout=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 120
-        while not (root / 'jobs' / 'g' / 'calls').exists() and time.time() < deadline:
-            time.sleep(0.05)
+        _until(lambda: (root / 'jobs' / 'g' / 'child.pid').exists(), 'the job to start its child')
         job_pid = json.loads((root / 'jobs' / 'g' / 'running.json').read_text())['pid']
+        child_pid = int((root / 'jobs' / 'g' / 'child.pid').read_text())
         proc.terminate()
         assert proc.wait(timeout=60) != 0
     finally:
         proc.kill() if proc.poll() is None else None
-    with pytest.raises(ProcessLookupError):
-        os.kill(job_pid, 0)
+    for pid in (job_pid, child_pid):
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
     assert not (root / 'jobs' / 'g' / 'claim').exists() and not (root / 'jobs' / 'g' / 'done.json').exists()
     assert 'g: cancelled' in (root / 'jobs' / 'g' / 'log.txt').read_text()
     assert 'interrupted; rerun to resume' in (tmp_path / 'out').read_text()
     gate.touch()
     records, _ = run([Job('g', fns.gated, (str(gate),)), Job('n', fns.write_number, (1,), deps=('g',))], root)
     assert [records['g'].state, records['n'].state] == ['done', 'done'] and calls(root, 'g') == 2
+
+
+def test_job_that_cannot_start_is_reported(tmp_path, monkeypatch):
+    """A job process that dies before the job's function runs (here: its module is gone when the job unpickles it)
+    gets a failed.json with submitit's last lines and the error; the others finish."""
+    mod = tmp_path / 'mods'
+    mod.mkdir()
+    (mod / 'vanishing.py').write_text('def fn(job_dir):\n    return 1\n')
+    monkeypatch.syspath_prepend(str(mod))
+    monkeypatch.setenv('PYTHONPATH', os.pathsep.join([str(mod), os.environ['PYTHONPATH']]))
+    import vanishing
+    (mod / 'vanishing.py').unlink()
+    records, _ = run([Job('v', vanishing.fn), Job('free', fns.write_number, (1,))], tmp_path / 'root')
+    v = records['v']
+    assert (v.state, v.error) == ('failed', "job process ended without a record (ModuleNotFoundError: No module "
+                                            "named 'vanishing')")
+    failed = json.loads((tmp_path / 'root' / 'jobs' / 'v' / 'failed.json').read_text())
+    assert failed['error'] == v.error and failed['log_tail'] == v.log_tail and 'Traceback' in '\n'.join(v.log_tail)
+    assert records['free'].result == 1
 
 
 def test_claims_of_dead_runs_are_taken_over(tmp_path):
@@ -264,13 +291,6 @@ def test_slurm_backend_runs_dag_through_sbatch(tmp_path, slurm_cluster):
     assert 'slurm job' in out and 'submitted' in out
     again, _ = run(jobs[:4], tmp_path, backend='slurm', workers=4)
     assert all(r.reused for r in again.values()) and calls(tmp_path, 'c') == 1
-
-
-def _until(predicate, what, timeout=120.0):
-    deadline = time.time() + timeout
-    while not predicate():
-        assert time.time() < deadline, f'timed out waiting for {what}'
-        time.sleep(0.1)
 
 
 @requires_slurm
