@@ -1,4 +1,5 @@
-"""Protection map (issue 12; any dataset with a split): victim Dice / clean against budget (PSNR) per method and exploiter.
+"""Protection map (issue 12, any dataset with a split): victim Dice / clean against budget (PSNR) per method and
+exploiter.
 
     python benchmarks/protection_map.py -o benchmarks/out/map --victim stock --cells offset@16/255 checkerboard@16/255
     python benchmarks/protection_map.py -o benchmarks/out/map --table-only
@@ -152,15 +153,16 @@ def protect(cell: dict, roots: dict, env: dict, logs: Path, mapfile: MapFile, cl
 def _protect(cell: dict, label: str, roots: dict, env: dict, logs: Path, mapfile: MapFile, clean: Path,
              epochs: int) -> Path:
     dataset_id, dst = copy_folder(label, roots, mapfile)
-    cmd = ['voxshield_export', '-d', str(DATASET['id']), '-o', dataset_id, '--name', dst.name, '-p', hb.PLANS, '-c', '3d_fullres',
-           '-device', 'cpu']
+    cmd = ['voxshield_export', '-d', str(DATASET['id']), '-o', dataset_id, '--name', dst.name, '-p', hb.PLANS, '-c',
+           '3d_fullres', '-device', 'cpu']
     if cell['method'] in TRAINED:
         trainer = protector_trainer(cell, epochs)
         fold = roots['nnUNet_results'] / DATASET['name'] / f'{trainer}__{hb.PLANS}__3d_fullres' / 'fold_all'
         if not (fold / 'checkpoint_final.pth').is_file():
             hb.log(f'{label}: training {trainer}')
-            seconds = hb.run([sys.executable, '-m', 'nnunetv2_voxshield.victims', 'run', str(DATASET['id']), '3d_fullres', '--seed',
-                              '0', '-tr', trainer, '-p', hb.PLANS, '-device', 'cpu'], env, logs / f'train_{label}.log')
+            seconds = hb.run([sys.executable, '-m', 'nnunetv2_voxshield.victims', 'run', str(DATASET['id']),
+                              '3d_fullres', '--seed', '0', '-tr', trainer, '-p', hb.PLANS, '-device', 'cpu'], env,
+                             logs / f'train_{label}.log')
             mapfile.update(lambda d: d.setdefault('protectors', {}).setdefault(label, {}).update(
                 trainer=trainer, train_seconds=seconds))
         cmd += ['-tr', trainer, '-f', 'all']
@@ -291,7 +293,8 @@ def map_rows(data: dict) -> list:
         q, paired = cell['quality'] or {}, seed_ratio(cell['victim'], cell['clean'])
         out.append({'victim': victim, 'cell': name, 'method': name.split('@')[0], 'eps': name.split('@')[1],
                     **{k: paired[k] for k in ('seeds', 'dice', 'clean_dice', 'ratio_per_seed', 'dice_per_label')},
-                    'psnr': (q.get('psnr') or {}).get('mean'), 'psnr_min': (verify.get(name, {}).get('psnr') or {}).get('min'),
+                    'psnr': (q.get('psnr') or {}).get('mean'),
+                    'psnr_min': (verify.get(name, {}).get('psnr') or {}).get('min'),
                     'psnr_roi': (q.get('psnr_roi') or {}).get('mean'), 'overlap': overlap.get((victim, name)),
                     'ratio': paired['ratio']})
     return out
@@ -350,7 +353,7 @@ def frontier_figure(rows: list, png: Path) -> None:
     ax.axvline(50, color='k', lw=0.8, ls=':')
     ax.set_xlabel('PSNR of the protected training images (dB, whole volume)')
     ax.set_ylabel('victim Dice / clean victim Dice')
-    ax.set_title('Protection map, Hippocampus (goal: lower right of the dotted lines)', fontsize=9)
+    ax.set_title(f'Protection map, {DATASET["name"][11:]} (goal: lower right of the dotted lines)', fontsize=9)
     ax.legend(fontsize=6.5, ncol=2, loc='center left', bbox_to_anchor=(1.01, 0.5))  # outside: the points stay visible
     fig.tight_layout()
     fig.savefig(png, dpi=120)
@@ -411,8 +414,8 @@ def map_jobs(cells: list, roots: dict, env: dict, clean: Path, args, dataset_ids
     copies, rows, row_deps = [], {}, {}
     for cell in cells_with_bases(cells):
         label = cell_label(cell)
-        deps = ['plan'] + ([f'protect_{cell_label(parse_cell(cell["cell"].replace(":clean=" + cell["options"]["clean"], "")))}']
-                           if 'clean' in cell['options'] else [])
+        base = cell['cell'].replace(f':clean={cell["options"].get("clean")}', '')
+        deps = ['plan'] + ([f'protect_{cell_label(parse_cell(base))}'] if 'clean' in cell['options'] else [])
         jobs.append(Job(f'protect_{label}', this.protect_job, (cell['cell'], str_roots, env, str(clean),
                                                           args.protector_epochs, dict(DATASET), dataset_ids),
                         deps=deps, kind='protect'))
@@ -484,8 +487,8 @@ def map_entries(cells: list, records: dict, scores: dict, panel, args, profile: 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('-o', default=str(HERE / 'out' / 'map'), help='output folder')
-    parser.add_argument('--dataset', type=int, default=4, help='the clean dataset\'s id: 4 (Hippocampus, default) or 27 '
-                                                               '(ACDC, patient split), or another with --data/--split')
+    parser.add_argument('--dataset', type=int, default=4, help='the clean dataset\'s id: 4 (Hippocampus, default) or '
+                                                               '27 (ACDC, patient split), or another with --data/--split')
     parser.add_argument('--data', default=None, help='its raw folder (default: ../shared/data/<the dataset>)')
     parser.add_argument('--split', default=None, help='split file {"train": [...], "test": [...]} (default: the '
                                                       'dataset\'s committed split)')

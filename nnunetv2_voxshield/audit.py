@@ -77,9 +77,6 @@ def audit(clean: str, protected: Sequence[str], output_dir: str, test_images: Op
     except PanelError as e:
         raise AuditError(str(e)) from None
     copies = copy_names(protected_dirs, names)
-    if eps is None:
-        from nnunetv2_voxshield.verify import DEFAULT_EPS
-        eps = DEFAULT_EPS
     detector = the_panel.name != 'quick' if detector is None else detector
     rule = VD.load_rule(rule_file)
 
@@ -89,7 +86,8 @@ def audit(clean: str, protected: Sequence[str], output_dir: str, test_images: Op
     link_cases(listing['cases'], tests['train'], clean_json, rows['clean'])
     for name, d in zip(copies, protected_dirs):
         rows[name] = os.path.join(out, 'nnUNet_raw', f'Dataset{row_dataset_id(out, name):03d}_{_safe(name)}')
-        link_cases(list_training_cases(d, load_dataset_json(d)), tests['train'], clean_json, rows[name])
+        link_cases(list_training_cases(d, load_dataset_json(d)), tests['train'], clean_json, rows[name],
+                   src_dir=d)
     if tests['images'] is None:
         link_cases(listing['cases'], tests['test'], clean_json, os.path.join(out, 'test'), 'imagesTs', 'labelsTs')
     for sub in ('nnUNet_preprocessed', 'nnUNet_results'):
@@ -136,8 +134,8 @@ def audit_entry(argv=None):
                         help='victim epochs: trains <trainer>_<N>epochs (default: each trainer\'s schedule)')
     parser.add_argument('-p', default=None, help='victim plans: nnUNetPlans (the dataset\'s own, default) or a '
                                                  'preset such as nnUNetPlans_cpu')
-    parser.add_argument('--eps', type=float, default=None, help='budget for voxshield_verify\'s budget use '
-                                                                '(default: verify\'s)')
+    parser.add_argument('--eps', type=float, default=None, help='budget of voxshield_verify\'s budget use (default: '
+                                                                'the copy\'s protection manifest, else verify\'s)')
     parser.add_argument('--detector', action=argparse.BooleanOptionalAction, default=None,
                         help='residual-only detector (default: off for quick, on otherwise)')
     parser.add_argument('--protects', type=float, default=VD.PROTECTS, help='"protects" at <= this Dice / clean')

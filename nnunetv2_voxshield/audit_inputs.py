@@ -174,11 +174,16 @@ def _atomic_dir(build, dst: str) -> None:
 
 
 def link_cases(src_cases: Dict[str, dict], cases: Sequence[str], dataset_json: dict, dst: str,
-               images: str = 'imagesTr', labels: str = 'labelsTr') -> None:
-    """A raw dataset of symlinks to ``cases`` of a listing (the sources are only read)."""
+               images: str = 'imagesTr', labels: str = 'labelsTr', src_dir: Optional[str] = None) -> None:
+    """A raw dataset of symlinks to ``cases`` of a listing (the sources are only read), with the protection
+    manifest of ``src_dir`` if it has one (verify reads its budget from it)."""
+    from nnunetv2_voxshield.manifest import MANIFEST_FILE
+
     def build(tmp):
         os.makedirs(os.path.join(tmp, images))
         os.makedirs(os.path.join(tmp, labels))
+        if src_dir and os.path.isfile(os.path.join(src_dir, MANIFEST_FILE)):
+            os.symlink(os.path.abspath(os.path.join(src_dir, MANIFEST_FILE)), os.path.join(tmp, MANIFEST_FILE))
         for c in cases:
             for f in src_cases[c]['images'] + [src_cases[c]['label']]:
                 sub = labels if f == src_cases[c]['label'] else images

@@ -100,18 +100,20 @@ def score_job(job_dir: str, predictions: str, test_labels: str, cases: Sequence[
                       for c in scores}}
 
 
-def quality_job(job_dir: str, clean_dir: str, row_dir: str, ending: str, eps: Optional[float] = None) -> dict:
+def quality_job(job_dir: str, clean_dir: str, row_dir: str, ending: str, verify: bool = False,
+                eps: Optional[float] = None) -> dict:
     """PSNR of a row's training images against the clean ones (whole volume and inside the labels), and for a
-    protected copy (``eps`` given) ``voxshield_verify``'s summary: max budget use and violations."""
+    protected copy (``verify``) ``voxshield_verify``'s summary: max budget use and violations, against ``eps`` or,
+    if None, the copy's protection manifest (else verify's default budget)."""
     from nnunetv2_voxshield.evaluate import image_quality
     q = image_quality(clean_dir, row_dir, ending)['summary']
     result = {'psnr': (q.get('psnr') or {}).get('mean'), 'psnr_roi': (q.get('psnr_roi') or {}).get('mean'),
               'ssim': (q.get('ssim') or {}).get('mean'), 'summary': q}
-    if eps is not None:
+    if verify:
         from nnunetv2_voxshield.verify import verify_datasets
         v = verify_datasets(clean_dir, row_dir, eps=eps)
         result.update(max_budget_use=v['summary']['max_budget_use'], violations=len(v['violations']),
-                      verify=v['summary'], eps=eps)
+                      verify=v['summary'], budget=v.get('budget'))
     return result
 
 
@@ -194,10 +196,10 @@ def build_jobs(out: str, panel: Panel, trainers: Dict[str, str], rows: Dict[str,
             victims[(row, p.name, seed)] = f'score_{tag}'
     for row in rows:
         if row != 'clean':
-            copy_eps = eps if row in copies else None
             deps = list(row_deps.get(row, []))
             jobs[f'quality_{row}'] = Job(f'quality_{_safe(row)}', quality_job,
-                                         (clean_dir_of(rows), rows[row], ending, copy_eps), deps=deps, kind='quality')
+                                         (clean_dir_of(rows), rows[row], ending, row in copies, eps), deps=deps,
+                                         kind='quality')
     if detector:
         jobs['detector'] = Job('detector', detector_job, ([rows['clean']] + [rows[c] for c in copies], 400, device),
                                deps=[d for c in copies for d in row_deps.get(c, [])], kind='detector', threads=threads)

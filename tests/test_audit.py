@@ -1,6 +1,7 @@
 """voxshield_audit: verdicts and bootstrap intervals on synthetic scores, the panel, bad input refused before any
 job starts, and the DAG end to end on the phantom through the local backend with 2 workers."""
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -184,7 +185,8 @@ def _refused(argv, capsys, message):
 def test_bad_input_refused_before_any_job(phantom_pair, tmp_path, test_trainers_env, capsys):
     clean, protected = phantom_pair
     out = tmp_path / 'OUT'
-    base = ['--clean', str(clean), '--protected', str(protected), '-o', str(out), '--exploiter', 'tiny=nnUNetTrainer_tiny']
+    tiny = ['--exploiter', 'tiny=nnUNetTrainer_tiny']
+    base = ['--clean', str(clean), '--protected', str(protected), '-o', str(out)] + tiny
     cases = sorted(p.name[:-len('.nii.gz')] for p in (clean / 'labelsTr').glob('*.nii.gz'))
     # protected copies that do not match the clean data: a label, a case, a shape, a spacing
     bad_label = shutil.copytree(protected, tmp_path / 'bad_label')
@@ -213,8 +215,7 @@ def test_bad_input_refused_before_any_job(phantom_pair, tmp_path, test_trainers_
     for copy, message in ((bad_label, f'{cases[1]}.nii.gz: label differs'),
                           (missing, f'training case(s) {cases[2]} of the clean dataset are missing'),
                           (shape, 'shape'), (spacing, 'spacing'), (labels, 'dataset.json: labels')):
-        _refused(['--clean', str(clean), '--protected', str(copy), '-o', str(out), '--exploiter', 'tiny=nnUNetTrainer_tiny'],
-                 capsys, message)
+        _refused(['--clean', str(clean), '--protected', str(copy), '-o', str(out)] + tiny, capsys, message)
     # test sets overlapping the training cases: same case, same patient
     split = tmp_path / 'split.json'
     split.write_text(json.dumps({'train': cases[:4], 'test': cases[3:]}))
@@ -330,9 +331,35 @@ def test_report_from_job_records_holds_the_numbers(tmp_path):
         pytest.approx(0.75)
     md = (tmp_path / 'report.md').read_text()
     assert md.startswith(f'**{report["verdict"][0]}**')
-    assert '| blur | nnUNetTrainer_5epochs | 3d_fullres | 0.720 | 0.800 | 0.90 [0.90, 0.90] | 0.90 / 0.90 | partial | ' \
-           '0.75 [0.75, 0.75] |' in md
+    assert '| blur | nnUNetTrainer_5epochs | 3d_fullres | 0.720 | 0.800 | 0.90 [0.90, 0.90] | 0.90 / 0.90 | ' \
+           'partial | 0.75 [0.75, 0.75] |' in md
     assert 'predicted 0.34 at ROI PSNR 20.0 dB, measured 0.05' in md and 'score_protected_2d_0: boom' in md
     import matplotlib.image
     assert [Path(f).name for f in files] == ['report.json', 'report.md', 'bars.png', 'frontier.png']
     assert all(matplotlib.image.imread(f)[..., :3].std() > 0.02 for f in files[2:])
+
+
+def test_linked_copy_keeps_its_protection_manifest(tmp_path):
+    """A copy's training cases are linked into the audit folder with its voxshield_manifest.json (verify reads the
+    copy's budget from it), the sources only read; a second link of the same row is a no-op."""
+    from nnunetv2_voxshield.audit import link_cases, row_dataset_id
+    src = tmp_path / 'copy'
+    for sub in ('imagesTr', 'labelsTr'):
+        (src / sub).mkdir(parents=True)
+    listing = {}
+    for c in ('a', 'b', 'c'):
+        (src / 'imagesTr' / f'{c}_0000.nii.gz').write_text('i')
+        (src / 'labelsTr' / f'{c}.nii.gz').write_text('l')
+        listing[c] = {'images': [str(src / 'imagesTr' / f'{c}_0000.nii.gz')],
+                      'label': str(src / 'labelsTr' / f'{c}.nii.gz')}
+    (src / 'voxshield_manifest.json').write_text('{"eps": 0.1}')
+    out = tmp_path / 'OUT'
+    dst = out / 'nnUNet_raw' / f'Dataset{row_dataset_id(str(out), "protected"):03d}_protected'
+    link_cases(listing, ['a', 'c'], {'labels': {}, 'numTraining': 3}, str(dst), src_dir=str(src))
+    assert dst.name == 'Dataset001_protected' and row_dataset_id(str(out), 'protected') == 1
+    assert row_dataset_id(str(out), 'clean') == 2
+    assert sorted(p.name for p in (dst / 'imagesTr').iterdir()) == ['a_0000.nii.gz', 'c_0000.nii.gz']
+    assert os.readlink(dst / 'voxshield_manifest.json') == str(src / 'voxshield_manifest.json')
+    assert json.loads((dst / 'dataset.json').read_text())['numTraining'] == 2
+    link_cases(listing, ['a'], {'labels': {}}, str(dst), src_dir=str(src))  # made before: kept as it is
+    assert len(list((dst / 'labelsTr').iterdir())) == 2 and not list(dst.parent.glob('*.tmp*'))
