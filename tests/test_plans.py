@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import validation_summary
 from nnunetv2_voxshield.phantom import write_phantom_dataset
 from nnunetv2_voxshield.plans import apply_plans_preset, available_presets, load_preset, preset_plans
 
@@ -208,6 +209,15 @@ def test_stock_training_with_cpu_plans(planned_phantom, configuration, trainer):
                         '-device', 'cpu'], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = Path(env['nnUNet_results']) / DATASET / f'{trainer}__nnUNetPlans_cpu__{configuration}' / 'fold_0'
-    assert (out / 'checkpoint_final.pth').is_file()
-    summary = json.loads((out / 'validation' / 'summary.json').read_text())
-    assert set(summary['mean']) == {'1', '2'}
+    import torch
+    checkpoint = torch.load(out / 'checkpoint_final.pth', map_location='cpu', weights_only=False)
+    assert checkpoint['trainer_name'] == trainer and checkpoint['current_epoch'] == 1
+    plans = json.loads((Path(env['nnUNet_preprocessed']) / DATASET / 'nnUNetPlans_cpu.json').read_text())
+    arch = plans['configurations'][configuration]['architecture']['arch_kwargs']
+    first_conv = checkpoint['network_weights']['encoder.stages.0.0.convs.0.conv.weight']
+    assert first_conv.shape[0] == arch['features_per_stage'][0] == load_preset('cpu')[
+        '3d' if configuration == '3d_fullres' else '2d']['base_features']  # the preset's network was trained
+    assert first_conv.ndim == (5 if configuration == '3d_fullres' else 4)
+    if trainer == 'nnUNetTrainerVoxShield_tiny':
+        assert checkpoint['voxshield']['iteration'] == 4 and not (out / 'checkpoint_best.pth').exists()
+    validation_summary(out, {'1', '2'})
