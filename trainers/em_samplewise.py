@@ -1,10 +1,11 @@
 """nnUNetTrainerEMSampleWise: sample-wise error-minimising noise (Huang et al. 2021, arXiv 2101.04898) in nnU-Net.
 
 One delta per training case at preprocessed resolution (``samplewise.DeltaStore``), kept in the checkpoint. Iterations
-alternate as in the authors' ``sample_wise_perturbation``: ``surrogate_steps_per_cycle`` nnU-Net steps of the
-surrogate on x + delta, then ``pgd_batches_per_cycle`` batches whose deltas take ``pgd_steps`` signed gradient steps
-of ``pgd_step_fraction`` x b down the frozen surrogate's loss (``samplewise.pgd_step``; their code: 20 steps of eps/10
-at 8/255). The loader only crops (and reports each crop box, ``samplewise.CropLoader``), so a patch's delta is the
+alternate: ``surrogate_steps_per_cycle`` nnU-Net steps of the surrogate on x + delta, then ``pgd_batches_per_cycle``
+batches whose deltas take ``pgd_steps`` signed gradient steps of ``pgd_step_fraction`` x b down the frozen
+surrogate's loss (``samplewise.pgd_step``). The authors' ``sample_wise_perturbation`` trains 10 surrogate batches,
+then runs 20 steps of eps/10 on every training sample; with random patches there is no pass over "every sample",
+so the default is 1 : 1 batch by batch (as the VoxShield trainers), 10 steps. The loader only crops (and reports each crop box, ``samplewise.CropLoader``), so a patch's delta is the
 same crop of its case's delta. Huang et al. generate the noise without augmentation (``no_train_augments``): here T
 is stock NoDA's pipeline (the final patch, no mirroring); the EOT form applies stock nnU-Net's augmentation
 (``diff_augment``) after the delta, as ``nnUNetTrainerVoxShieldEOT``. Stop rule (theirs: train accuracy on the
