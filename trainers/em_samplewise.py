@@ -5,10 +5,11 @@ alternate: ``surrogate_steps_per_cycle`` nnU-Net steps of the surrogate on x + d
 batches whose deltas take ``pgd_steps`` signed gradient steps of ``pgd_step_fraction`` x b down the frozen
 surrogate's loss (``samplewise.pgd_step``). The authors' ``sample_wise_perturbation`` trains 10 surrogate batches,
 then runs 20 steps of eps/10 on every training sample; with random patches there is no pass over "every sample",
-so the default is 1 : 1 batch by batch (as the VoxShield trainers), 10 steps. The loader only crops (and reports each crop box, ``samplewise.CropLoader``), so a patch's delta is the
-same crop of its case's delta. Huang et al. generate the noise without augmentation (``no_train_augments``): here T
-is stock NoDA's pipeline (the final patch, no mirroring); the EOT form applies stock nnU-Net's augmentation
-(``diff_augment``) after the delta, as ``nnUNetTrainerVoxShieldEOT``. Stop rule (theirs: train accuracy on the
+so the default is 1 : 1 batch by batch (as the VoxShield trainers), 10 steps. The loader only crops (and reports
+each crop box, ``samplewise.CropLoader``), so a patch's delta is the same crop of its case's delta. Huang et al.
+generate the noise without augmentation (``no_train_augments``): here T is stock NoDA's pipeline (the final patch, no
+mirroring); the EOT form applies stock nnU-Net's augmentation (``diff_augment``) after the delta, as
+``nnUNetTrainerVoxShieldEOT``. Stop rule (theirs: train accuracy on the
 perturbed data >= 99%): when an epoch's mean surrogate loss on the perturbed data (nnU-Net's train_loss, Dice + CE)
 falls below ``stop_loss``, training ends after that epoch and nnU-Net writes checkpoint_final as usual.
 """
