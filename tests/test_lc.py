@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import TEST_TRAINERS, run_cli, same, snapshot, use_cpu_preset_as_default_plans
+from conftest import TEST_TRAINERS, run_cli, same, snapshot, use_cpu_preset_as_default_plans, validation_summary
 from nnunetv2_voxshield.budget import roi_mask
 from nnunetv2_voxshield.export import export_entry
 from nnunetv2_voxshield.lc import (LabelCodedPerturbator, LCSource, band_limit, band_mask, intensity_window, lc_bound,
@@ -357,7 +357,8 @@ def test_stock_nnunetv2_train_runs_the_lc_trainer_and_its_checkpoint_exports(lc_
     assert state['generator_kwargs']['foreground_labels'] == [1, 2] and state['roi']['dilation'] == 2
     log = next(fold.glob('training_log_*.txt')).read_text()
     assert 'surrogate re-initialised (reset 1, iteration 4)' in log and 'VoxShield: L_seg' in log
-    assert (fold / 'validation' / 'summary.json').is_file()
+    validation_summary(fold, {'1', '2'})
+    assert not (fold / 'checkpoint_best.pth').exists()  # chosen by the surrogate's Dice: not written for protectors
     report, labels = _check_export(lc_env, TWO, 992, trainer)
     assert labels == {1, 2} and 0 < report['summary']['max_budget_use'] <= 1
 
