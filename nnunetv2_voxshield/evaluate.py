@@ -521,7 +521,8 @@ def evaluate_entry():
     parser = argparse.ArgumentParser(
         description='Train stock nnU-Net victims on a clean dataset, its protected copy and purified copies, and '
                     'score them on clean held-out cases (Dice, HD95) plus PSNR/SSIM of the protected data. '
-                    'Rerunning with the same -o resumes: finished victims are not retrained.')
+                    'Rerunning with the same -o resumes: finished victims are not retrained. Runs its victims one after '
+                    'another; voxshield_audit runs the same victims as parallel or Slurm jobs and gives a verdict.')
     parser.add_argument('--clean', required=True, help='clean raw dataset: id, DatasetXXX_Name in $nnUNet_raw, or a folder')
     parser.add_argument('--protected', nargs='*', default=[],
                         help='protected raw dataset(s): id, name or folder; several = one row per method')
