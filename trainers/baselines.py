@@ -31,7 +31,7 @@ class nnUNetTrainerUMed(nnUNetTrainerVoxShield):
 
     def perturbation(self, data, target, keys):
         target0 = target[0] if isinstance(target, list) else target
-        roi = roi_mask(target0, dilation=self.roi_dilation)
+        roi = roi_mask(target0, dilation=self.roi_dilation, ignore_label=self.label_manager.ignore_label)
         eps = self._batch_eps(keys, data)
         contour, texture = self.generator(data)
         delta = umed_perturbation(contour, texture, roi, batch_texture_map(data, self.slice_axis), eps,

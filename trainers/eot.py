@@ -59,7 +59,8 @@ class nnUNetTrainerVoxShieldEOT(nnUNetTrainerVoxShield):
 
     def perturbation(self, data: torch.Tensor, target, keys):
         """Eq. 3 with b = max(eps * M, eps_bg): delta = clamp(G(x) * b, -b, b); returns delta and b."""
-        mask = roi_mask(target[:, :1], dilation=self.roi_dilation, soft_edge=self.roi_soft_edge)
+        mask = roi_mask(target[:, :1], dilation=self.roi_dilation, soft_edge=self.roi_soft_edge,
+                        ignore_label=self.label_manager.ignore_label)
         eps = self._batch_eps(keys, data)
         bound = support_bound(mask, eps, background_eps(eps, self.eps, self.eps_bg))
         return bounded_delta(self.generate(data), bound), bound

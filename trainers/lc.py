@@ -95,7 +95,8 @@ class nnUNetTrainerVoxShieldLC(nnUNetTrainerVoxShieldEOT):
         if self.multiplicative:
             w = torch.tensor([self.intensity_windows[k] for k in keys], dtype=data.dtype, device=data.device)
             window = [w[:, :, i].view(*w.shape[:2], 1, 1, 1) for i in (0, 1)]
-        bound = lc_bound(roi_mask(seg, dilation=self.roi_dilation, soft_edge=self.roi_soft_edge), eps,
+        bound = lc_bound(roi_mask(seg, dilation=self.roi_dilation, soft_edge=self.roi_soft_edge,
+                                  ignore_label=self.label_manager.ignore_label), eps,
                          background_eps(eps, self.eps, self.eps_bg), data, window)
         return bounded_delta(torch.tanh(pre.float()), bound), bound
 

@@ -117,7 +117,8 @@ class nnUNetTrainerVoxShield(nnUNetTrainer):
     def perturbation(self, data: torch.Tensor, target, keys) -> torch.Tensor:
         """Eq. 3: delta = clamp(G(x) * M, -eps, eps), with G's tanh output scaled by the case budget."""
         target0 = target[0] if isinstance(target, list) else target
-        mask = roi_mask(target0, dilation=self.roi_dilation, soft_edge=self.roi_soft_edge)
+        mask = roi_mask(target0, dilation=self.roi_dilation, soft_edge=self.roi_soft_edge,
+                        ignore_label=self.label_manager.ignore_label)
         eps = self._batch_eps(keys, data)
         return bound_perturbation(self.generator(data) * eps, mask, eps), eps
 
