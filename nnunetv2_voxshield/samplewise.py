@@ -16,7 +16,6 @@ here export does that in raw units (``case_protection``).
 * ``SampleWiseSource``: the export source, the checkpoint's delta of the case, clamped to the export budget.
 """
 import contextlib
-import os
 import zlib
 from typing import Callable, Dict, Optional, Sequence
 
@@ -141,9 +140,6 @@ class DeltaStore:
         for k, box, p in zip(keys, bboxes, patches.detach().cpu()):
             insert_delta(self.deltas[k], box, p[:, None] if two_d else p)
 
-    def state_dict(self) -> Dict[str, torch.Tensor]:
-        return {k: v.clone() for k, v in self.deltas.items()}
-
 
 def pgd_step(loss_fn: Callable[[torch.Tensor], torch.Tensor], delta: torch.Tensor, bound: torch.Tensor,
              step: torch.Tensor):
@@ -157,20 +153,6 @@ def pgd_step(loss_fn: Callable[[torch.Tensor], torch.Tensor], delta: torch.Tenso
     with torch.no_grad():
         new = torch.maximum(torch.minimum(delta - step * grad.sign(), bound), -bound)
     return new.detach(), float(loss.detach())
-
-
-def save_with_state(save: Callable[[str], None], filename: str, key: str, state: dict) -> None:
-    """A checkpoint that appears complete or not at all: ``save`` (nnU-Net's own) writes a side file, ``state``
-    joins it as ``checkpoint[key]``, and one ``os.replace`` puts the result at ``filename``."""
-    part, tmp = filename + '.part', filename + '.tmp'
-    save(part)
-    if not os.path.isfile(part):  # checkpointing disabled, or not rank 0
-        return
-    checkpoint = torch.load(part, map_location='cpu', weights_only=False)
-    checkpoint[key] = state
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, filename)
-    os.remove(part)
 
 
 class SampleWiseSource:

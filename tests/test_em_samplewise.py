@@ -1,8 +1,11 @@
 """Sample-wise error-minimising noise (Huang et al. 2021; issue 29.3): crop mapping, budgets in normalised and raw
-units, PGD lowers the loss, deltas saved and restored exactly (--c), the stop rule, export + verify (phantom)."""
+units, PGD lowers the loss, one atomic checkpoint (deltas and RNG states) every epoch and no checkpoint_best, --c
+resumes bit for bit, the stop rule, export + verify (phantom)."""
 import os
+import random
 import shutil
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,6 +88,7 @@ def em_env(phantom, tmp_path, monkeypatch):
     for name in ('nnUNet_raw', 'nnUNet_preprocessed'):
         monkeypatch.setenv(name, str(phantom[name]))
     monkeypatch.setenv('nnUNet_results', str(tmp_path / 'nnUNet_results'))
+    monkeypatch.setenv('nnUNet_n_proc_DA', '0')  # one process: the loader draws from the checkpointed generators
     entries = [str(TEST_TRAINERS)] + [p for p in os.environ.get('nnUNet_extTrainer', '').split(os.pathsep) if p]
     monkeypatch.setenv('nnUNet_extTrainer', os.pathsep.join(entries))
     return {**phantom, 'nnUNet_results': tmp_path / 'nnUNet_results'}
@@ -170,26 +174,65 @@ def test_pgd_batch_lowers_the_frozen_surrogates_loss_and_touches_only_the_crops(
         assert torch.equal(value[mask], trainer.deltas.deltas[key][mask])
 
 
-def test_checkpoint_holds_the_deltas_and_load_restores_them_exactly(em_env, tmp_path):
+def test_checkpoint_is_one_write_holds_deltas_and_rng_and_resumes_bit_for_bit(em_env, tmp_path, monkeypatch):
+    """One torch.save per checkpoint (deltas, nnU-Net's entries, RNG states); load restores the deltas exactly, and
+    the first epoch after --c (``on_train_epoch_start``) continues as the run that was never interrupted."""
     a = make_trainer(pgd_steps=2)
     _steps(a, 4)
     ckpt = str(tmp_path / 'checkpoint.pth')
+    real_save, calls = torch.save, []
+    monkeypatch.setattr(torch, 'save', lambda obj, f, *args, **kw: calls.append(f) or real_save(obj, f, *args, **kw))
     a.save_checkpoint(ckpt)
+    monkeypatch.setattr(torch, 'save', real_save)
+    assert len(calls) == 1, f'{len(calls)} writes for one checkpoint'
     assert sorted(os.listdir(tmp_path)) == ['checkpoint.pth', 'nnUNet_results']  # no side files left
-    state = torch.load(ckpt, weights_only=False)['voxshield']
+    checkpoint = torch.load(ckpt, weights_only=False)
+    state, rng = checkpoint['voxshield'], checkpoint['rng_state']
     assert state['method'] == 'em_samplewise' and state['iteration'] == 4 and state['foreground_labels'] == [1, 2]
-    b = make_trainer(pgd_steps=2)
+    assert checkpoint['current_epoch'] == 1 and 'network_weights' in checkpoint and 'optimizer_state' in checkpoint
+    assert torch.equal(rng['torch'], torch.get_rng_state())  # the generators' states at the save
+    assert np.array_equal(rng['numpy'][1], np.random.get_state()[1]) and rng['python'] == random.getstate()
+    # the uninterrupted run: nnU-Net's next epoch, from the generators as they were at the save
+    a.current_epoch += 1
+    a.on_train_epoch_start()
+    outs_a = _steps(a, 2)
+    b = make_trainer(pgd_steps=2)  # draws from the global generators (network init, the loaders' first batch)
     assert not all(torch.equal(a.deltas.deltas[k], b.deltas.deltas[k]) for k in a.deltas.deltas)  # moved by PGD
     b.load_checkpoint(ckpt)
     assert set(b.deltas.deltas) == set(a.deltas.deltas)
+    assert all(torch.equal(state['deltas'][k], b.deltas.deltas[k]) for k in state['deltas'])
+    assert b.em_iteration == 4 and b.case_budgets == a.case_budgets and not b.em_stopped and b.current_epoch == 1
+    b.on_train_epoch_start()  # restores the checkpoint's RNG states
+    outs_b = _steps(b, 2)
+    assert [o['kind'] for o in outs_b] == ['surrogate', 'pgd']
+    assert [float(o['loss']) for o in outs_a] == [float(o['loss']) for o in outs_b]
     assert all(torch.equal(a.deltas.deltas[k], b.deltas.deltas[k]) for k in a.deltas.deltas)
-    assert b.em_iteration == 4 and b.case_budgets == a.case_budgets and not b.em_stopped
-    # the next steps of both runs match (same RNG draws): the resumed state is the whole state
-    for trainer in (a, b):
-        torch.manual_seed(7)
-        np.random.seed(7)
-        _steps(trainer, 2)
-    assert all(torch.equal(a.deltas.deltas[k], b.deltas.deltas[k]) for k in a.deltas.deltas)
+    assert not all(torch.equal(state['deltas'][k], b.deltas.deltas[k]) for k in state['deltas'])  # PGD moved them
+    weights_b = b.network.state_dict()
+    assert all(torch.equal(v, weights_b[k]) for k, v in a.network.state_dict().items())
+
+
+def test_checkpoint_latest_every_epoch_and_never_checkpoint_best(em_env):
+    """nnU-Net's ``on_epoch_end`` with a rising pseudo Dice (stock writes checkpoint_best, and checkpoint_latest every
+    50 epochs): checkpoint_latest.pth after every epoch, checkpoint_best.pth never."""
+    trainer = make_trainer(pgd_steps=1)
+    folder = Path(trainer.output_folder)
+    outputs = [{'loss': np.float32(0.5), 'kind': 'surrogate', 'delta_over_budget': 0.5},
+               {'loss': np.float32(0.4), 'kind': 'pgd', 'pgd_loss': 0.4, 'delta_over_budget': 0.5}]
+    for epoch in range(2):
+        trainer.on_epoch_start()
+        trainer.on_train_epoch_start()
+        trainer.on_train_epoch_end(outputs)
+        for key, value in (('val_losses', 0.5), ('dice_per_class_or_region', [0.1, 0.2]),
+                           ('mean_fg_dice', 0.2 + 0.3 * epoch)):
+            trainer.logger.log(key, value, epoch)
+        trainer.on_epoch_end()
+        latest = torch.load(folder / 'checkpoint_latest.pth', weights_only=False)
+        assert latest['current_epoch'] == epoch + 1 and set(latest['rng_state']) >= {'python', 'numpy', 'torch'}
+        assert set(latest['voxshield']['deltas']) == set(trainer.case_budgets)
+        assert not (folder / 'checkpoint_best.pth').exists()
+    assert trainer._best_ema is not None and trainer.logger.get_value('em_pgd_loss', step=-1) == pytest.approx(0.4)
+    assert not [n for n in os.listdir(folder) if n.startswith('.partial') or n.endswith(('.part', '.tmp'))]
 
 
 def _export_and_verify(em_env, trainer_name, out_id=982, eps='4/255'):
@@ -229,6 +272,8 @@ def test_stock_nnunetv2_train_stops_by_the_rule_and_resumes_exactly(em_env):
     fold = em_env['nnUNet_results'] / NAME / f'{name}__nnUNetPlans__3d_fullres' / 'fold_all'
     first = torch.load(fold / 'checkpoint_final.pth', weights_only=False)
     assert first['current_epoch'] == 1 and first['voxshield']['stopped'] and first['voxshield']['iteration'] == 4
+    assert set(first['rng_state']) >= {'python', 'numpy', 'torch'}
+    assert not (fold / 'checkpoint_best.pth').exists() and not (fold / 'checkpoint_latest.pth').exists()
     log = next(fold.glob('training_log_*.txt')).read_text()
     assert 'stop rule met' in log and 'Epoch 1' not in log and 'validation skipped' in log  # the run completed
     trainer = get_trainer_from_args('981', '3d_fullres', 'all', name, 'nnUNetPlans', device=torch.device('cpu'))
@@ -238,7 +283,8 @@ def test_stock_nnunetv2_train_stops_by_the_rule_and_resumes_exactly(em_env):
     assert all(torch.equal(deltas[k], trainer.deltas.deltas[k]) for k in deltas)
     trainer.run_training()  # stopped: no epoch runs, checkpoint_final is written again
     again = torch.load(fold / 'checkpoint_final.pth', weights_only=False)
-    assert again['current_epoch'] == 1 and again['voxshield']['iteration'] == 4
+    assert again['current_epoch'] == 1 and again['voxshield']['iteration'] == 4 and 'rng_state' in again
+    assert not (fold / 'checkpoint_best.pth').exists()
     assert all(torch.equal(deltas[k], again['voxshield']['deltas'][k]) for k in deltas)
 
 

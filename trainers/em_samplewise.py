@@ -11,8 +11,11 @@ generate the noise without augmentation (``no_train_augments``): here T is stock
 mirroring); the EOT form applies stock nnU-Net's augmentation (``diff_augment``) after the delta, as
 ``nnUNetTrainerVoxShieldEOT``. Stop rule (theirs: train accuracy on the
 perturbed data >= 99%): when an epoch's mean surrogate loss on the perturbed data (nnU-Net's train_loss, Dice + CE)
-falls below ``stop_loss``, training ends after that epoch and nnU-Net writes checkpoint_final as usual.
+falls below ``stop_loss``, training ends after that epoch and nnU-Net writes checkpoint_final as usual. Checkpoints
+as the other protectors (``checkpoint.save_atomic``): nnU-Net's entries, the deltas and the RNG states in one dict
+written once, checkpoint_latest every epoch, no checkpoint_best (the surrogate's Dice says nothing about protection).
 """
+import os
 import sys
 from typing import List
 
@@ -25,11 +28,12 @@ from nnunetv2.utilities.helpers import dummy_context
 
 from nnunetv2_voxshield.budget import DEFAULT_BUDGET_MODE, DEFAULT_EPS, DEFAULT_PERCENTILES, check_budget
 from nnunetv2_voxshield.case_budgets import budgets_from_preprocessed, compute_case_budgets, raw_dataset_folder_or_none
+from nnunetv2_voxshield.checkpoint import rng_state, save_atomic, set_rng_state, stock_entries
 from nnunetv2_voxshield.diff_augment import augment_batch, differentiable
-from nnunetv2_voxshield.samplewise import (METHOD, DeltaStore, case_bound, crop_loaders, full_case_bound, pgd_step,
-                                           save_with_state)
+from nnunetv2_voxshield.samplewise import METHOD, DeltaStore, case_bound, crop_loaders, full_case_bound, pgd_step
 from nnunetv2_voxshield.trainers.epochs import epoch_variant
 from nnunetv2_voxshield.trainers.eps_variants import budget_variant
+from nnunetv2_voxshield.trainers.voxshield import NOT_WRITTEN
 
 LOG_KEYS = ('em_pgd_loss', 'em_delta_over_budget')
 
@@ -48,6 +52,7 @@ class nnUNetTrainerEMSampleWise(nnUNetTrainer):
     pgd_batches_per_cycle = 1
     stop_loss = -0.9                  # stop after an epoch whose mean surrogate loss (Dice + CE, >= -1) is below this
     delta_seed = 0                    # initial deltas U(-b, b), seeded by (delta_seed, case id)
+    checkpoint_every = 1              # epochs between checkpoint_latest.pth (stock: 50), what --c resumes from
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -58,6 +63,8 @@ class nnUNetTrainerEMSampleWise(nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.case_budgets = self.deltas = self.victim_transform = None
         self.em_iteration, self.em_stopped = 0, False
+        self.save_every = self.checkpoint_every
+        self.resume_rng_state = None
         for key in LOG_KEYS:
             self.logger.local_logger.my_fantastic_logging.setdefault(key, [])
 
@@ -101,6 +108,9 @@ class nnUNetTrainerEMSampleWise(nnUNetTrainer):
         if self.is_ddp:  # each rank would update its own copy of the deltas, and only rank 0's would be saved
             raise RuntimeError(f'{type(self).__name__}: multi-GPU (DDP) training is not supported; train on one device')
         super().on_train_start()
+        self.print_to_log_file(f'{NOT_WRITTEN} is not written for protectors (the surrogate\'s Dice says nothing '
+                               f'about protection); checkpoint_latest.pth every {self.save_every} epoch(s), '
+                               f'checkpoint_final.pth at the end')
         if self.case_budgets is None:
             self.case_budgets = self._compute_case_budgets()
         if self.deltas is None:
@@ -230,9 +240,14 @@ class nnUNetTrainerEMSampleWise(nnUNetTrainer):
                         'pgd_batches_per_cycle': int(self.pgd_batches_per_cycle)}}
 
     def save_checkpoint(self, filename: str) -> None:
-        if self.local_rank != 0 or self.disable_checkpointing:
-            return super().save_checkpoint(filename)
-        save_with_state(super().save_checkpoint, filename, 'voxshield', self.voxshield_state())
+        """nnU-Net's entries, ``voxshield_state()`` (the deltas, ~250 MB for a real dataset) and the RNG states in one
+        dict, written once and atomically (``checkpoint.save_atomic``). No checkpoint_best.pth (``NOT_WRITTEN``)."""
+        if self.local_rank != 0 or os.path.basename(filename) == NOT_WRITTEN:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file('No checkpoint written, checkpointing is disabled')
+            return
+        save_atomic({**stock_entries(self), 'voxshield': self.voxshield_state(), 'rng_state': rng_state()}, filename)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         super().load_checkpoint(filename_or_checkpoint)
@@ -244,6 +259,16 @@ class nnUNetTrainerEMSampleWise(nnUNetTrainer):
         self.deltas = DeltaStore(state['deltas'])
         self.case_budgets = state['case_budgets']
         self.em_iteration, self.em_stopped = int(state['iteration']), bool(state['stopped'])
+        self.resume_rng_state = checkpoint.get('rng_state')
+
+    def on_train_epoch_start(self):
+        """After --c, the first epoch starts from the checkpoint's RNG states (as ``nnUNetTrainerVoxShield``): with
+        nnU-Net's loader in this process (nnUNet_n_proc_DA=0) it draws the crops and augmentations of an uninterrupted
+        run."""
+        if self.resume_rng_state is not None:
+            set_rng_state(self.resume_rng_state)
+        self.resume_rng_state = None
+        super().on_train_epoch_start()
 
 
 def _over_budget(delta: torch.Tensor, bound: torch.Tensor) -> float:
