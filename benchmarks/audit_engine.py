@@ -186,9 +186,14 @@ def summarise(recs: dict, workers: int, wall: float) -> dict:
     return row
 
 
+load = {}   # 1/5/15-min load average at the start of each run
+
+
 def timed_run(args, root: str, workers: int, kill_when=None) -> tuple:
     """Runs the command; with ``kill_when(root)`` sends SIGTERM once it returns True. -> (wall s, return code)."""
     log = open(root + '.log', 'a')
+    key = os.path.basename(root) + ('_rerun' if os.path.basename(root) in load else '')
+    load[key] = [round(x, 2) for x in os.getloadavg()]   # other work on the machine
     t0 = time.time()
     proc = subprocess.Popen(command(args, root, workers), stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     killed = False
@@ -299,7 +304,7 @@ def main(argv=None):
                              'commit': commit, 'date': datetime.datetime.utcnow().isoformat(timespec='seconds') + 'Z',
                              'machine': {'nproc': os.cpu_count(), 'platform': platform.platform()}},
               'source': args.source, 'epochs': args.epochs, 'units': args.units if args.source == 'synthetic' else None,
-              'runs': runs, 'kill_and_rerun': kill}
+              'runs': runs, 'kill_and_rerun': kill, 'load_average_at_start': load}
     tag = '_synthetic' if args.source == 'synthetic' else ''
     out = args.output or os.path.join(REPO, 'benchmarks', 'results',
                                       f'audit_engine{tag}_{datetime.date.today().isoformat()}.json')
