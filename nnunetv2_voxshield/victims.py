@@ -40,14 +40,14 @@ def victim_trainer_name(epochs: Optional[int] = None, trainer: Optional[str] = N
 
 
 def run_logged(cmd: Sequence[str], env: Dict[str, str], log_file: str, verbose: bool = False) -> None:
-    """Run ``cmd``, appending its output to ``log_file`` (and echoing it if ``verbose``); VictimError on failure."""
+    """Run ``cmd``, appending its output to ``log_file`` line by line as it comes (so a reader sees nnU-Net's
+    epochs while it trains; echoed if ``verbose``); VictimError on failure."""
     os.makedirs(os.path.dirname(log_file), exist_ok=True)
     tail = deque(maxlen=15)
-    with open(log_file, 'a') as log:
+    with open(log_file, 'a', buffering=1) as log:
         log.write('$ ' + ' '.join(cmd) + '\n')
-        log.flush()
-        proc = subprocess.Popen(list(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                errors='replace')
+        proc = subprocess.Popen(list(cmd), env={**env, 'PYTHONUNBUFFERED': '1'}, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, errors='replace')
         for line in proc.stdout:
             log.write(line)
             tail.append(line.rstrip())
