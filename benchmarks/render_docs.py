@@ -679,7 +679,7 @@ def audit(r: Results) -> Optional[str]:
     """The audit's verdict lines and Dice / clean per exploiter, once a voxshield_audit report.json is committed as
     benchmarks/results/audit_<name>_<date>.json ({'verdict': [...], 'copies': [{'name', 'exploiters': [{'name',
     'ratio': {'ratio', 'ci', 'per_seed'}, 'cost', 'status'}]}]})."""
-    data = r.get('audit_*.json')
+    data = r.get('audit_[!e]*.json') or r.get('audit_e[!n]*.json')  # an audit report, not audit_engine_*.json
     if data is None:
         return None
     lines = [f'**{v}**' for v in data.get('verdict') or []] + ['', '![audit](figures/audit.png)', '']
@@ -696,6 +696,32 @@ def audit(r: Results) -> Optional[str]:
                          ci(e.get('cost'))])
     return '\n'.join(lines) + table(['copy', 'exploiter', 'Dice / clean [95% CI]', 'per seed', 'verdict',
                                      'cost of the purification alone'], body)
+
+
+@section('The audit engine: parallel efficiency, overhead, kill and resume')
+def audit_engine(r: Results) -> Optional[str]:
+    """benchmarks/audit_engine.py: one panel through the local backend at 1 and 2 workers, then killed mid-training
+    and rerun (audit_engine_*.json)."""
+    data = r.get('audit_engine_*.json')
+    if data is None:
+        return None
+    body = [[str(x['workers']), str(x['jobs']), f1(x['wall_s']), f1(x['sum_job_s']), f2(x['parallel_efficiency']),
+             f1(x['mean_train_s']), '–' if x.get('overhead_per_job_s') is None else f1(x['overhead_per_job_s']),
+             f1(x['launch_latency_s'])] for x in data['runs']]
+    k = data['kill_and_rerun']
+    resumed = ', '.join(f'{n.split("_nnUNet")[0]}: epoch {e}' for n, e in k['resumed_trainings_first_epoch'].items())
+    return (f'Source `{data["source"]}` ({data["epochs"]}-epoch victims). Parallel efficiency = sum of the jobs\' '
+            'own times / (workers x wall time); overhead per job = the 1-worker span (first job submitted to last '
+            'finished) minus the sum of the jobs\' own times, per job.\n\n'
+            + table(['workers', 'jobs', 'wall (s)', 'sum of jobs (s)', 'parallel efficiency', 'mean training (s)',
+                     'engine overhead per job (s)', 'launch latency (s)'], body)
+            + f'\n\nKilled in the middle of training ({k["workers"]} workers) and rerun: every job recorded exactly '
+            f'once: {k["every_job_once"]}; jobs finished before the kill ({", ".join(k["jobs_done_before_kill"])}) '
+            f'unchanged: {k["finished_before_kill_unchanged"]}; each exploiter once in the report: '
+            f'{k["report_rows_once"]}; killed trainings resumed from nnU-Net\'s checkpoint at {resumed}. Wall time: '
+            f'killed run {f1(k["wall_killed_run_s"])} s + rerun {f1(k["wall_rerun_s"])} s against '
+            f'{f1(k["wall_uninterrupted_s"])} s uninterrupted (extra {f1(k["extra_wall_s"])} s).\n\n'
+            f'Caveat recorded with the run: {data["note"]}')
 
 
 @section('Provenance')
