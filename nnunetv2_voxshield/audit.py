@@ -113,9 +113,15 @@ def audit_entry(argv=None):
         description='Audit protected copies of a dataset: stock nnU-Net exploiters (a panel of victim trainers, '
                     'configurations, plans and purifications) trained on the clean data and on each copy, scored on '
                     'clean held-out cases; a verdict line and report.json / report.md / PNGs in -o. Jobs run on N '
-                    'local workers or on Slurm; rerunning the same command resumes.')
+                    'local workers or on Slurm; rerunning the same command resumes. Reads the --clean and '
+                    '--protected raw dataset folders (ids and names looked up in $nnUNet_raw), the held-out cases '
+                    '(--test-images / --test-labels, default imagesTs / labelsTs of --clean, or --split), the '
+                    '--panel-file and the --rule file; the inputs are never modified. Writes only into -o: audit.json, '
+                    'private nnUNet_raw/ (links, purified copies), nnUNet_preprocessed/ and nnUNet_results/seed_S/ '
+                    '(nnU-Net runs with these, not with your $nnUNet_* folders), test/, jobs/<name>/ (logs) and the '
+                    'reports.')
     parser.add_argument('--clean', required=True, help='clean raw dataset: folder, id or DatasetXXX_Name')
-    parser.add_argument('--protected', nargs='+', required=True, help='protected copies (any nnU-Net raw folder)')
+    parser.add_argument('--protected', nargs='+', required=True, help='protected copies (any nnU-Net raw folder, id or DatasetXXX_Name)')
     parser.add_argument('--name', nargs='+', default=None, help='names of the copies in the report')
     parser.add_argument('--test-images', default=None, help='held-out clean images. Default: imagesTs of --clean')
     parser.add_argument('--test-labels', default=None, help='their labels. Default: labelsTs of --clean')

@@ -522,7 +522,13 @@ def evaluate_entry():
         description='Train stock nnU-Net victims on a clean dataset, its protected copy and purified copies, and '
                     'score them on clean held-out cases (Dice, HD95) plus PSNR/SSIM of the protected data. '
                     'Rerunning with the same -o resumes: finished victims are not retrained. Runs its victims one after '
-                    'another; voxshield_audit runs the same victims as parallel or Slurm jobs and gives a verdict.')
+                    'another; voxshield_audit runs the same victims as parallel or Slurm jobs and gives a verdict. '
+                    'Reads the --clean and --protected raw dataset folders (ids and names looked up in $nnUNet_raw), '
+                    'the held-out cases (--test-images / --test-labels, default imagesTs / labelsTs of --clean) and '
+                    'the --reuse folders; the inputs are never modified. Writes only into -o: private nnUNet_raw/ '
+                    '(links, purified copies), nnUNet_preprocessed/ and nnUNet_results/seed_S/ (nnU-Net runs with '
+                    'these, not with your $nnUNet_* folders), victims/, quality/, report.json, report.md and '
+                    'figure.png.')
     parser.add_argument('--clean', required=True, help='clean raw dataset: id, DatasetXXX_Name in $nnUNet_raw, or a folder')
     parser.add_argument('--protected', nargs='*', default=[],
                         help='protected raw dataset(s): id, name or folder; several = one row per method')

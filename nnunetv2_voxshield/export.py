@@ -330,7 +330,8 @@ def export_entry(argv=None):
                                                  '(built in a hidden .partial folder, renamed when complete) and the '
                                                  'private per-case report to export_<DatasetDST_Name>/ in that fold '
                                                  'folder (export-time methods: $nnUNet_results/<src>/'
-                                                 'voxshield_<method>__<-p>__<-c>/).')
+                                                 'voxshield_<method>__<-p>__<-c>/). The source dataset and the '
+                                                 'checkpoint are never modified.')
     parser.add_argument('-d', required=True, help='source dataset (id or DatasetXXX_Name in nnUNet_raw)')
     parser.add_argument('-o', required=True, type=int, help='id of the protected dataset to write in nnUNet_raw')
     parser.add_argument('--name', default=None, help='name of the protected dataset (default: <SrcName>Protected)')

@@ -196,7 +196,8 @@ def plans_entry():
                                                  'the stock plans; no re-preprocessing needed. Reads '
                                                  '$nnUNet_preprocessed/DatasetXXX_Name/<-p>.json (written by '
                                                  'nnUNetv2_plan_and_preprocess) and the preset (plans/<preset>.json '
-                                                 'in this package, or a .json path); writes <-o>.json next to it.')
+                                                 'in this package, or a .json path); writes <-o>.json next to it '
+                                                 '(the source plans are never modified).')
     parser.add_argument('-d', type=str, required=True, help='dataset name or id')
     parser.add_argument('--preset', type=str, default='cpu',
                         help=f"preset name ({', '.join(available_presets())}) or a preset .json path. Default: cpu")

@@ -22,6 +22,11 @@ def register() -> None:
         os.environ[ENV_VAR] = os.pathsep.join(entries + [folder])
 
 
-def trainer_path_entry():
+def trainer_path_entry(argv=None):
     """``voxshield_trainer_path``: print the folder for a manual ``export nnUNet_extTrainer=...``."""
+    import argparse  # here, not at the top: register() runs at every interpreter start
+    argparse.ArgumentParser(description='Print the folder that holds our nnU-Net trainer classes, for '
+                                        '"export nnUNet_extTrainer=$nnUNet_extTrainer:$(voxshield_trainer_path)" '
+                                        'where the .pth hook that sets $nnUNet_extTrainer is skipped. Reads and '
+                                        'writes nothing.').parse_args(argv)
     print(trainer_folder())
