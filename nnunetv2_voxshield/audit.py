@@ -109,6 +109,7 @@ def audit(clean: str, protected: Sequence[str], output_dir: str, test_images: Op
 
 
 def audit_entry(argv=None):
+    """``voxshield_audit``: parse the arguments and run ``audit``; a user's error exits with one line."""
     parser = argparse.ArgumentParser(
         description='Audit protected copies of a dataset: stock nnU-Net exploiters (a panel of victim trainers, '
                     'configurations, plans and purifications) trained on the clean data and on each copy, scored on '

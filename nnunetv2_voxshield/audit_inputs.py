@@ -52,6 +52,7 @@ def check_no_overlap(train: Sequence[str], test: Sequence[str], group_regex: Opt
 
 
 def case_geometry(files: dict) -> dict:
+    """Geometry (shape, spacing, origin, direction) of a case's first image channel, read from its header only."""
     return geometry(read_header(files['images'][0]))
 
 

@@ -131,6 +131,7 @@ def _safe(text: str) -> str:
 
 
 def copy_names(protected: Sequence[str], names: Optional[Sequence[str]]) -> List[str]:
+    """The report names of the protected copies: ``names`` (one per copy) or protected / protected1, protected2, ..."""
     if names:
         if len(names) != len(protected):
             raise AuditError(f'--name: {len(names)} names for {len(protected)} protected copies')
@@ -207,6 +208,7 @@ def build_jobs(out: str, panel: Panel, trainers: Dict[str, str], rows: Dict[str,
 
 
 def clean_dir_of(rows: Dict[str, str]) -> str:
+    """The clean dataset's folder among the audit's rows {row name: raw folder}."""
     return rows['clean']
 
 

@@ -48,6 +48,7 @@ class LSPSource:
         self.roi, self.eps_bg = {'dilation': 0, 'soft_edge': 0.0}, 0.0
 
     def compute_delta(self, data_norm, seg_pre, eps_norm, case):
+        """delta (normalised units) = eps x the tiled pattern of class k on the voxels of class k, zero elsewhere."""
         eps = np.asarray(eps_norm, dtype=np.float32).reshape(-1, *([1] * (data_norm.ndim - 1)))
         delta = np.zeros(data_norm.shape, dtype=np.float32)
         labels = np.asarray(seg_pre)[0]
@@ -202,6 +203,7 @@ class TAPSource:
         self.roi, self.eps_bg = {'dilation': 0, 'soft_edge': 0.0}, 0.0
 
     def compute_delta(self, data_norm, seg_pre, eps_norm, case):
+        """PGD delta (normalised units, |delta| <= eps_norm in the ROI) towards the case's class-swapped target."""
         mask = roi_mask_np(seg_pre, self.roi, self.dims)
         target = swap_target(np.asarray(seg_pre).astype(np.int64), self.foreground)
         target[mask == 0] = -1  # the loss is taken on the labelled voxels, where target != label

@@ -44,6 +44,8 @@ def _finite(value: float):
 
 
 def channel_report(path: str, clean: np.ndarray, protected: np.ndarray, budget: float, roi: np.ndarray) -> dict:
+    """One channel's report entry: max |protected - clean| (raw units, float64), its share of ``budget``, fraction of
+    voxels changed, PSNR over the volume and inside ``roi``, SSIM."""
     max_delta, changed = 0.0, 0
     for s in slabs(clean.shape):  # |protected - clean| in float64, slab by slab: bounded memory, same values
         diff = np.abs(protected[s].astype(np.float64) - clean[s].astype(np.float64))

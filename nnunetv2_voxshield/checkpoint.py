@@ -40,6 +40,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore the python, numpy, torch (and CUDA, if present and available) RNG states saved by ``rng_state``."""
     random.setstate(state['python'])
     np.random.set_state(state['numpy'])
     torch.set_rng_state(state['torch'].cpu())

@@ -77,6 +77,7 @@ class ConvSource:
         self.roi, self.eps_bg = {'dilation': 0, 'soft_edge': 0.0}, 0.0
 
     def kernel(self, label: int, dims: int = 3) -> np.ndarray:
+        """k_c: the random kernel of class ``label`` (KERNEL_SIZE voxels per axis), drawn from this source's seed."""
         return class_kernel(label, self.seed, dims, KERNEL_SIZE, self.blur)
 
     def raw_budget(self, images: np.ndarray) -> np.ndarray:

@@ -64,6 +64,8 @@ def find_dataset_folder(raw_root: str, dataset: str) -> str:
 
 
 def load_dataset_json(dataset_folder: str) -> dict:
+    """dataset.json of an nnU-Net raw dataset folder, checked (labels, file_ending, channel_names); InputError
+    naming the file otherwise."""
     path = os.path.join(dataset_folder, 'dataset.json')
     if not os.path.isfile(path):
         raise InputError(f'{path}: dataset.json is missing')
@@ -86,6 +88,7 @@ def load_dataset_json(dataset_folder: str) -> dict:
 
 
 def num_channels(dataset_json: dict) -> int:
+    """Number of image channels (``channel_names``, or v1's ``modality``) of a dataset.json."""
     return len(dataset_json.get('channel_names', dataset_json.get('modality', {})))
 
 
@@ -137,6 +140,7 @@ def list_training_cases(dataset_folder: str, dataset_json: dict) -> Dict[str, di
 
 
 def read_header(path: str) -> sitk.ImageFileReader:
+    """A SimpleITK reader with the image's header read (no voxels); InputError if the file is not an image."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(path)
     try:
@@ -215,6 +219,7 @@ def check_finite_files(case_files: dict) -> None:
 
 
 def read_image(path: str) -> sitk.Image:
+    """The image as a SimpleITK image; InputError naming the file if it cannot be read."""
     try:
         return sitk.ReadImage(path)
     except RuntimeError:
@@ -222,6 +227,7 @@ def read_image(path: str) -> sitk.Image:
 
 
 def check_finite(array: np.ndarray, path: str) -> None:
+    """InputError naming ``path`` if a floating-point array holds NaN or Inf."""
     if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
         raise InputError(f'{path}: image contains NaN or Inf voxels')
 
@@ -233,12 +239,14 @@ def temp_path(path: str) -> str:
 
 
 def write_image_atomic(image: sitk.Image, path: str) -> None:
+    """Write ``image`` (compressed) to a temp file beside ``path``, then rename: never a half-written image."""
     tmp = temp_path(path)
     sitk.WriteImage(image, tmp, True)
     os.replace(tmp, path)
 
 
 def copy_atomic(src: str, dst: str) -> None:
+    """Copy ``src`` to a temp file beside ``dst``, then rename: never a half-written copy."""
     tmp = temp_path(dst)
     shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
@@ -277,6 +285,7 @@ def write_json_atomic(obj, path: str, indent: int = 2) -> None:
 
 
 def sha256_of(path: str) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, 'rb') as f:
         for block in iter(lambda: f.read(1 << 20), b''):

@@ -44,6 +44,7 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 # ----------------------------------------------------------------------------------------- sharded export
 def check_part_arguments(num_parts: int, part_id: int) -> None:
+    """InputError unless -num_parts >= 1 and 0 <= -part_id < -num_parts."""
     if num_parts < 1:
         raise InputError(f'-num_parts {num_parts}: must be >= 1')
     if not 0 <= part_id < num_parts:

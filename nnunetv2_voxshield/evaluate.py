@@ -55,6 +55,7 @@ def resolve_raw_dataset(name_or_id: str) -> str:
 
 
 def load_dataset_json(folder: str) -> dict:
+    """dataset.json of a raw dataset folder; EvaluationError naming the file if it cannot be read."""
     path = os.path.join(folder, 'dataset.json')
     try:
         return json.load(open(path))
@@ -118,9 +119,11 @@ class Workspace:
         self.save()
 
     def save(self) -> None:
+        """Write state.json (dataset ids of the rows) atomically."""
         write_atomic(self.state_file, json.dumps(self.state, indent=2))
 
     def dataset_id(self, row: str) -> int:
+        """The private dataset id of a row, assigned (next free id, saved) on first use."""
         ids = self.state['datasets']
         if row not in ids:
             ids[row] = max(ids.values(), default=0) + 1
@@ -128,15 +131,19 @@ class Workspace:
         return ids[row]
 
     def dataset_dir(self, row: str) -> str:
+        """OUT/nnUNet_raw/DatasetXXX_<row>: the row's private raw dataset folder."""
         return os.path.join(self.raw, f'Dataset{self.dataset_id(row):03d}_{row}')
 
     def results(self, seed: int) -> str:
+        """OUT/nnUNet_results/seed_S: the results root of the victims of one seed."""
         return os.path.join(self.out, 'nnUNet_results', f'seed_{seed}')
 
     def env(self, seed: int, device: str) -> Dict[str, str]:
+        """The environment of an nnU-Net subprocess: this OUT's private nnUNet_* folders for ``seed``."""
         return V.nnunet_env(self.raw, self.preprocessed, self.results(seed), device)
 
     def victim_dir(self, row: str, config: str, seed: int) -> str:
+        """OUT/victims/<row>/<config>/seed_S: a victim's predictions, logs and scores.json."""
         return os.path.join(self.out, 'victims', row, config, f'seed_{seed}')
 
 
@@ -364,6 +371,7 @@ def check_defence_configurations(configurations: List[str], defence_configuratio
 
 
 def check_reuse_folders(reuse_from: Sequence[str]) -> List[str]:
+    """Absolute paths of the --reuse folders; EvaluationError for one without state.json."""
     folders = [os.path.abspath(d) for d in reuse_from]
     for d in folders:
         if not os.path.isfile(os.path.join(d, 'state.json')):
@@ -518,6 +526,7 @@ def _figure(clean_dir: str, protected_dir: str, ending: str, out_png: str, case:
 
 
 def evaluate_entry():
+    """``voxshield_evaluate``: parse the arguments and run ``evaluate``; a user's error exits with one line."""
     parser = argparse.ArgumentParser(
         description='Train stock nnU-Net victims on a clean dataset, its protected copy and purified copies, and '
                     'score them on clean held-out cases (Dice, HD95) plus PSNR/SSIM of the protected data. '

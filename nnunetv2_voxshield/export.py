@@ -321,6 +321,7 @@ def _publish(source_folder: str, output_folder: str, partial: str, report_folder
 
 
 def export_entry(argv=None):
+    """``voxshield_export``: parse the arguments and run ``export``; a user's error exits with one line."""
     parser = argparse.ArgumentParser(description='Publish an nnU-Net raw dataset as unlearnable examples: every '
                                                  'training image gets a bounded perturbation, labels are copied. '
                                                  'Reads the source in $nnUNet_raw and the protector in '

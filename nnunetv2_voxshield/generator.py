@@ -14,6 +14,8 @@ from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
 
 class NoiseGenerator(nn.Module):
+    """G: a PlainConvUNet (no deep supervision) with one output per input channel and a tanh head; the
+    unit-free pattern G(x) in [-1, 1] is scaled and masked by the caller (Eq. 3)."""
     def __init__(self, dims: int, in_channels: int, features_per_stage: Sequence[int],
                  kernel_sizes: Sequence[Sequence[int]], strides: Sequence[Sequence[int]], n_conv_per_stage: int = 1):
         super().__init__()

@@ -14,6 +14,7 @@ from nnunetv2_voxshield.job_folder import LOG_TAIL_LINES, pid_alive
 
 
 def thread_env(threads: int) -> Dict[str, str]:
+    """Environment variables that pin a job's process to ``threads`` CPU threads (OpenMP, MKL, OpenBLAS, torch)."""
     t = str(threads)
     return {'OMP_NUM_THREADS': t, 'MKL_NUM_THREADS': t, 'OPENBLAS_NUM_THREADS': t, 'VOXSHIELD_TORCH_THREADS': t,
             'OMP_WAIT_POLICY': 'PASSIVE'}
@@ -56,6 +57,7 @@ class LocalSubmitter:
         self.ex.update_parameters(timeout_min=60 * 24 * 30, gpus_per_node=len(gpu_ids), visible_gpus=tuple(gpu_ids))
 
     def submit(self, fn, *args):
+        """Submit ``fn(*args)`` as a local submitit job with the job's thread environment; returns submitit's job."""
         with _ENV_LOCK:
             saved = {k: os.environ.get(k) for k in self.env}
             os.environ.update(self.env)

@@ -33,6 +33,7 @@ def write_json(path: str, obj) -> None:
 
 
 def read_json(path: str) -> Optional[dict]:
+    """A JSON object from ``path``, or None if the file is missing, unreadable or not an object."""
     try:
         with open(path) as f:
             obj = json.load(f)
@@ -42,6 +43,7 @@ def read_json(path: str) -> Optional[dict]:
 
 
 def tail(path: str, n: int = LOG_TAIL_LINES) -> List[str]:
+    """The last ``n`` lines of a log file (from its last 64 KiB), [] if it cannot be read."""
     try:
         with open(path, 'rb') as f:
             f.seek(0, os.SEEK_END)
@@ -53,10 +55,12 @@ def tail(path: str, n: int = LOG_TAIL_LINES) -> List[str]:
 
 
 def now() -> str:
+    """Local time as an ISO 8601 string with UTC offset."""
     return time.strftime('%Y-%m-%dT%H:%M:%S%z')
 
 
 def pid_alive(pid) -> bool:
+    """Whether a process with this pid exists (one we may not signal counts as alive)."""
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
@@ -83,6 +87,7 @@ def alive(path: str) -> Optional[dict]:
 
 
 def job_paths(root: str, name: str) -> Dict[str, str]:
+    """The files of job ``name`` under ROOT/jobs/<name>/: log, done, failed, claim, running, lock, submitit."""
     d = os.path.join(os.path.abspath(root), 'jobs', name)
     return {'dir': d, 'log': os.path.join(d, 'log.txt'), 'done': os.path.join(d, 'done.json'),
             'failed': os.path.join(d, 'failed.json'), 'claim': os.path.join(d, 'claim'),
@@ -120,6 +125,7 @@ class JobCall:
         return job_main(*args, call=self)
 
     def checkpoint(self, *args):
+        """submitit's checkpoint hook: requeue the same call (the job resumes its own partial work)."""
         from submitit.helpers import DelayedSubmission
         self.requeued = True
         return DelayedSubmission(JobCall(), *args)
@@ -235,6 +241,7 @@ def claim_live(p: Dict[str, str]) -> bool:
 
 
 def release(p: Dict[str, str], token: str) -> None:
+    """Remove the job's claim file if ``token`` still holds it (another worker's claim is left alone)."""
     claim = read_json(p['claim'])
     if claim is not None and claim.get('token') == token:
         try:

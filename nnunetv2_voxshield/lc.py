@@ -198,6 +198,7 @@ class LCSource:
 
     @torch.inference_mode()
     def compute_delta(self, data_norm, seg_pre, eps_norm, case):
+        """delta (normalised units) = bound x tanh(P[y] + band-limited G(x, onehot(y))), bound as in training."""
         x = torch.from_numpy(np.ascontiguousarray(data_norm, dtype=np.float32))[None]
         seg = torch.from_numpy(np.ascontiguousarray(seg_pre)).float()[None]
         onehot = one_hot_labels(seg, self.model.labels)

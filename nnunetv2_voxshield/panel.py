@@ -21,6 +21,7 @@ class PanelError(ValueError):
 
 @dataclass(frozen=True)
 class Profile:
+    """One exploiter: a victim trainer, its configuration, plans and an optional purification before it."""
     name: str
     trainer: str                          # trainer class (its schedule: Panel.epochs)
     configuration: str = '3d_fullres'
@@ -31,6 +32,7 @@ class Profile:
 
 @dataclass
 class Panel:
+    """An exploiter panel: its profiles, the victim seeds, epochs (None: each trainer's schedule) and plans."""
     name: str
     profiles: List[Profile]
     seeds: List[int] = field(default_factory=lambda: [0])
@@ -45,9 +47,11 @@ class Panel:
             else f'{p.trainer}_{self.epochs}epochs'
 
     def plans_of(self, p: Profile) -> str:
+        """The plans a profile's victims train with: its own, else the panel's."""
         return p.plans or self.plans
 
     def to_json(self) -> dict:
+        """The panel as a JSON-serialisable dict (for audit.json and the report)."""
         return {'name': self.name, 'seeds': self.seeds, 'epochs': self.epochs, 'plans': self.plans,
                 'profiles': [asdict(p) for p in self.profiles]}
 

@@ -31,6 +31,9 @@ EXPORT_TIME_METHODS = ('random', 'lsp', 'tap') + CONTROL_METHODS + (CONV_METHOD,
 
 
 class DeltaSource(Protocol):
+    """What export needs of a perturbation source: its method, ROI settings, eps_bg and ``compute_delta(data_norm,
+    seg_pre, eps_norm, case)``, the delta of one preprocessed case, (c, *spatial) in normalised units, |delta| <=
+    eps_norm per channel."""
     method: str
     roi: dict
     eps_bg: float
@@ -107,6 +110,7 @@ class GeneratorSource:
         self.device = device
 
     def compute_delta(self, data_norm, seg_pre, eps_norm, case):
+        """Eq. 3: clamp(G(x) b, -b, b), b = eps_norm * max(M, eps_bg), G by sliding window over the whole case."""
         g = sliding_window(self.generator, data_norm, self.patch_size, self.device)
         return _bounded(g, seg_pre, eps_norm, self.roi, self.dims, self.eps_bg)
 
@@ -132,6 +136,7 @@ class UMedSource:
         self.device = device
 
     def compute_delta(self, data_norm, seg_pre, eps_norm, case):
+        """UMed's delta: contour pattern on the ROI's contour band plus texture pattern bounded by the LBP map."""
         contour = sliding_window(self.model.contour, data_norm, self.patch_size, self.device)
         texture = sliding_window(self.model.texture, data_norm, self.patch_size, self.device)
         lbp = np.stack([lbp_texture_map(channel, self.slice_axis) for channel in data_norm])
@@ -159,6 +164,7 @@ class RandomSource:
         self.roi, self.eps_bg = dict(DEFAULT_ROI), 0.0
 
     def compute_delta(self, data_norm, seg_pre, eps_norm, case):
+        """Uniform noise seeded by (seed, case), bounded as Eq. 3: |delta| <= eps_norm in the ROI, zero outside."""
         rng = np.random.default_rng([self.seed, zlib.crc32(case.encode())])
         noise = rng.uniform(-1.0, 1.0, size=data_norm.shape).astype(np.float32)
         return _bounded(noise, seg_pre, eps_norm, self.roi, self.dims)

@@ -302,6 +302,7 @@ def write_phantom_dataset(dataset_id: int = 990, name: str = 'VoxShieldPhantom',
 
 
 def phantom_entry():
+    """``voxshield_phantom``: parse the arguments and write the phantom dataset to $nnUNet_raw."""
     parser = argparse.ArgumentParser(description='Write the synthetic VoxShield phantom dataset (nnU-Net raw format) '
                                                  'to $nnUNet_raw/DatasetXXX_<--name> (imagesTr, labelsTr, '
                                                  'dataset.json; imagesTs/labelsTs with --test). Reads nothing.')

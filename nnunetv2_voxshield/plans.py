@@ -192,6 +192,7 @@ def apply_plans_preset(dataset_name_or_id, preset: str = 'cpu', source_plans: st
 
 
 def plans_entry():
+    """``voxshield_plans``: parse the arguments and write the preset plans next to the source plans."""
     parser = argparse.ArgumentParser(description='Write small nnU-Net plans (e.g. for CPU training) derived from '
                                                  'the stock plans; no re-preprocessing needed. Reads '
                                                  '$nnUNet_preprocessed/DatasetXXX_Name/<-p>.json (written by '

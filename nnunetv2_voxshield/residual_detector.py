@@ -56,6 +56,7 @@ class ResidualDetector(nn.Module):
         self.head = nn.Conv3d(features, num_classes, 1)
 
     def forward(self, residual: torch.Tensor) -> torch.Tensor:
+        """Logits (b, n_classes, *spatial) from the high-pass residual (b, c, *spatial), scaled by 1 / (4/255)."""
         return self.head(self.body(residual / DEFAULT_EPS))
 
 
@@ -213,6 +214,7 @@ def detect(folders: Sequence[str], train_fraction: float = 0.75, iterations: int
 
 
 def detect_entry(argv=None):
+    """``voxshield_detect``: parse the arguments, train and score the detector, write the -o report."""
     parser = argparse.ArgumentParser(description='Residual-only detector: train a small 3D CNN to predict the labels '
                                                  'from the high-pass residual x - lowpass(x) alone and report its '
                                                  'foreground Dice on held-out cases (same split for every dataset). '

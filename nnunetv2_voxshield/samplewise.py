@@ -35,11 +35,13 @@ class CropLoader(nnUNetDataLoader):
     axis of the case (2D configurations: the slice axis too, with ub = lb + 1), as ``get_bbox`` drew it."""
 
     def get_bbox(self, *args, **kwargs):
+        """nnU-Net's crop box, also recorded for the batch's ``'bbox'``."""
         lbs, ubs = super().get_bbox(*args, **kwargs)
         self._bboxes.append([[int(a), int(b)] for a, b in zip(lbs, ubs)])
         return lbs, ubs
 
     def generate_train_batch(self):
+        """nnU-Net's batch plus ``'bbox'``: the crop box of each sample."""
         self._bboxes = []
         batch = super().generate_train_batch()
         batch['bbox'] = self._bboxes
@@ -172,6 +174,8 @@ class SampleWiseSource:
         self.dims = int(state.get('dims', 3))
 
     def compute_delta(self, data_norm, seg_pre, eps_norm, case):
+        """The case's trained delta clamped to the export's bound; InputError if the checkpoint has no delta for the
+        case or one of another shape."""
         delta = self.deltas.get(case)
         if delta is None:
             raise InputError(f'{case}: the checkpoint holds no delta for this case (deltas exist for the training '

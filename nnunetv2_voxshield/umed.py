@@ -30,10 +30,12 @@ class _CentralDifferenceMixin:
 
 
 class CentralDifferenceConv3d(_CentralDifferenceMixin, nn.Conv3d):
+    """3D central-difference convolution (UMed Eq. 3, theta = 0.7)."""
     pass
 
 
 class CentralDifferenceConv2d(_CentralDifferenceMixin, nn.Conv2d):
+    """2D central-difference convolution (UMed Eq. 3, theta = 0.7)."""
     pass
 
 
@@ -55,6 +57,7 @@ class ContourGenerator(nn.Module):
         self.decoder = UNetDecoder(self.encoder, in_channels, n_conv_per_stage, deep_supervision=False)
 
     def forward(self, x):
+        """Unit-free contour pattern in [-1, 1] with the shape of x."""
         return torch.tanh(self.decoder(self.encoder(x)))
 
 
@@ -68,6 +71,7 @@ class UMedPerturbator(nn.Module):
         self.texture = NoiseGenerator(**generator_kwargs)
 
     def forward(self, x):
+        """(contour, texture) patterns of x, each in [-1, 1] with the shape of x."""
         return self.contour(x), self.texture(x)
 
 

@@ -308,6 +308,7 @@ def build_report(out: str, records: dict, panel: Panel, trainers: Dict[str, str]
 
 
 def write_report(out: str, report: dict) -> List[str]:
+    """Write report.json, report.md and the figures to ``out`` (each atomically); returns their paths."""
     from nnunetv2_voxshield.dataset_io import write_json_atomic
     from nnunetv2_voxshield.report import write_atomic
     write_json_atomic(report, os.path.join(out, 'report.json'))

@@ -263,6 +263,7 @@ def verify_datasets(clean_folder: str, protected_folder: str, eps: Optional[floa
 
 
 def verify_entry(argv=None):
+    """``voxshield_verify``: parse the arguments, verify, print the summary; non-zero exit on any violation."""
     parser = argparse.ArgumentParser(description='Check a protected dataset against its clean source: labels '
                                                  'byte-identical, geometry and dtype preserved, |delta| <= budget. '
                                                  'Reads both raw dataset folders only; prints a summary, writes the '

@@ -159,6 +159,8 @@ def predict_folder(model_folder: str, input_dir: str, output_dir: str, device: s
 
 
 def victims_entry():
+    """Internal command of the victims' subprocesses (prepare / run / predict), run as
+    ``python -m nnunetv2_voxshield.victims`` by evaluate and the audit's jobs."""
     parser = argparse.ArgumentParser(description='Stock nnU-Net steps of a voxshield_evaluate victim (nnUNet_* '
                                                  'folders come from the environment). prepare: reads $nnUNet_raw, '
                                                  'writes plans and preprocessed data to $nnUNet_preprocessed; run: '
