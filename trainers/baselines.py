@@ -27,9 +27,12 @@ class nnUNetTrainerUMed(nnUNetTrainerVoxShield):
     use_texture = True
 
     def build_generator(self) -> torch.nn.Module:
+        """The two UMed generators (contour, texture) instead of G."""
         return UMedPerturbator(self.generator_kwargs)
 
     def perturbation(self, data, target, keys):
+        """UMed's delta instead of Eq. 3: contour pattern on the ROI's contour band + LBP-bounded texture, with
+        x + delta clipped to each sample's intensity range (UMed's clip); returns (delta, eps) as the parent."""
         target0 = target[0] if isinstance(target, list) else target
         roi = roi_mask(target0, dilation=self.roi_dilation, ignore_label=self.label_manager.ignore_label)
         eps = self._batch_eps(keys, data)
@@ -39,6 +42,7 @@ class nnUNetTrainerUMed(nnUNetTrainerVoxShield):
         return clip_to_range(data, delta), eps
 
     def voxshield_state(self) -> dict:
+        """The parent's state plus UMed's settings (contour band width, which patterns are used)."""
         return {**super().voxshield_state(), 'umed': {'band_width': self.contour_band_width,
                                                       'use_contour': self.use_contour,
                                                       'use_texture': self.use_texture}}

@@ -39,6 +39,8 @@ LOG_KEYS = ('em_pgd_loss', 'em_delta_over_budget')
 
 
 class nnUNetTrainerEMSampleWise(nnUNetTrainer):
+    """Sample-wise error-minimising noise (Huang et al. 2021): one delta per training case, min-min PGD against
+    nnU-Net's network as surrogate (see the module docstring)."""
     method = METHOD
     eps = DEFAULT_EPS                 # fraction of the case's budget window (budget_mode), per channel
     budget_mode = DEFAULT_BUDGET_MODE
@@ -85,6 +87,7 @@ class nnUNetTrainerEMSampleWise(nnUNetTrainer):
         return None
 
     def get_dataloaders(self):
+        """nnU-Net's loaders built with ``samplewise.CropLoader``, so each batch holds its crop boxes."""
         with crop_loaders(sys.modules[nnUNetTrainer.__module__]):
             return super().get_dataloaders()
 
@@ -102,9 +105,11 @@ class nnUNetTrainerEMSampleWise(nnUNetTrainer):
 
     @property
     def bg_weight(self) -> float:
+        """eps_bg / eps: the bound outside the ROI relative to inside (0 with eps_abs or without eps_bg)."""
         return float(self.eps_bg) / float(self.eps) if self.eps_bg > 0 and self.eps_abs is None else 0.0
 
     def on_train_start(self):
+        """As nnU-Net's, then the case budgets and the initial deltas (unless resumed); refuses DDP."""
         if self.is_ddp:  # each rank would update its own copy of the deltas, and only rank 0's would be saved
             raise RuntimeError(f'{type(self).__name__}: multi-GPU (DDP) training is not supported; train on one device')
         super().on_train_start()
@@ -147,6 +152,7 @@ class nnUNetTrainerEMSampleWise(nnUNetTrainer):
 
     # ------------------------------------------------------------------ the min-min loop
     def train_step(self, batch: dict) -> dict:
+        """A surrogate step on x + delta, or a PGD batch that updates the batch's deltas (ratio set per cycle)."""
         keys, boxes, target = batch['keys'], batch['bbox'], batch['target']
         two_d = len(self.configuration_manager.patch_size) == 2
         bound = self._batch_bound(keys, target) * self.deltas.inside(keys, boxes, two_d)  # 0 in the padding
@@ -250,6 +256,7 @@ class nnUNetTrainerEMSampleWise(nnUNetTrainer):
         save_atomic({**stock_entries(self), 'voxshield': self.voxshield_state(), 'rng_state': rng_state()}, filename)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
+        """As nnU-Net's, plus the deltas, case budgets, iteration, stop flag and RNG states of the checkpoint."""
         super().load_checkpoint(filename_or_checkpoint)
         checkpoint = torch.load(filename_or_checkpoint, map_location='cpu', weights_only=False) \
             if isinstance(filename_or_checkpoint, str) else filename_or_checkpoint
@@ -282,10 +289,12 @@ class nnUNetTrainerEMSampleWiseEOT(nnUNetTrainerEMSampleWise):
     eps_bg = 1 / 255
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        """Stock nnU-Net's (not NoDA's): the loader crops the initial, larger patch; mirroring as stock."""
         return nnUNetTrainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size(self)
 
     def get_training_transforms(self, patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
                                 do_dummy_2d_data_aug, **kwargs):
+        """T = stock nnU-Net's training augmentation made differentiable, applied in the step; loader: None."""
         self.victim_transform = differentiable(nnUNetTrainer.get_training_transforms(
             patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes, do_dummy_2d_data_aug, **kwargs))
         return None

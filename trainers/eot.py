@@ -26,6 +26,8 @@ from nnunetv2_voxshield.trainers.voxshield import nnUNetTrainerVoxShield, _full_
 
 
 class nnUNetTrainerVoxShieldEOT(nnUNetTrainerVoxShield):
+    """VoxShield through the victim's augmentation (EOT), with a small eps_bg outside the ROI (see the module
+    docstring)."""
     method = 'voxshield_eot'
     eps_bg = 1 / 255                  # budget outside the ROI, fraction of each case's intensity range (0: none)
     p_defence = 0.0                   # probability of a purification defence D before T (defence-aware EOT)

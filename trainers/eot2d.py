@@ -19,11 +19,13 @@ from nnunetv2_voxshield.trainers.eot import nnUNetTrainerVoxShieldEOT
 
 
 class nnUNetTrainerVoxShieldEOT_2DAware(nnUNetTrainerVoxShieldEOT):
+    """EOT VoxShield against the 3D surrogate and a 2D one trained on slices (see the module docstring)."""
     weight_2d = 1.0                   # weight of the 2D surrogate's L_seg in the generator objective
     slices_per_sample = 4             # 2D training slices drawn from each 3D crop
     configuration_2d = '2d'
 
     def initialize(self):
+        """As the parent, plus the 2D surrogate (network of the ``2d`` configuration), its SGD, poly LR and loss."""
         super().initialize()
         if len(self.configuration_manager.patch_size) != 3:
             raise RuntimeError('2D-surrogate awareness needs a 3D configuration (the 2D surrogate sees its slices)')
@@ -89,16 +91,19 @@ class nnUNetTrainerVoxShieldEOT_2DAware(nnUNetTrainerVoxShieldEOT):
             self.network_2d.requires_grad_(True)
 
     def on_train_epoch_start(self):
+        """As the parent, plus the 2D surrogate in train mode and its learning rate for this epoch."""
         super().on_train_epoch_start()
         self.network_2d.train()
         self.lr_scheduler_2d.step(self.current_epoch)
 
     def voxshield_state(self) -> dict:
+        """The parent's state plus the 2D surrogate (configuration, weight, network and optimiser state)."""
         return {**super().voxshield_state(), 'surrogate_2d': {
             'configuration': self.configuration_2d, 'weight': self.weight_2d,
             'network_weights': self.network_2d.state_dict(), 'optimizer_state': self.optimizer_2d.state_dict()}}
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
+        """As the parent, plus the 2D surrogate's weights and optimiser state if the checkpoint has them."""
         super().load_checkpoint(filename_or_checkpoint)
         checkpoint = torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False) \
             if isinstance(filename_or_checkpoint, str) else filename_or_checkpoint

@@ -31,6 +31,8 @@ from nnunetv2_voxshield.trainers.eps_variants import budget_variant
 
 
 class nnUNetTrainerVoxShieldLC(nnUNetTrainerVoxShieldEOT):
+    """Label-conditioned VoxShield: delta = b * tanh(P[y] + G(x, onehot(y))), EOT, periodic surrogate resets (see
+    the module docstring)."""
     method = METHOD
     roi_dilation = 2                  # voxels: eps in the labels dilated by this, eps_bg (inherited, 1/255) outside
     band = 2.0                        # G keeps |f| <= 0.5 / band cycles/voxel per axis (exact FFT low-pass; 1: off)
@@ -73,6 +75,7 @@ class nnUNetTrainerVoxShieldLC(nnUNetTrainerVoxShieldEOT):
         return [{'params': pattern, 'lr': float(self.pattern_lr)}, {'params': rest}]
 
     def on_train_start(self):
+        """As the parent, plus each case's intensity window when ``multiplicative`` (unless resumed)."""
         super().on_train_start()
         if self.multiplicative and self.intensity_windows is None:
             identifiers = self.dataset_class.get_identifiers(self.preprocessed_dataset_folder)
@@ -101,6 +104,7 @@ class nnUNetTrainerVoxShieldLC(nnUNetTrainerVoxShieldEOT):
         return bounded_delta(torch.tanh(pre.float()), bound), bound
 
     def train_step(self, batch: dict) -> dict:
+        """As the parent, after re-initialising the surrogate every ``surrogate_reset_every`` iterations."""
         k = int(self.surrogate_reset_every)
         if k > 0 and self.voxshield_iteration > 0 and self.voxshield_iteration % k == 0:
             self.reset_surrogate(self.voxshield_iteration // k)
@@ -130,6 +134,7 @@ class nnUNetTrainerVoxShieldLC(nnUNetTrainerVoxShieldEOT):
             'surrogate_reset_every': int(self.surrogate_reset_every), 'surrogate_seed': int(self.surrogate_seed)}}
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
+        """As the parent, plus the intensity windows of the checkpoint."""
         super().load_checkpoint(filename_or_checkpoint)
         checkpoint = torch.load(filename_or_checkpoint, map_location='cpu', weights_only=False) \
             if isinstance(filename_or_checkpoint, str) else filename_or_checkpoint
@@ -163,6 +168,7 @@ class nnUNetTrainerVoxShieldLC_tile4_noDA(nnUNetTrainerVoxShieldLC_tile4, StockN
 
     def get_training_transforms(self, patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
                                 do_dummy_2d_data_aug, **kwargs):
+        """T = stock NoDA's pipeline made differentiable, applied in the step; loader: None."""
         self.eot_transform = differentiable(StockNoDA.get_training_transforms(
             patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes, do_dummy_2d_data_aug, **kwargs))
         return None
@@ -174,6 +180,7 @@ class CheckerboardStart:
     pattern_init_amplitude = float(np.arctanh(0.95))
 
     def build_generator(self) -> torch.nn.Module:
+        """The parent's P and G, with P set to the signed checkerboard."""
         generator = super().build_generator()
         parity = torch.from_numpy(checkerboard((int(self.pattern_tile),) * 3)).float()
         signs = torch.tensor([class_sign(k) for k in self.generator_kwargs['foreground_labels']])
@@ -241,6 +248,7 @@ class nnUNetTrainerVoxShieldLC_align(nnUNetTrainerVoxShieldLC_tile4_fastP):
                 'l_spd': np.nan, 'align': cos.item(), 'delta_over_budget': self._delta_over_budget(delta, bound)}
 
     def surrogate_step(self, data, target, keys) -> dict:
+        """As the parent; every ``align_log_every`` steps also records cos(g_delta, g_clean) as ``'align'``."""
         out = super().surrogate_step(data, target, keys)
         every = int(self.align_log_every)
         if every > 0 and (self.voxshield_iteration - 1) % every == 0:
@@ -252,6 +260,7 @@ class nnUNetTrainerVoxShieldLC_align(nnUNetTrainerVoxShieldLC_tile4_fastP):
         return out
 
     def on_train_epoch_end(self, train_outputs):
+        """As the parent, plus the epoch's mean alignment cosine logged as 'voxshield_align'."""
         values = [o['align'] for o in train_outputs if 'align' in o]
         super().on_train_epoch_end(train_outputs)
         mean = float(np.mean(values)) if values else float('nan')

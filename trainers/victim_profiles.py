@@ -73,6 +73,7 @@ class nnUNetTrainerDA_noSpatial(_StockMinusFamily):
     removed = FAMILIES['spatial']
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        """As stock, but the initial patch is the final patch (nothing to rotate or scale into it)."""
         rotation, dummy_2d, _, mirror_axes = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         return rotation, dummy_2d, self.configuration_manager.patch_size, mirror_axes
 
@@ -133,6 +134,7 @@ class nnUNetTrainerLabelAware(nnUNetTrainer):
     @classmethod
     def get_training_transforms(cls, patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
                                 do_dummy_2d_data_aug, **kwargs):
+        """Stock augmentation with LabelAwareIntensityTransform inserted after the spatial transform."""
         stock = nnUNetTrainer.get_training_transforms(patch_size, rotation_for_DA, deep_supervision_scales,
                                                       mirror_axes, do_dummy_2d_data_aug, **kwargs)
         return insert_after(stock, FAMILIES['spatial'],

@@ -31,6 +31,8 @@ NOT_WRITTEN = 'checkpoint_best.pth'  # chosen by the surrogate's pseudo Dice, wh
 
 
 class nnUNetTrainerVoxShield(nnUNetTrainer):
+    """VoxShield (Alg. 1): nnU-Net's network is the surrogate F_s, a noise generator G is trained alternately to
+    minimise Eq. 6 (see the module docstring)."""
     method = 'voxshield'
     eps = DEFAULT_EPS                 # fraction in (0, 1] of the budget window of budget_mode, per channel
     budget_mode = DEFAULT_BUDGET_MODE  # 'range' (p0.5-p99.5), 'zscore' (10 x case std), 'zscore-dataset'
@@ -65,6 +67,7 @@ class nnUNetTrainerVoxShield(nnUNetTrainer):
             self.logger.local_logger.my_fantastic_logging.setdefault(key, [])
 
     def initialize(self):
+        """As nnU-Net's, plus G (sized from the plans), its Adam optimiser and (CUDA) grad scaler."""
         super().initialize()
         self.generator_kwargs = generator_kwargs_from_plans(
             self.configuration_manager, self.num_input_channels, self.generator_max_stages,
@@ -85,6 +88,7 @@ class nnUNetTrainerVoxShield(nnUNetTrainer):
         return NoiseGenerator(**self.generator_kwargs)
 
     def on_train_start(self):
+        """As nnU-Net's, plus the per-case budgets (unless resumed); warns about cases with an empty ROI."""
         super().on_train_start()
         self.print_to_log_file(f'{NOT_WRITTEN} is not written for protectors (the surrogate\'s Dice says nothing '
                                f'about protection); checkpoint_latest.pth every {self.save_every} epoch(s), '
@@ -123,6 +127,7 @@ class nnUNetTrainerVoxShield(nnUNetTrainer):
         return bound_perturbation(self.generator(data) * eps, mask, eps), eps
 
     def train_step(self, batch: dict) -> dict:
+        """A surrogate step or a generator step (Eq. 6), alternating as set by the ``*_steps_per_cycle`` attributes."""
         data = batch['data'].to(self.device, non_blocking=True)
         target = batch['target']
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
@@ -191,6 +196,7 @@ class nnUNetTrainerVoxShield(nnUNetTrainer):
         return float((delta.detach().abs() / eps.clamp_min(1e-12)).max())
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
+        """As nnU-Net's, plus the epoch's mean L_seg, L_ISC, L_SPD and max |delta| / budget in the log."""
         super().on_train_epoch_end([{'loss': o['loss']} for o in train_outputs])
         means = {'voxshield_l_seg': _nanmean(o['l_seg'] for o in train_outputs),
                  'voxshield_l_isc': _nanmean(o['l_isc'] for o in train_outputs),
@@ -226,6 +232,7 @@ class nnUNetTrainerVoxShield(nnUNetTrainer):
         save_atomic({**stock_entries(self), 'voxshield': self.voxshield_state(), 'rng_state': rng_state()}, filename)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
+        """As nnU-Net's, plus G, its optimiser and scaler, the iteration, case budgets and RNG states."""
         super().load_checkpoint(filename_or_checkpoint)
         checkpoint = torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False) \
             if isinstance(filename_or_checkpoint, str) else filename_or_checkpoint
