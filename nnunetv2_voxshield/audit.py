@@ -153,7 +153,7 @@ def audit_entry(argv=None):
     parser.add_argument('--backend', default='local', help='local (default) or slurm')
     parser.add_argument('-w', '--workers', type=int, default=1, help='jobs at a time (local backend)')
     parser.add_argument('--threads', type=int, default=1, help='CPU threads per job')
-    parser.add_argument('--partition', default=None)
+    parser.add_argument('--partition', default=None, help='Slurm partition')
     parser.add_argument('--time', default=None, help='Slurm time limit per job, e.g. 12:00:00 or minutes')
     parser.add_argument('--gpus', type=int, default=None, help='GPUs per Slurm job')
     parser.add_argument('--mem', default=None, help='memory per Slurm job, e.g. 32G')

@@ -222,11 +222,13 @@ def detect_entry(argv=None):
                                                  'the -o report JSON.')
     parser.add_argument('datasets', nargs='+', metavar='DATASET', help='nnU-Net raw dataset folder(s)')
     parser.add_argument('-o', required=True, help='report JSON file')
-    parser.add_argument('--train-fraction', type=float, default=0.75, help='Default: 0.75')
+    parser.add_argument('--train-fraction', type=float, default=0.75,
+                        help='share of the cases (common to all datasets) the detector trains on; the rest are held '
+                             'out. Default: 0.75')
     parser.add_argument('--iterations', type=int, default=400, help='training iterations. Default: 400')
     parser.add_argument('--sigma', type=float, default=1.0, help='Gaussian low-pass sigma in voxels. Default: 1.0')
     parser.add_argument('--patch', type=int, default=32, help='cubic training patch edge. Default: 32')
-    parser.add_argument('--batch-size', type=int, default=2, help='Default: 2')
+    parser.add_argument('--batch-size', type=int, default=2, help='patches per training step. Default: 2')
     parser.add_argument('--seed', type=int, default=0, help='split, patch and initialisation seed. Default: 0')
     parser.add_argument('-device', default='cpu', help='torch device (cpu, cuda, cuda:1, mps). Default: cpu')
     args = parser.parse_args(argv)
