@@ -1,0 +1,148 @@
+"""ACDC (issue 29): collect the victims of ``voxshield_evaluate`` folders into one results file, beside the amplitude
+rule's predictions written before they ran, and refit the rule on Hippocampus and ACDC together.
+
+    python benchmarks/acdc.py --eval OUT [OUT ...] --predictions benchmarks/results/acdc_predictions_<date>.json \
+        --command "..." -o benchmarks/results/acdc_<date>.json
+
+Each OUT is a ``voxshield_evaluate`` folder on the split of benchmarks/acdc_split.json (clean dataset: its 128
+training volumes; test: its 32 held-out volumes). Finished victims are read from OUT/victims/<row>/<config>/seed_S/
+scores.json, so a folder whose evaluation is still running contributes what it has. A protected copy is named by the
+prediction row with the same method and eps (its dataset.json's ``voxshield`` entry); its ROI PSNR is the one in the
+predictions file. Per configuration and cell: seed-paired Dice / clean (``verdict.seed_ratio``), a 95% bootstrap
+interval over test cases and seeds (``verdict.bootstrap_ratio``), per-label Dice, and the prediction beside it.
+The refit (``--hippocampus-rule``, the Hippocampus fit's JSON) fits one logistic in ROI PSNR to the Hippocampus
+family's per-seed points plus ACDC's stock 3d_fullres points, and ACDC's points alone where there are two PSNRs.
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from amplitude_rule import fit_logistic, logistic  # noqa: E402
+
+from nnunetv2_voxshield.dataset_io import write_json_atomic  # noqa: E402
+from nnunetv2_voxshield.verdict import bootstrap_ratio, seed_ratio  # noqa: E402
+
+
+def victims(out: Path) -> list:
+    """Every finished victim of one evaluation folder: (dataset folder, configuration, seed, scores)."""
+    state = json.loads((out / 'state.json').read_text())
+    protected = state['protected'] if isinstance(state['protected'], list) else [state['protected']]
+    rows = {'clean': state['clean'], 'protected': protected[0] if len(protected) == 1 else None,
+            **{f'protected{i + 1}': p for i, p in enumerate(protected)}}
+    found = []
+    for scores in sorted(out.glob('victims/*/*/seed_*/scores.json')):
+        row, config = scores.parts[-4], scores.parts[-3]
+        if '+' in row or rows.get(row) is None:
+            continue
+        found.append((rows[row], config, int(scores.parts[-2].split('_')[1]), json.loads(scores.read_text())))
+    return found
+
+
+def cell_of(dataset: str, predictions: list) -> str:
+    """The prediction row whose method and eps are the protected copy's (its dataset.json)."""
+    meta = json.loads((Path(dataset) / 'dataset.json').read_text()).get('voxshield') or {}
+    for p in predictions:
+        method = p['cell'].split(':')[0].split('@')[0]
+        same = (math.isclose(float(Fraction(p['eps'])), meta.get('eps') or -1) if p.get('eps')
+                else math.isclose(p.get('strength', -1), meta.get('strength') or -2))
+        if method == meta.get('method') and same:
+            return p['cell']
+    raise SystemExit(f'{dataset}: no prediction row for method {meta.get("method")} at eps {meta.get("eps")} '
+                     f'(strength {meta.get("strength")})')
+
+
+def collect(outs: list, predictions: dict) -> dict:
+    """Per configuration: the clean victims and, per cell, the ratio against them beside the prediction."""
+    by_cell = {p['cell']: p for p in predictions['rows']}
+    runs = {}  # (config, cell or 'clean') -> {seed: scores}
+    for out in outs:
+        for dataset, config, seed, scores in victims(Path(out)):
+            key = 'clean' if dataset == json.loads((Path(out) / 'state.json').read_text())['clean'] \
+                else cell_of(dataset, predictions['rows'])
+            runs.setdefault((config, key), {})[seed] = scores
+    result = {}
+    for (config, key), seeds in sorted(runs.items()):
+        if key == 'clean':
+            continue
+        clean = runs.get((config, 'clean'), {})
+        ratio = seed_ratio({s: v['summary'] for s, v in seeds.items()}, {s: v['summary'] for s, v in clean.items()})
+        if ratio is None:
+            continue
+        per_case = lambda runs_: {s: {c['case']: c['mean_dice'] for c in v['cases']} for s, v in runs_.items()}  # noqa
+        boot = bootstrap_ratio(per_case(seeds), per_case(clean))
+        p = by_cell[key]
+        result.setdefault(config, {'clean': {}, 'cells': []})['cells'].append({
+            'cell': key, 'psnr_roi': p['psnr_roi'], 'psnr_whole': p['psnr_whole'], **ratio,
+            'ci95': boot['ci'] if boot else None, 'predicted_ratio': p['predicted_ratio'],
+            'predicted_ratio_range': p['predicted_ratio_range']})
+    for (config, key), seeds in sorted(runs.items()):
+        if key == 'clean':
+            result.setdefault(config, {'clean': {}, 'cells': []})['clean'] = {
+                str(s): {'dice': v['summary']['dice'], 'dice_per_label': v['summary']['dice_per_label'],
+                         'trainer': v.get('trainer'), 'plans': v.get('plans'), 'n_cases': v['summary']['n_cases']}
+                for s, v in sorted(seeds.items())}
+    return result
+
+
+def refit(hippocampus_rule: dict, acdc_cells: list) -> dict:
+    """One logistic over Hippocampus's fitted per-seed points and ACDC's; ACDC's alone; the residual of each dataset's
+    points against the joint fit and against the Hippocampus fit."""
+    hip = [(r['psnr_roi'], v) for r in hippocampus_rule['rows'] for v in r['ratio_per_seed']]
+    acdc = [(c['psnr_roi'], v) for c in acdc_cells for v in c['ratio_per_seed'] if v is not None]
+    rmse = lambda pts, a, b: math.sqrt(sum((float(logistic(x, a, b)) - y) ** 2 for x, y in pts) / len(pts))  # noqa
+    h = hippocampus_rule['fit']
+    out = {'hippocampus_fit': {'x50': h['x50'], 's': h['s'], 'rmse_hippocampus': rmse(hip, h['x50'], h['s'])},
+           'points': {'hippocampus': len(hip), 'acdc': len(acdc)}}
+    if acdc:
+        out['hippocampus_fit']['rmse_acdc'] = rmse(acdc, h['x50'], h['s'])
+        x50, s = fit_logistic(*zip(*(hip + acdc)))
+        out['joint_fit'] = {'x50': x50, 's': s, 'rmse_hippocampus': rmse(hip, x50, s), 'rmse_acdc': rmse(acdc, x50, s)}
+    if len({x for x, _ in acdc}) >= 2:
+        x50, s = fit_logistic(*zip(*acdc))
+        out['acdc_fit'] = {'x50': x50, 's': s, 'rmse_acdc': rmse(acdc, x50, s)}
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description='ACDC: victims of voxshield_evaluate folders beside the amplitude '
+                                                 "rule's predictions; the rule refitted on both datasets. Reads the "
+                                                 'folders and JSONs named; writes -o.')
+    parser.add_argument('--eval', nargs='+', required=True, help='voxshield_evaluate output folders')
+    parser.add_argument('--predictions', required=True, help='acdc_predictions_<date>.json (written before the runs)')
+    parser.add_argument('--hippocampus-rule', default=str(HERE / 'results' / 'amplitude_rule_2026-12-02.json'))
+    parser.add_argument('--command', required=True, help='the commands that made the folders (provenance)')
+    parser.add_argument('-o', required=True, help='results JSON to write')
+    args = parser.parse_args()
+    predictions = json.loads(Path(args.predictions).read_text())
+    configs = collect(args.eval, predictions)
+    stock = (configs.get('3d_fullres') or {}).get('cells', [])
+    commit = subprocess.check_output(['git', 'rev-parse', 'HEAD'], cwd=HERE, text=True).strip()
+    result = {'what': 'ACDC stock victims (nnUNetTrainer_5epochs, nnUNetPlans_cpu, fold all, no TTA) on the clean '
+                      'training volumes of benchmarks/acdc_split.json and on class-coded offset copies, scored on its '
+                      '32 held-out volumes; each cell beside the prediction written before it ran.',
+              'predictions_file': os.path.relpath(args.predictions, HERE.parent),
+              'configurations': configs,
+              'refit': refit(json.loads(Path(args.hippocampus_rule).read_text()), stock),
+              'provenance': {'command': args.command, 'commit': commit,
+                             'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H:%MZ'),
+                             'machine': f'{os.cpu_count()}-core CPU ({platform.machine()}), 24 GiB, no GPU'}}
+    write_json_atomic(result, args.o)
+    for config, v in configs.items():
+        print(config, 'clean', {s: round(c['dice'], 3) for s, c in v['clean'].items()})
+        for c in v['cells']:
+            print(f"  {c['cell']:28s} ROI {c['psnr_roi']:.1f} dB  measured {c['ratio']:.3f} {c['ratio_per_seed']} "
+                  f"ci {c['ci95']}  predicted {c['predicted_ratio']:.3f}")
+    print(json.dumps(result['refit'], indent=1))
+
+
+if __name__ == '__main__':
+    main()

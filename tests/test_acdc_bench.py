@@ -1,0 +1,84 @@
+"""benchmarks/acdc.py: victims of evaluation folders beside the predictions, and the rule refitted on two datasets."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+import acdc  # noqa: E402
+from amplitude_rule import logistic  # noqa: E402
+
+
+def scores(dice_per_case):
+    cases = [{'case': f'c{i}', 'mean_dice': d} for i, d in enumerate(dice_per_case)]
+    mean = sum(dice_per_case) / len(dice_per_case)
+    return {'trainer': 'nnUNetTrainer_5epochs', 'plans': 'nnUNetPlans_cpu', 'cases': cases,
+            'summary': {'dice': mean, 'dice_per_label': {'1': mean}, 'n_cases': len(cases)}}
+
+
+def eval_folder(tmp_path, name, protected):
+    """An evaluation folder: clean victim seeds 0-1 at Dice 0.8, one victim per protected copy (dataset, dice)."""
+    out = tmp_path / name
+    clean = tmp_path / 'clean'
+    copies = []
+    for i, (meta, dice) in enumerate(protected):
+        d = tmp_path / f'copy{name}{i}'
+        d.mkdir()
+        (d / 'dataset.json').write_text(json.dumps({'voxshield': meta}))
+        copies.append(str(d))
+        row = 'protected' if len(protected) == 1 else f'protected{i + 1}'
+        for seed in (0, 1):
+            f = out / 'victims' / row / '3d_fullres' / f'seed_{seed}' / 'scores.json'
+            f.parent.mkdir(parents=True)
+            f.write_text(json.dumps(scores([dice, dice])))
+    for seed in (0, 1):
+        f = out / 'victims' / 'clean' / '3d_fullres' / f'seed_{seed}' / 'scores.json'
+        f.parent.mkdir(parents=True)
+        f.write_text(json.dumps(scores([0.8, 0.8])))
+    (out / 'state.json').write_text(json.dumps({'clean': str(clean), 'protected': copies}))
+    return out
+
+
+PREDICTIONS = {'rows': [
+    {'cell': 'offset:sign=levels@16/255', 'eps': '16/255', 'psnr_roi': 29.0, 'psnr_whole': 43.0,
+     'predicted_ratio': 0.9, 'predicted_ratio_range': [0.85, 0.95]},
+    {'cell': 'offset:sign=levels@112/255', 'eps': '112/255', 'psnr_roi': 14.0, 'psnr_whole': 28.0,
+     'predicted_ratio': 0.05, 'predicted_ratio_range': [0.03, 0.08]},
+    {'cell': 'conv:strength=1.12', 'eps': None, 'strength': 1.12, 'psnr_roi': 25.0, 'psnr_whole': 39.0,
+     'predicted_ratio': 0.7, 'predicted_ratio_range': [0.6, 0.8]}]}
+
+
+def test_collect_pairs_each_copy_with_its_prediction_and_the_clean_victims(tmp_path):
+    out = eval_folder(tmp_path, 'a', [({'method': 'offset', 'eps': 16 / 255}, 0.72),
+                                      ({'method': 'offset', 'eps': 112 / 255}, 0.08),
+                                      ({'method': 'conv', 'eps': None, 'strength': 1.12}, 0.4)])
+    result = acdc.collect([str(out)], PREDICTIONS)['3d_fullres']
+    assert result['clean']['0']['dice'] == pytest.approx(0.8)
+    cells = {c['cell']: c for c in result['cells']}
+    assert set(cells) == {'offset:sign=levels@16/255', 'offset:sign=levels@112/255', 'conv:strength=1.12'}
+    assert cells['offset:sign=levels@16/255']['ratio'] == pytest.approx(0.9)
+    assert cells['offset:sign=levels@112/255']['ratio_per_seed'] == [0.1, 0.1]
+    assert cells['conv:strength=1.12']['ratio'] == pytest.approx(0.5)
+    assert cells['offset:sign=levels@16/255']['ci95'] == pytest.approx([0.9, 0.9])
+    assert cells['offset:sign=levels@112/255']['predicted_ratio'] == 0.05
+
+
+def test_a_copy_without_a_prediction_is_refused(tmp_path):
+    out = eval_folder(tmp_path, 'b', [({'method': 'offset', 'eps': 40 / 255}, 0.5)])
+    with pytest.raises(SystemExit, match='no prediction row for method offset'):
+        acdc.collect([str(out)], PREDICTIONS)
+
+
+def test_refit_on_points_of_one_logistic_recovers_it():
+    hip_x = [10.0, 15.0, 20.0, 22.0, 25.0, 30.0, 35.0]
+    rule = {'fit': {'x50': 22.0, 's': 3.0},
+            'rows': [{'psnr_roi': x, 'ratio_per_seed': [float(logistic(x, 22.0, 3.0))]} for x in hip_x]}
+    acdc_cells = [{'psnr_roi': x, 'ratio_per_seed': [float(logistic(x, 22.0, 3.0))] * 2} for x in (14.0, 21.5, 29.0)]
+    out = acdc.refit(rule, acdc_cells)
+    assert out['points'] == {'hippocampus': 7, 'acdc': 6}
+    assert out['hippocampus_fit']['rmse_acdc'] == pytest.approx(0, abs=1e-9)
+    assert out['joint_fit']['x50'] == pytest.approx(22.0, abs=1e-3)
+    assert out['acdc_fit']['s'] == pytest.approx(3.0, abs=1e-2)
+    shifted = [{'psnr_roi': x, 'ratio_per_seed': [float(logistic(x, 30.0, 3.0))]} for x in (14.0, 21.5, 29.0)]
+    assert acdc.refit(rule, shifted)['hippocampus_fit']['rmse_acdc'] > 0.2
