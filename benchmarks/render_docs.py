@@ -470,6 +470,48 @@ def acdc_predictions(r: Results) -> Optional[str]:
                     body))
 
 
+@section('ACDC: stock victims and the amplitude rule out of sample')
+def acdc_results(r: Results) -> Optional[str]:
+    """benchmarks/acdc.py's file (acdc_20*.json): clean victims per configuration and seed, each protected cell's
+    measured Dice / clean beside the prediction written before it ran, and the rule refitted on both datasets."""
+    data = r.get('acdc_20*.json')
+    if data is None:
+        return None
+    out = [data['what'], '']
+    for config, v in data['configurations'].items():
+        clean = v['clean']
+        out.append(f'**{config}.** Clean victim Dice (mean over labels; RV / MYO / LV): ' + '; '.join(
+            f'seed {s} {f2(c["dice"])} ({" / ".join(f2(x) for x in c["dice_per_label"].values())})'
+            for s, c in clean.items()) + '.')
+        if v['cells']:
+            body = [[c['cell'], f1(c['psnr_whole']), f1(c['psnr_roi']),
+                     f'{small(c["predicted_ratio"])} [{small(c["predicted_ratio_range"][0])}-'
+                     f'{small(c["predicted_ratio_range"][1])}]',
+                     small(c['ratio']) + (f' [{small(c["ci95"][0])}, {small(c["ci95"][1])}]' if c.get('ci95') else ''),
+                     ' / '.join(small(x) for x in c['ratio_per_seed']),
+                     ' / '.join(f2(x) for x in (c.get('dice_per_label') or {}).values())] for c in v['cells']]
+            out += ['', table(['cell', 'PSNR (dB)', 'ROI PSNR (dB)', 'predicted [fit range]',
+                               'measured [95% CI]', 'per seed', 'Dice RV / MYO / LV'], body)]
+        out.append('')
+    fit = data['refit']
+    h = fit['hippocampus_fit']
+    lines = [f'Refit: the Hippocampus logistic (x50 {h["x50"]:.1f} dB, s {h["s"]:.2f} dB) has RMSE '
+             f'{h["rmse_hippocampus"]:.3f} on its own {fit["points"]["hippocampus"]} per-seed points']
+    if 'rmse_acdc' in h:
+        lines.append(f' and {h["rmse_acdc"]:.3f} on ACDC\'s {fit["points"]["acdc"]} (stock 3d_fullres)')
+    if 'joint_fit' in fit:
+        j = fit['joint_fit']
+        lines.append(f'; one logistic over both: x50 {j["x50"]:.1f} dB, s {j["s"]:.2f} dB (RMSE Hippocampus '
+                     f'{j["rmse_hippocampus"]:.3f}, ACDC {j["rmse_acdc"]:.3f})')
+    if 'acdc_fit' in fit:
+        a = fit['acdc_fit']
+        lines.append(f'; ACDC alone: x50 {a["x50"]:.1f} dB, s {a["s"]:.2f} dB')
+    out.append(''.join(lines) + '.')
+    p = data['provenance']
+    out += ['', f'Made by `{p["command"]}` at {str(p["commit"])[:7]}, {p["date"]}.']
+    return '\n'.join(out)
+
+
 @section('Table 1 on Hippocampus: every method at 4/255 against issue 6\'s target')
 def hippocampus_table1(r: Results) -> Optional[str]:
     """Dice / clean of every Table 1 method at 4/255 (benchmarks/hippocampus.py's matrix)."""
