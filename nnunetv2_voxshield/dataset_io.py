@@ -272,10 +272,15 @@ def json_safe(obj):
 def write_json_atomic(obj, path: str, indent: int = 2) -> None:
     """``json_safe(obj)`` to ``path`` (as nnU-Net's ``save_json(obj, file)``): a hidden temp file in the same folder,
     then ``os.replace``, so ``path`` is either the old file or the complete new one."""
-    text = json.dumps(json_safe(obj), indent=indent, allow_nan=False) + '\n'  # fails before anything is written
+    write_atomic(path, json.dumps(json_safe(obj), indent=indent, allow_nan=False) + '\n')  # dumps fails first
+
+
+def write_atomic(path: str, text, mode: str = 'w') -> None:
+    """Write ``text`` (``bytes`` with mode 'wb') to a hidden temp file next to ``path``, then ``os.replace`` it over
+    ``path``; the temp file is removed if anything fails."""
     tmp = temp_path(path)
     try:
-        with open(tmp, 'w') as f:
+        with open(tmp, mode) as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:

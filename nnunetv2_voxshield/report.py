@@ -6,20 +6,10 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from nnunetv2_voxshield.dataset_io import write_atomic  # noqa: F401  (re-exported: callers import it from here)
 from nnunetv2_voxshield.metrics import mean_std
 
 
-def write_atomic(path: str, text: str, mode: str = 'w') -> None:
-    """Write ``text`` to a temporary file next to ``path``, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix='.tmp_', dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, mode) as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def summarise_victim(case_scores: List[dict]) -> dict:
