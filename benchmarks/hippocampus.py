@@ -297,7 +297,8 @@ def main():
 def table_rows(results: dict) -> list:
     """One row per (method, defence, victim configuration) over all eval folders, each once (the first found: clean
     victims, and victims reused from another folder, appear in several), with the Dice ratio to the clean victim of
-    the same configuration, paired by seed as everywhere (``verdict.seed_ratio``: the seeds both have)."""
+    the same configuration, paired by seed as everywhere (``verdict.seed_ratio``: the seeds both have); for reports
+    without per-seed summaries, the ratio of the mean Dice."""
     from nnunetv2_voxshield.verdict import seed_ratio
     rows, clean, seen = [], {}, set()
     for report in (results.get('eval') or {}).values():
@@ -309,7 +310,7 @@ def table_rows(results: dict) -> list:
                 seen.add(key)
                 per_seed = (row.get('per_seed') or {}).get(config) or {}
                 if row['row'] == 'clean':
-                    clean[config] = per_seed
+                    clean[config] = (per_seed, v['dice']['mean'])
                 q = row.get('quality') or {}
                 rows.append({'method': row['method'], 'defence': row['defence'] or '-',
                              'defence_spec': row.get('defence_spec') or '-', 'config': config,
@@ -317,8 +318,12 @@ def table_rows(results: dict) -> list:
                              'psnr': (q.get('psnr') or {}).get('mean'), 'psnr_roi': (q.get('psnr_roi') or {}).get('mean'),
                              'ssim': (q.get('ssim') or {}).get('mean')})
     for r in rows:
-        paired = seed_ratio(r.pop('per_seed'), clean.get(r['config']) or {})
-        r['ratio'] = paired['ratio'] if paired else None
+        clean_seeds, clean_dice = clean.get(r['config'], ({}, None))
+        paired = seed_ratio(r.pop('per_seed'), clean_seeds)
+        if paired:
+            r['ratio'] = paired['ratio']
+        else:  # reports written before per-seed summaries: the ratio of the means
+            r['ratio'] = r['dice'] / clean_dice if clean_dice else None
     return sorted(rows, key=lambda r: (r['config'] != '3d_fullres', r['defence'] != '-'))
 
 
