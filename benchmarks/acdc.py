@@ -31,6 +31,8 @@ from amplitude_rule import fit_logistic, logistic  # noqa: E402
 from nnunetv2_voxshield.dataset_io import write_json_atomic  # noqa: E402
 from nnunetv2_voxshield.verdict import bootstrap_ratio, seed_ratio  # noqa: E402
 
+DEFAULT_VICTIM = 'nnUNetTrainer_5epochs'  # the map's victim; others are keyed '<configuration> <trainer>'
+
 
 def victims(out: Path) -> list:
     """Every finished victim of one evaluation folder: (dataset folder, configuration, seed, scores)."""
@@ -66,6 +68,8 @@ def collect(outs: list, predictions: dict) -> dict:
     runs = {}  # (config, cell or 'clean') -> {seed: scores}
     for out in outs:
         for dataset, config, seed, scores in victims(Path(out)):
+            if scores.get('trainer') not in (None, DEFAULT_VICTIM):  # another victim is its own profile
+                config = f'{config} {scores["trainer"]}'
             key = 'clean' if dataset == json.loads((Path(out) / 'state.json').read_text())['clean'] \
                 else cell_of(dataset, predictions['rows'])
             runs.setdefault((config, key), {})[seed] = scores

@@ -240,9 +240,19 @@ def status(r: Results) -> Optional[str]:
     kept = [p for p, x in zip(PURIFICATIONS, purified) if x and x['ratio'] <= 0.5]
     lvl = rule['fit']['levels']['0.05']
     o128 = r.row('stock', 'offset@128/255')
-    acdc = acdc_measured(r)
-    datasets = ['Hippocampus (MSD Task04, 208 MRI crops)'] + (['ACDC'] if acdc else [])
-    pending = '' if acdc else '; ACDC: runs under way, not yet in these results'
+    acdc = r.get('acdc_20*.json')
+    datasets = ['Hippocampus (MSD Task04, 208 MRI crops)'] + (['ACDC (cine MRI, 3 classes, thick slices)'] if acdc
+                                                              else [])
+    pending = '; ACDC: runs under way, not yet in these results' if acdc is None else ''
+    if acdc:
+        cells = [f'{c["cell"].split("@")[-1]} {config} {small(c["ratio"])} (predicted {small(c["predicted_ratio"])})'
+                 for config, v in acdc['configurations'].items() for c in v['cells']]
+        clean = ', '.join(f'{config} {f2(v["clean"][min(v["clean"])]["dice"])}'
+                          for config, v in acdc['configurations'].items())
+        best = max(v['clean'][min(v['clean'])]['dice'] for v in acdc['configurations'].values())
+        pending = (f'. On ACDC the CPU victims {"learn little" if best < 0.5 else "reach"} (clean Dice {clean}); '
+                   f'class-coded offsets, '
+                   f'measured against the rule\'s prediction written before each run: {"; ".join(cells) or "none yet"}')
     return '\n'.join([
         f'- **Against stock nnU-Net, nothing protects at a usable budget.** Up to 16/255 every trained method '
         f'(VoxShield, -EOT, -LC) keeps >= {math.floor(low["ratio"] * 100) / 100:.2f} of the clean victim\'s Dice '

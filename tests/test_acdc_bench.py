@@ -82,3 +82,11 @@ def test_refit_on_points_of_one_logistic_recovers_it():
     assert out['acdc_fit']['s'] == pytest.approx(3.0, abs=1e-2)
     shifted = [{'psnr_roi': x, 'ratio_per_seed': [float(logistic(x, 30.0, 3.0))]} for x in (14.0, 21.5, 29.0)]
     assert acdc.refit(rule, shifted)['hippocampus_fit']['rmse_acdc'] > 0.2
+
+
+def test_another_victim_trainer_is_its_own_profile(tmp_path):
+    out = eval_folder(tmp_path, 'c', [({'method': 'offset', 'eps': 16 / 255}, 0.72)])
+    for f in out.glob('victims/*/*/seed_*/scores.json'):
+        data = json.loads(f.read_text())
+        f.write_text(json.dumps({**data, 'trainer': 'nnUNetTrainer_20epochs'}))
+    assert list(acdc.collect([str(out)], PREDICTIONS)) == ['3d_fullres nnUNetTrainer_20epochs']
