@@ -88,6 +88,8 @@ def collect(outs: list, predictions: dict) -> dict:
             'cell': key, 'psnr_roi': p['psnr_roi'], 'psnr_whole': p['psnr_whole'], **ratio,
             'ci95': boot['ci'] if boot else None, 'predicted_ratio': p['predicted_ratio'],
             'predicted_ratio_range': p['predicted_ratio_range']})
+    for v in result.values():
+        v['cells'].sort(key=lambda c: -c['psnr_roi'])
     for (config, key), seeds in sorted(runs.items()):
         if key == 'clean':
             result.setdefault(config, {'clean': {}, 'cells': []})['clean'] = {
