@@ -891,12 +891,19 @@ def amplitude_rule_png(r: Results, png: Path) -> None:
     ax.axhline(0.05, color='k', lw=0.8, ls=':')
     ax.axvline(50 - shift, color='tab:red', lw=1, ls=':',
                label=f'the 50 dB goal over the whole volume (ROI {50 - shift:.1f} dB here)')
+    save_rule_axes(fig, ax, png, f'The amplitude rule, Hippocampus ({len(data["rows"])} fitted cells)',
+                   'stock victim Dice / clean', legend_size=10)
+
+
+def save_rule_axes(fig, ax, png: Path, title: str, ylabel: str, legend_size: int) -> None:
+    """Label a Dice / clean against ROI PSNR panel the one way the rule's figures share, and save it."""
+    import matplotlib.pyplot as plt
     ax.set_xlabel("the code's PSNR inside the labels (dB)", fontsize=12)
-    ax.set_ylabel('stock victim Dice / clean', fontsize=12)
-    ax.set_title(f'The amplitude rule, Hippocampus ({len(data["rows"])} fitted cells)', fontsize=13)
+    ax.set_ylabel(ylabel, fontsize=12)
+    ax.set_title(title, fontsize=13)
     ax.tick_params(labelsize=11)
     ax.grid(alpha=0.25)
-    ax.legend(fontsize=10, loc='lower right')
+    ax.legend(fontsize=legend_size, loc='lower right')
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
@@ -932,16 +939,9 @@ def acdc_rule_png(r: Results, png: Path) -> None:
         ax.errorbar(x, y, yerr=err, fmt='os^D'[k % 4], ms=7, capsize=3, color=plt.get_cmap('tab10').colors[k],
                     label=f'ACDC {config} (clean Dice {clean:.2f})')
     ax.axhline(0.05, color='k', lw=0.8, ls=':')
-    ax.set_xlabel("the code's PSNR inside the labels (dB)", fontsize=12)
-    ax.set_ylabel('victim Dice / clean', fontsize=12)
-    ax.set_title('ACDC: class-coded offsets against the rule fitted on Hippocampus', fontsize=13)
-    ax.tick_params(labelsize=11)
     ax.set_ylim(-0.05, 1.15)
-    ax.grid(alpha=0.25)
-    ax.legend(fontsize=9, loc='lower right')
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    save_rule_axes(fig, ax, png, 'ACDC: class-coded offsets against the rule fitted on Hippocampus',
+                   'victim Dice / clean', legend_size=9)
 
 
 @figure
