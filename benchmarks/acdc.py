@@ -133,8 +133,9 @@ def main():
     stock = (configs.get('3d_fullres') or {}).get('cells', [])
     commit = subprocess.check_output(['git', 'rev-parse', 'HEAD'], cwd=HERE, text=True).strip()
     result = {'what': 'ACDC stock victims (nnUNetTrainer_5epochs, nnUNetPlans_cpu, fold all, no TTA) on the clean '
-                      'training volumes of benchmarks/acdc_split.json and on class-coded offset copies, scored on its '
-                      '32 held-out volumes; each cell beside the prediction written before it ran.',
+                      'training volumes of benchmarks/acdc_split.json and on class-coded offset and class-wise '
+                      'convolution copies, scored on its 32 held-out volumes; each cell beside the prediction written '
+                      'before it ran.',
               'predictions_file': os.path.relpath(args.predictions, HERE.parent),
               'configurations': configs,
               'refit': refit(json.loads(Path(args.hippocampus_rule).read_text()), stock),

@@ -940,7 +940,7 @@ def acdc_rule_png(r: Results, png: Path) -> None:
                     label=f'ACDC {config} (clean Dice {clean:.2f})')
     ax.axhline(0.05, color='k', lw=0.8, ls=':')
     ax.set_ylim(-0.05, 1.15)
-    save_rule_axes(fig, ax, png, 'ACDC: class-coded offsets against the rule fitted on Hippocampus',
+    save_rule_axes(fig, ax, png, 'ACDC: class-coded offsets and a class-wise convolution against the Hippocampus rule',
                    'victim Dice / clean', legend_size=9)
 
 
