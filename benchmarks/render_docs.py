@@ -783,13 +783,15 @@ def audit_engine_summary(r: Results) -> Optional[str]:
         return None
     one, two = (next(x for x in data['runs'] if x['workers'] == w) for w in (1, 2))
     k = data['kill_and_rerun']
+    unchanged = (' and the jobs finished before the kill kept their numbers'
+                 if k['finished_before_kill_unchanged'] else '')
     return (f'Measured on this 2-core machine with a {data["source"]} panel of {one["jobs"]} jobs (trainings of '
             f'~{one["mean_train_s"]:.0f} s): parallel efficiency {f2(one["parallel_efficiency"])} with 1 worker and '
             f'{f2(two["parallel_efficiency"])} with 2 ({f1(one["wall_s"])} s and {f1(two["wall_s"])} s wall), '
             f'{f1(one["overhead_per_job_s"])} s of engine overhead per job; killed in mid-training and rerun, every '
             f'job has {"exactly one record" if k["every_job_once"] else "NOT one record"}, the killed trainings '
             f'resumed from their checkpoints'
-            f'{" and the jobs finished before the kill kept their numbers" if k["finished_before_kill_unchanged"] else ""}'
+            f'{unchanged}'
             f' ([results](docs/results.md#the-audit-engine-parallel-efficiency-overhead-kill-and-resume); the machine '
             'was shared during the runs).')
 
