@@ -170,6 +170,16 @@ def markdown(report: dict) -> str:
     return '\n'.join(lines) + '\n'
 
 
+def _finish(fig, ax, path: str) -> str:
+    """Legend, tight layout, ``_save`` to ``path`` and close: the last steps every audit figure shares."""
+    import matplotlib.pyplot as plt
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
 def _save(fig, path: str) -> None:
     """Save a figure atomically (temporary file next to ``path``, then rename)."""
     tmp = os.path.join(os.path.dirname(path), f'.tmp_{os.getpid()}_{os.path.basename(path)}')
@@ -206,11 +216,7 @@ def figures(report: dict, out_dir: str) -> List[str]:
     ax.axhline(s['keeps'], color='r', lw=0.8, ls=':')
     ax.set_xticks(x, names, rotation=30, ha='right', fontsize=8)
     ax.set_ylabel('victim Dice / clean')
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    bars = os.path.join(out_dir, 'bars.png')
-    _save(fig, bars)
-    plt.close(fig)
+    bars = _finish(fig, ax, os.path.join(out_dir, 'bars.png'))
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
     rule = s.get('rule')
@@ -228,11 +234,7 @@ def figures(report: dict, out_dir: str) -> List[str]:
     ax.axhline(s['protects'], color='g', lw=0.8, ls=':')
     ax.set_xlabel('PSNR of the copy inside the labels (dB)')
     ax.set_ylabel('stock victim Dice / clean')
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    frontier = os.path.join(out_dir, 'frontier.png')
-    _save(fig, frontier)
-    plt.close(fig)
+    frontier = _finish(fig, ax, os.path.join(out_dir, 'frontier.png'))
     return [bars, frontier]
 
 
