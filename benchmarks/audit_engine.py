@@ -5,8 +5,8 @@ Three sources of jobs, one measurement:
 - ``--source audit``: the real audit, ``voxshield_audit <args after -->`` (panel, epochs, datasets as you give them),
   run as a subprocess per measurement with ``-o <work>/<run> -w W``;
 - ``--source phantom``: the real audit on the phantom (6 training cases, 2 test cases, a copy with a label-keyed
-  offset) with the quick panel's two exploiters as short victims (stock and no-augmentation nnU-Net, 6 epochs of 3
-  iterations: benchmarks/engine_trainers), CPU plans;
+  offset) with the quick panel's two exploiters as short victims (stock and no-augmentation nnU-Net, --epochs
+  epochs of 3 iterations: benchmarks/engine_trainers), CPU plans;
 - ``--source synthetic``: the quick panel's DAG shape (plan x2 -> train x4 -> predict x4 -> score x4, quality)
   with pure-Python CPU work instead of nnU-Net (each 'epoch' a fixed amount of work, a checkpoint file after each),
   to validate the measurement in seconds.
@@ -101,7 +101,6 @@ def run_synthetic(root: str, workers: int, epochs: int, units: int) -> None:
 
 # --------------------------------------------------------------------------------------------- phantom audit
 ENGINE_TRAINERS = os.path.join(REPO, 'benchmarks', 'engine_trainers')
-SHORT_EPOCHS = 6   # engine_trainers.Short.epochs
 
 
 def phantom_audit_args(work: str) -> list:
@@ -231,8 +230,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--source', choices=('synthetic', 'phantom', 'audit'), default='synthetic')
     parser.add_argument('--work', required=True, help='scratch folder (one sub-folder per run)')
-    parser.add_argument('--epochs', type=int, default=6, help='victim epochs (synthetic; audit: taken from its '
-                                                              '--epochs; phantom: 6)')
+    parser.add_argument('--epochs', type=int, default=6, help='victim epochs (synthetic and phantom; audit: taken '
+                                                              'from its --epochs). Default: 6')
     parser.add_argument('--units', type=int, default=20, help='synthetic work per epoch / step (units of ~0.05 s)')
     parser.add_argument('--workers', type=int, nargs='+', default=[1, 2])
     parser.add_argument('-o', '--output', default=None, help='results JSON (default: benchmarks/results/'
@@ -248,7 +247,8 @@ def main(argv=None):
         args.epochs = int(audit_args[audit_args.index('--epochs') + 1])
     os.makedirs(args.work, exist_ok=True)
     if args.source == 'phantom':
-        args.audit_args, args.epochs = phantom_audit_args(os.path.abspath(args.work)), SHORT_EPOCHS
+        args.audit_args = phantom_audit_args(os.path.abspath(args.work))
+        os.environ['VOXSHIELD_ENGINE_EPOCHS'] = str(args.epochs)   # engine_trainers.Short
         os.environ['nnUNet_extTrainer'] = os.pathsep.join(
             [ENGINE_TRAINERS] + [p for p in os.environ.get('nnUNet_extTrainer', '').split(os.pathsep) if p])
     stamp = datetime.datetime.utcnow().strftime('%Y%m%dT%H%M%S')

@@ -1,6 +1,8 @@
-"""Short victims for benchmarks/audit_engine.py --source phantom: 6 epochs of 3 iterations, checkpoint_latest.pth
-after every epoch (nnU-Net's default is every 50), so that a training killed in the middle resumes from its
+"""Short victims for benchmarks/audit_engine.py --source phantom: 6 epochs (or $VOXSHIELD_ENGINE_EPOCHS, set from the
+benchmark's --epochs) of 3 iterations, checkpoint_latest.pth after every epoch (nnU-Net's default is every 50), so that a training killed in the middle resumes from its
 checkpoint as a long one would; found through nnUNet_extTrainer."""
+import os
+
 import torch
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -9,7 +11,7 @@ from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoD
 
 class Short:
     """Mixin: ``epochs`` epochs of ``iterations`` training and 1 validation iterations, a checkpoint every epoch."""
-    epochs, iterations = 6, 3
+    epochs, iterations = int(os.environ.get('VOXSHIELD_ENGINE_EPOCHS', 6)), 3
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
