@@ -785,15 +785,18 @@ def audit_engine_summary(r: Results) -> Optional[str]:
     k = data['kill_and_rerun']
     unchanged = (' and the jobs finished before the kill kept their numbers'
                  if k['finished_before_kill_unchanged'] else '')
+    load = max((max(v) for v in (data.get('load_average_at_start') or {}).values()), default=None)
+    machine = ('an otherwise idle machine' if load is not None and load < data['provenance']['machine']['nproc']
+               else 'a machine shared with other runs')
     return (f'Measured on this 2-core machine with a {data["source"]} panel of {one["jobs"]} jobs (trainings of '
             f'~{one["mean_train_s"]:.0f} s): parallel efficiency {f2(one["parallel_efficiency"])} with 1 worker and '
             f'{f2(two["parallel_efficiency"])} with 2 ({f1(one["wall_s"])} s and {f1(two["wall_s"])} s wall), '
             f'{f1(one["overhead_per_job_s"])} s of engine overhead per job; killed in mid-training and rerun, every '
             f'job has {"exactly one record" if k["every_job_once"] else "NOT one record"}, the killed trainings '
-            f'resumed from their checkpoints'
-            f'{unchanged}'
-            f' ([results](docs/results.md#the-audit-engine-parallel-efficiency-overhead-kill-and-resume); the machine '
-            'was shared during the runs).')
+            f'resumed from their checkpoints{unchanged}, and the killed run plus its rerun took '
+            f'{f1(k["extra_wall_s"])} s longer than the uninterrupted run '
+            f'([results](docs/results.md#the-audit-engine-parallel-efficiency-overhead-kill-and-resume); measured on '
+            f'{machine}).')
 
 
 @section('Provenance')
