@@ -410,7 +410,7 @@ def map_jobs(cells: list, roots: dict, env: dict, clean: Path, args, dataset_ids
     from nnunetv2_voxshield.panel import Panel, Profile
     import protection_map as this  # job functions by their module's name (not __main__), so job processes find them
     str_roots = {k: str(v) for k, v in roots.items()}
-    jobs = [Job('plan', this.plan_job, (env, dict(DATASET)), kind='plan')]
+    jobs = [Job('plan', this.plan_job, (env, dict(DATASET)), kind='plan', threads=args.threads)]
     copies, rows, row_deps = [], {}, {}
     for cell in cells_with_bases(cells):
         label = cell_label(cell)
@@ -418,7 +418,7 @@ def map_jobs(cells: list, roots: dict, env: dict, clean: Path, args, dataset_ids
         deps = ['plan'] + ([f'protect_{cell_label(parse_cell(base))}'] if 'clean' in cell['options'] else [])
         jobs.append(Job(f'protect_{label}', this.protect_job, (cell['cell'], str_roots, env, str(clean),
                                                           args.protector_epochs, dict(DATASET), dataset_ids),
-                        deps=deps, kind='protect'))
+                        deps=deps, kind='protect', threads=args.threads))
         if cell in cells:
             copies.append(label)
             row_deps[label] = [f'protect_{label}']
@@ -440,7 +440,7 @@ def map_jobs(cells: list, roots: dict, env: dict, clean: Path, args, dataset_ids
              'labels': str(clean / 'labelsTs')}
     victim_jobs, scores = build_jobs(str(victims), panel, {p.name: victim_trainer for p in profiles}, rows, copies,
                                      tests, ds_json['file_ending'], ds_json, 'cpu', True, None, False, str(clean),
-                                     row_deps=row_deps)
+                                     threads=args.threads, row_deps=row_deps)
     return jobs + victim_jobs, scores, panel
 
 
@@ -508,13 +508,8 @@ def main():
                         help='the exploiter purifies the protected copy (and, as a control, the clean data) first: '
                              'blur, zmedian, zresample, quantise (NAME:PARAM); one row each')
     parser.add_argument('--seeds', nargs='+', type=int, default=[0])
-    parser.add_argument('-w', '--workers', type=int, default=1, help='jobs at a time')
-    parser.add_argument('--backend', default='local', help='local (default) or slurm')
-    parser.add_argument('--partition', default=None)
-    parser.add_argument('--time', default=None)
-    parser.add_argument('--gpus', type=int, default=None)
-    parser.add_argument('--mem', default=None)
-    parser.add_argument('--sbatch-extra', nargs='*', default=[])
+    from nnunetv2_voxshield.audit_inputs import add_engine_arguments
+    add_engine_arguments(parser)
     parser.add_argument('--table-only', action='store_true', help='print the table of -o/map.json, draw the figure')
     args = parser.parse_args()
     out = Path(args.o).resolve()
@@ -540,12 +535,12 @@ def main():
         parser.error(f'--victim {args.victim!r} needs --victim-trainer (built in: {", ".join(VICTIMS)})')
     victim_trainer = args.victim_trainer or VICTIMS[args.victim].format(e=args.victim_epochs)
     profile = profile_name(args.victim, args.victim_plans, args.configuration, args.victim_epochs)
-    from nnunetv2_voxshield.audit import AuditError, parse_slurm
+    from nnunetv2_voxshield.audit_inputs import AuditError, engine_options
     from nnunetv2_voxshield.defences import defence_key
     from nnunetv2_voxshield.panel import missing_trainers
     try:  # checked before any job starts
         [defence_key(d) for d in args.defences]
-        slurm = parse_slurm(args.partition, args.time, args.gpus, args.mem, args.sbatch_extra)
+        engine = engine_options(args)
     except (ValueError, AuditError) as e:
         parser.error(str(e))
     if missing_trainers([victim_trainer]):
@@ -574,7 +569,8 @@ def main():
     victims = out / 'victims'
     jobs, scores, panel = map_jobs(cells, roots, env, clean, args, dataset_ids, victims, victim_trainer, profile, split)
     from nnunetv2_voxshield.jobs import run_jobs
-    records = run_jobs(jobs, str(victims), backend=args.backend, workers=args.workers, slurm=slurm)
+    records = run_jobs(jobs, str(victims), backend=engine['backend'], workers=engine['workers'],
+                       slurm=engine['slurm'])
     entries = map_entries(cells, records, scores, panel, args, profile, victim_trainer, victims, clean / 'labelsTs')
     parts = [r.result['map'] for n, r in records.items() if n.startswith('protect_') and r.state == 'done']
 

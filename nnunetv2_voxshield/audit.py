@@ -15,14 +15,14 @@ import sys
 from typing import Optional, Sequence
 
 from nnunetv2_voxshield import verdict as VD
-from nnunetv2_voxshield.audit_inputs import (AuditError, check_copy, check_no_overlap, link_cases,  # noqa: F401
+from nnunetv2_voxshield.audit_inputs import (AuditError, add_engine_arguments, check_copy, check_engine,
+                                             engine_options, check_no_overlap, link_cases,  # noqa: F401
                                              parse_slurm, patient_of, pin_inputs, resolve_dataset, row_dataset_id,
                                              slurm_minutes, test_set)
 from nnunetv2_voxshield.audit_jobs import _safe, build_jobs, copy_names  # noqa: F401
 from nnunetv2_voxshield.dataset_io import InputError, list_training_cases, load_dataset_json
 from nnunetv2_voxshield.panel import PanelError, build_panel, check_trainers
 
-BACKENDS = ('local', 'slurm')
 RULE_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks', 'results',
                          'amplitude_rule_2026-12-02.json')
 
@@ -38,10 +38,7 @@ def audit(clean: str, protected: Sequence[str], output_dir: str, test_images: Op
           rule_file: Optional[str] = RULE_FILE, boot: int = 2000, stream=None) -> dict:
     """Check every input (nothing is started on bad input), run the audit's DAG and write its report."""
     stream = stream or sys.stderr
-    if backend not in BACKENDS:
-        raise AuditError(f'--backend {backend!r}: unknown backend (choose from {", ".join(BACKENDS)})')
-    if workers < 1 or threads < 1:
-        raise AuditError(f'-w {workers} / --threads {threads}: must be at least 1')
+    check_engine(backend, workers, threads)
     if group_regex:
         try:
             re.compile(group_regex)
@@ -150,23 +147,16 @@ def audit_entry(argv=None):
     parser.add_argument('--rule', default=RULE_FILE, help='amplitude rule fit (benchmarks/amplitude_rule.py JSON)')
     parser.add_argument('--boot', type=int, default=2000, help='bootstrap resamples (0: no intervals)')
     parser.add_argument('-o', required=True, help='output folder (resumable)')
-    parser.add_argument('--backend', default='local', help='local (default) or slurm')
-    parser.add_argument('-w', '--workers', type=int, default=1, help='jobs at a time (local backend)')
-    parser.add_argument('--threads', type=int, default=1, help='CPU threads per job')
-    parser.add_argument('--partition', default=None, help='Slurm partition')
-    parser.add_argument('--time', default=None, help='Slurm time limit per job, e.g. 12:00:00 or minutes')
-    parser.add_argument('--gpus', type=int, default=None, help='GPUs per Slurm job')
-    parser.add_argument('--mem', default=None, help='memory per Slurm job, e.g. 32G')
-    parser.add_argument('--sbatch-extra', nargs='*', default=[], metavar='KEY=VALUE', help='more sbatch options')
+    add_engine_arguments(parser)
     parser.add_argument('-device', default='cpu', choices=('cpu', 'cuda'), help='Default: cpu')
     parser.add_argument('--disable-tta', action='store_true', help='predict without mirroring (faster)')
     args = parser.parse_args(argv)
     panel = args.panel if args.panel or args.panel_file or args.exploiter else 'quick'
     try:
-        slurm = parse_slurm(args.partition, args.time, args.gpus, args.mem, args.sbatch_extra)
+        engine = engine_options(args)
         audit(args.clean, args.protected, args.o, args.test_images, args.test_labels, args.split, args.group_regex,
-              panel, args.panel_file, args.exploiter, args.seeds, args.epochs, args.p, args.name, args.backend,
-              args.workers, args.threads, slurm, args.device, args.disable_tta, args.eps, args.detector,
+              panel, args.panel_file, args.exploiter, args.seeds, args.epochs, args.p, args.name, engine['backend'],
+              engine['workers'], engine['threads'], engine['slurm'], args.device, args.disable_tta, args.eps, args.detector,
               args.protects, args.keeps, args.rule, args.boot)
     except (AuditError, InputError) as e:
         sys.exit(f'voxshield_audit: error: {e}')

@@ -5,6 +5,7 @@ import os
 import re
 from typing import Dict, Optional, Sequence
 
+from nnunetv2_voxshield.jobs import BACKENDS
 from nnunetv2_voxshield.dataset_io import (InputError, find_dataset_folder, geometry, geometry_mismatch,
                                            list_training_cases, load_dataset_json, read_header, sha256_of,
                                            write_json_atomic)
@@ -130,6 +131,38 @@ def slurm_minutes(text: str) -> int:
     else:
         minutes = a * 60 + b + (1 if c else 0)
     return (d or 0) * 24 * 60 + minutes
+
+
+def add_engine_arguments(parser, threads_default: Optional[int] = 1) -> None:
+    """The engine's options (jobs.run_jobs) of a command: backend, workers, threads per job (None: the machine's
+    cores shared among the workers) and Slurm's options."""
+    parser.add_argument('--backend', default='local', help='local (default) or slurm')
+    parser.add_argument('-w', '--workers', type=int, default=1, help='jobs at a time (local backend; Slurm: in '
+                                                                     'flight)')
+    parser.add_argument('--threads', type=int, default=threads_default,
+                        help=f'CPU threads per job. Default: {threads_default or "the cores / workers"}')
+    parser.add_argument('--partition', default=None, help='Slurm partition')
+    parser.add_argument('--time', default=None, help='Slurm time limit per job, e.g. 12:00:00 or minutes')
+    parser.add_argument('--gpus', type=int, default=None, help='GPUs per Slurm job')
+    parser.add_argument('--mem', default=None, help='memory per Slurm job, e.g. 32G')
+    parser.add_argument('--sbatch-extra', nargs='*', default=[], metavar='KEY=VALUE', help='more sbatch options')
+
+
+def check_engine(backend: str, workers: int, threads: int) -> None:
+    """AuditError (one line) for an unknown backend or fewer than one worker or thread."""
+    if backend not in BACKENDS:
+        raise AuditError(f'--backend {backend!r}: unknown backend (choose from {", ".join(BACKENDS)})')
+    if workers < 1 or threads < 1:
+        raise AuditError(f'-w {workers} / --threads {threads}: must be at least 1')
+
+
+def engine_options(args) -> dict:
+    """backend, workers, threads and slurm (parse_slurm) from the parsed ``add_engine_arguments`` options; an
+    AuditError names a bad one."""
+    threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.workers))
+    check_engine(args.backend, args.workers, threads)
+    return {'backend': args.backend, 'workers': args.workers, 'threads': threads,
+            'slurm': parse_slurm(args.partition, args.time, args.gpus, args.mem, args.sbatch_extra)}
 
 
 def parse_slurm(partition=None, time=None, gpus=None, mem=None, sbatch_extra=()) -> dict:

@@ -65,10 +65,11 @@ def train_job(job_dir: str, out: str, dataset_id: int, configuration: str, seed:
     return {'model_folder': os.path.join(results, dataset, f'{trainer}__{plans}__{configuration}')}
 
 
-def train_progress(job_dir: str, total: Optional[int] = None) -> Optional[str]:
-    """'epoch k/N' from the nnU-Net log of a train job (N: the panel's victim epochs, if set), else None."""
+def train_progress(job_dir: str, total: Optional[int] = None, log_file: Optional[str] = None) -> Optional[str]:
+    """'epoch k/N' from the nnU-Net log of a train job (``log_file``, default the job's nnunet.log; N: the victims'
+    epochs, if known), else None."""
     try:
-        with open(_nnunet_log(job_dir), errors='replace') as f:
+        with open(log_file or _nnunet_log(job_dir), errors='replace') as f:
             text = f.read()[-200000:]
     except OSError:
         return None

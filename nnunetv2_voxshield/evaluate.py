@@ -9,6 +9,7 @@ Layout of OUT (everything private, the input datasets are only read):
   report.json, report.md, figure.png
 """
 import argparse
+import functools
 import json
 import os
 import re
@@ -20,6 +21,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from nnunetv2_voxshield import victims as V
+from nnunetv2_voxshield.audit_jobs import _safe, purify_job, train_progress
 from nnunetv2_voxshield.defences import defence_key, describe_defence, parse_defence, purify_dataset
 from nnunetv2_voxshield.dataset_io import write_json_atomic
 from nnunetv2_voxshield.report import (make_figure, markdown_report, quality_summary, summarise_seeds,
@@ -286,8 +288,13 @@ def evaluate(clean: str, protected: Union[str, Sequence[str]], output_dir: str, 
              disable_tta: bool = False, method_name: Union[str, Sequence[str], None] = None,
              figure_case: Optional[str] = None, verbose: bool = False,
              defence_configurations: Optional[Sequence[str]] = None,
-             reuse_from: Sequence[str] = (), defend_clean: bool = False) -> dict:
+             reuse_from: Sequence[str] = (), defend_clean: bool = False, backend: str = 'local', workers: int = 1,
+             threads: Optional[int] = None, slurm: Optional[dict] = None, stream=None) -> dict:
     """Run (or resume) every victim and write report.json, report.md and figure.png into ``output_dir``.
+
+    Every step (purify, plan/preprocess, each victim, each row's quality) is a job on the audit's engine
+    (``jobs.run_jobs``: ``workers`` local processes of ``threads`` CPU threads each, default the machine's cores
+    shared among the workers, or Slurm with ``slurm`` options); job folders and records in ``output_dir/jobs``.
 
     ``protected`` may name several protected copies of ``clean`` (one per method, ``method_name`` in the same
     order); they share the clean victims. Defences apply to each of them, in ``defence_configurations`` (default:
@@ -308,16 +315,28 @@ def evaluate(clean: str, protected: Union[str, Sequence[str]], output_dir: str, 
     configurations = list(dict.fromkeys(configurations))
     defence_configurations = check_defence_configurations(configurations, defence_configurations)
     reuse_from = check_reuse_folders(reuse_from)
+    threads = threads or max(1, (os.cpu_count() or 1) // max(1, workers))
+    from nnunetv2_voxshield.audit_inputs import AuditError, check_engine
+    try:
+        check_engine(backend, workers, threads)
+    except AuditError as e:
+        raise EvaluationError(str(e)) from None
 
     ws = Workspace(output_dir, clean_dir, protected_dirs)
     rows = evaluation_rows(clean_dir, protected_dirs, names, defence_keys, defend_clean)
-    make_row_datasets(ws, rows, clean_dir, protected_dirs, verbose)
+    purified = link_rows(ws, rows, clean_dir, protected_dirs)
     jobs = victim_jobs(rows, configurations, defence_configurations, seeds)
     reused = reuse_victims(ws, jobs, trainer, plans, cases, reuse_from)
-    prepare_victims(ws, rows, jobs, configurations, seeds, plans, device, verbose)
-    results = train_victims(ws, jobs, reused, trainer, plans, device, test_images, test_labels, cases, ending,
-                            ds_json, disable_tta, verbose)
-    quality = row_quality(ws, rows, clean_dir, ending)
+    done_before = {j for j in jobs if j not in reused and os.path.isfile(_scores_file(ws, *j))}
+    steps = evaluation_jobs(ws, rows, purified, jobs, reused, configurations, seeds, trainer, plans, device,
+                            test_images, test_labels, cases, ending, ds_json, disable_tta, clean_dir, threads)
+    from nnunetv2_voxshield.jobs import run_jobs
+    try:
+        records = run_jobs(steps, ws.out, backend=backend, workers=workers, slurm=slurm, stream=stream or sys.stderr)
+    except ValueError as e:
+        raise EvaluationError(str(e)) from None
+    results = collect_victims(ws, jobs, reused, done_before, records)
+    quality = row_quality(ws, rows)
     settings = {'clean': clean_dir,
                 'protected': protected_dirs if len(protected_dirs) != 1 else protected_dirs[0],
                 'test_images': test_images, 'test_labels': test_labels, 'configurations': configurations,
@@ -390,19 +409,19 @@ def evaluation_rows(clean_dir: str, protected_dirs: Sequence[str], names: Sequen
     return rows
 
 
-def make_row_datasets(ws: Workspace, rows: Sequence[tuple], clean_dir: str, protected_dirs: Sequence[str],
-                      verbose: bool) -> None:
-    """Step 1: each row's private raw dataset (links to the source, or its purified copy)."""
+def link_rows(ws: Workspace, rows: Sequence[tuple], clean_dir: str, protected_dirs: Sequence[str]) -> Dict[str, str]:
+    """Step 1: each unpurified row's private raw dataset (links to its source); {purified row: its source folder}
+    (their copies are jobs)."""
     bases = base_rows(clean_dir, protected_dirs)
+    purified = {}
     for row, _, _, spec in rows:
-        dst, source = ws.dataset_dir(row), bases[row.partition('+')[0]]
-        if os.path.isdir(dst):
-            continue
+        source = bases[row.partition('+')[0]]
+        ws.dataset_id(row)  # ids in row order
         if spec is None:
-            link_dataset(source, dst)
+            link_dataset(source, ws.dataset_dir(row))
         else:
-            _log(f'purifying {source} with {describe_defence(spec)} -> {dst}')
-            purify_dataset(source, dst, spec, verbose)
+            purified[row] = source
+    return purified
 
 
 def _scores_file(ws: Workspace, row: str, config: str, seed: int) -> str:
@@ -412,7 +431,7 @@ def _scores_file(ws: Workspace, row: str, config: str, seed: int) -> str:
 
 def reuse_victims(ws: Workspace, jobs: Sequence[tuple], trainer: str, plans: str, cases: Sequence[str],
                   reuse_from: Sequence[str]) -> dict:
-    """Step 2a: {job: scores} of the unfinished victims that an earlier evaluation folder already trained."""
+    """Step 2: {job: scores} of the unfinished victims that an earlier evaluation folder already trained."""
     reused = {}
     for job in jobs:
         if not os.path.isfile(_scores_file(ws, *job)):
@@ -422,33 +441,105 @@ def reuse_victims(ws: Workspace, jobs: Sequence[tuple], trainer: str, plans: str
     return reused
 
 
-def prepare_victims(ws: Workspace, rows: Sequence[tuple], jobs: Sequence[tuple], configurations: Sequence[str],
-                    seeds: Sequence[int], plans: str, device: str, verbose: bool) -> None:
-    """Step 2b: the victims' own plan/preprocess (+ plans preset), per row, for the configurations that still have
-    a victim to train; a marker file per configuration makes it run once."""
+# ---------------------------------------------------------------------- steps as jobs (jobs.run_jobs, picklable)
+def prepare_job(job_dir: str, env: Dict[str, str], dataset_id: int, configurations: Sequence[str], plans: str,
+                plans_file: str, marker_dir: str) -> dict:
+    """The victims' own plan/preprocess (+ plans preset) of one row; a marker file per configuration, written last."""
+    V.prepare(dataset_id, configurations, plans, env, os.path.join(marker_dir, 'prepare.log'), verbose=True)
+    available = json.load(open(plans_file))['configurations']
+    for c in configurations:
+        if c not in available:
+            raise EvaluationError(f'{plans_file}: configuration {c!r} not planned for this dataset; '
+                                  f'available: {", ".join(available)}')
+        write_atomic(os.path.join(marker_dir, f'.preprocessed_{c}'), '')
+    return {'configurations': list(configurations)}
+
+
+def victim_job(job_dir: str, vdir: str, env: Dict[str, str], dataset_id: int, config: str, seed: int, trainer: str,
+               plans: str, device: str, test_images: str, test_labels: str, cases: Sequence[str], ending: str,
+               dataset_json: dict, disable_tta: bool, row: str) -> dict:
+    """Train (or resume from checkpoint_latest.pth), predict and score one victim; scores.json is written last (the
+    finished marker) and an existing one is kept."""
+    scores_file = os.path.join(vdir, 'scores.json')
+    if not os.path.isfile(scores_file):
+        pred_dir = os.path.join(vdir, 'predictions')
+        shutil.rmtree(pred_dir, ignore_errors=True)
+        V.train_and_predict(dataset_id, config, seed, trainer, plans, device, test_images, pred_dir, env,
+                            os.path.join(vdir, 'victim.log'), disable_tta, verbose=True)
+        cases_scores = score_predictions(pred_dir, test_labels, cases, ending, dataset_json)
+        write_json_atomic({'row': row, 'configuration': config, 'seed': seed, 'trainer': trainer, 'plans': plans,
+                           'summary': summarise_victim(cases_scores), 'cases': cases_scores}, scores_file)
+    return json.load(open(scores_file))['summary']
+
+
+def quality_job(job_dir: str, clean_dir: str, row_dir: str, ending: str, out_file: str) -> dict:
+    """PSNR/SSIM of a row's training images against the clean ones, written to ``out_file`` (kept if present)."""
+    if not os.path.isfile(out_file):
+        write_json_atomic(image_quality(clean_dir, row_dir, ending), out_file)
+    return json.load(open(out_file))['summary']
+
+
+def trainer_epochs(trainer: str) -> Optional[int]:
+    """N of a stock ``nnUNetTrainer_<N>epochs`` / ``_1epoch`` name (None for another trainer)."""
+    m = re.fullmatch(r'nnUNetTrainer_(\d+)epochs?', trainer)
+    return int(m.group(1)) if m else None
+
+
+def evaluation_jobs(ws: Workspace, rows: Sequence[tuple], purified: Dict[str, str], jobs: Sequence[tuple],
+                    reused: dict, configurations: Sequence[str], seeds: Sequence[int], trainer: str, plans: str,
+                    device: str, test_images: str, test_labels: str, cases: Sequence[str], ending: str,
+                    dataset_json: dict, disable_tta: bool, clean_dir: str, threads: int) -> list:
+    """Steps 3-5 as a DAG for jobs.run_jobs: purify (a purified row's copy) -> prepare (per row, the configurations
+    still to train) -> one victim job per (row, configuration, seed) not finished or reused; a quality job per
+    non-clean row. Job names carry the row, so two evaluations of one OUT share (and never repeat) a step."""
+    from nnunetv2_voxshield.jobs import Job
+    gpus = 1 if device == 'cuda' else 0
+    todo = [j for j in jobs if j not in reused and not os.path.isfile(_scores_file(ws, *j))]
+    out: List[Job] = []
     for row, *_ in rows:
-        did = ws.dataset_id(row)
+        row_deps = []
+        if row in purified:
+            out.append(Job(f'purify_{_safe(row)}', purify_job, (purified[row], ws.dataset_dir(row),
+                                                                 rows_spec(rows, row)), kind='purify'))
+            row_deps = [out[-1].name]
         marker_dir = os.path.join(ws.out, 'victims', row)
-        row_configurations = [c for c in configurations if any(
-            (row, c, s) in jobs and not os.path.isfile(_scores_file(ws, row, c, s)) for s in seeds)]
-        todo = [c for c in row_configurations if not os.path.isfile(os.path.join(marker_dir, f'.preprocessed_{c}'))]
-        if not todo:
-            continue
-        _log(f'[{row}] plan and preprocess (dataset {did}, {" ".join(todo)}, {plans}) ...')
-        V.prepare(did, todo, plans, ws.env(seeds[0], device), os.path.join(marker_dir, 'prepare.log'), verbose)
-        plans_file = os.path.join(ws.preprocessed, os.path.basename(ws.dataset_dir(row)), f'{plans}.json')
-        available = json.load(open(plans_file))['configurations']
-        for c in todo:
-            if c not in available:
-                raise EvaluationError(f'{plans_file}: configuration {c!r} not planned for this dataset; '
-                                      f'available: {", ".join(available)}')
-            write_atomic(os.path.join(marker_dir, f'.preprocessed_{c}'), '')
+        need = [c for c in configurations if any(j[:2] == (row, c) for j in todo)
+                and not os.path.isfile(os.path.join(marker_dir, f'.preprocessed_{c}'))]
+        victim_deps = list(row_deps)
+        if need:
+            plans_file = os.path.join(ws.preprocessed, os.path.basename(ws.dataset_dir(row)), f'{plans}.json')
+            out.append(Job(f'prepare_{_safe(row)}_{"+".join(need)}', prepare_job,
+                           (ws.env(seeds[0], device), ws.dataset_id(row), need, plans, plans_file, marker_dir),
+                           deps=row_deps, kind='plan', threads=threads))
+            victim_deps = [out[-1].name]
+        for (r, c, s) in todo:
+            if r == row:
+                vdir = ws.victim_dir(r, c, s)
+                out.append(Job(f'victim_{_safe(r)}_{c}_s{s}', victim_job,
+                               (vdir, ws.env(s, device), ws.dataset_id(r), c, s, trainer, plans, device, test_images,
+                                test_labels, list(cases), ending, dataset_json, disable_tta, r),
+                               deps=victim_deps, kind='train', threads=threads, gpus=gpus,
+                               progress=functools.partial(train_progress, log_file=os.path.join(vdir, 'victim.log'),
+                                                          total=trainer_epochs(trainer))))
+        if row != 'clean':
+            out.append(Job(f'quality_{_safe(row)}', quality_job,
+                           (clean_dir, ws.dataset_dir(row), ending, os.path.join(ws.out, 'quality', f'{row}.json')),
+                           deps=row_deps, kind='quality'))
+    return out
 
 
-def train_victims(ws: Workspace, jobs: Sequence[tuple], reused: dict, trainer: str, plans: str, device: str,
-                  test_images: str, test_labels: str, cases: Sequence[str], ending: str, dataset_json: dict,
-                  disable_tta: bool, verbose: bool) -> dict:
-    """Step 3: {job: scores} of every victim: reused, finished before, or trained and scored now."""
+def rows_spec(rows: Sequence[tuple], row: str) -> Optional[str]:
+    """The defence spec of ``row`` among the evaluation's rows."""
+    return {r: spec for r, _, _, spec in rows}[row]
+
+
+def collect_victims(ws: Workspace, jobs: Sequence[tuple], reused: dict, done_before: set, records: dict) -> dict:
+    """{job: scores} of every victim after the run, one line each (reused / done before / trained now); an
+    EvaluationError naming every job that did not finish (its log), after the others have finished."""
+    bad = [r for r in records.values() if r.state != 'done']
+    if bad:
+        raise EvaluationError(f'{len(bad)} of {len(records)} jobs did not finish: ' + '; '.join(
+            f'{r.name} {r.state} ({r.error}; log {r.log})' for r in bad) + '; rerun the same command to resume')
     results = {}
     for i, (row, c, s) in enumerate(jobs, 1):
         tag = f'[{i}/{len(jobs)}] {row} {c} seed {s}'
@@ -457,29 +548,20 @@ def train_victims(ws: Workspace, jobs: Sequence[tuple], reused: dict, trainer: s
             _log(f'{tag}: reused {reused[(row, c, s)]["reused_from"]}: '
                  f'DSC {reused[(row, c, s)]["summary"]["dice"]:.4f}')
             continue
-        if os.path.isfile(_scores_file(ws, row, c, s)):
-            results[(row, c, s)] = json.load(open(_scores_file(ws, row, c, s)))
-            _log(f'{tag}: done before, skipped')
-            continue
-        _log(f'{tag}: training {trainer} ({plans}, fold all) and predicting {len(cases)} test cases ...')
-        t0 = time.time()
-        results[(row, c, s)] = run_victim(ws, row, c, s, trainer, plans, device, test_images, test_labels, cases,
-                                          ending, dataset_json, disable_tta, verbose)
+        results[(row, c, s)] = json.load(open(_scores_file(ws, row, c, s)))
         summ = results[(row, c, s)]['summary']
-        _log(f'{tag}: DSC {summ["dice"]:.4f}, HD95 {summ["hd95_mm"]:.2f} mm ({time.time() - t0:.0f} s)')
+        if (row, c, s) in done_before:
+            _log(f'{tag}: done before, skipped')
+        else:
+            record = records.get(f'victim_{_safe(row)}_{c}_s{s}')
+            took = f' ({record.seconds:.0f} s)' if record is not None and record.seconds else ''
+            _log(f'{tag}: DSC {summ["dice"]:.4f}, HD95 {summ["hd95_mm"]:.2f} mm{took}')
     return results
 
 
-def row_quality(ws: Workspace, rows: Sequence[tuple], clean_dir: str, ending: str) -> dict:
-    """Step 4: {row: PSNR/SSIM summary} of each non-clean row's training images against the clean ones (cached)."""
-    quality = {}
-    for row, *_ in rows[1:]:
-        qfile = os.path.join(ws.out, 'quality', f'{row}.json')
-        if not os.path.isfile(qfile):
-            _log(f'[{row}] PSNR/SSIM against the clean training images')
-            write_json_atomic(image_quality(clean_dir, ws.dataset_dir(row), ending), qfile)
-        quality[row] = json.load(open(qfile))['summary']
-    return quality
+def row_quality(ws: Workspace, rows: Sequence[tuple]) -> dict:
+    """{row: PSNR/SSIM summary} of each non-clean row (written by its quality job)."""
+    return {row: json.load(open(os.path.join(ws.out, 'quality', f'{row}.json')))['summary'] for row, *_ in rows[1:]}
 
 
 def build_report(ws: Workspace, rows: Sequence[tuple], jobs: Sequence[tuple], results: dict, quality: dict,
@@ -530,8 +612,9 @@ def evaluate_entry():
     parser = argparse.ArgumentParser(
         description='Train stock nnU-Net victims on a clean dataset, its protected copy and purified copies, and '
                     'score them on clean held-out cases (Dice, HD95) plus PSNR/SSIM of the protected data. '
-                    'Rerunning with the same -o resumes: finished victims are not retrained. Runs its victims one after '
-                    'another; voxshield_audit runs the same victims as parallel or Slurm jobs and gives a verdict. '
+                    'Rerunning with the same -o resumes: finished victims are not retrained, a killed one continues from '
+                    'its checkpoint. Every step is a job on the audit\'s engine (-w local workers or --backend slurm); '
+                    'voxshield_audit runs a whole exploiter panel and gives a verdict. '
                     'Reads the --clean and --protected raw dataset folders (ids and names looked up in $nnUNet_raw), '
                     'the held-out cases (--test-images / --test-labels, default imagesTs / labelsTs of --clean) and '
                     'the --reuse folders; the inputs are never modified. Writes only into -o: private nnUNet_raw/ '
@@ -573,11 +656,18 @@ def evaluate_entry():
                              'datasets\' names')
     parser.add_argument('--figure-case', default=None, help='training case shown in figure.png. Default: the first')
     parser.add_argument('--verbose', action='store_true', help='echo the nnU-Net output')
+    from nnunetv2_voxshield.audit_inputs import AuditError, add_engine_arguments, engine_options
+    add_engine_arguments(parser, threads_default=None)
     args = parser.parse_args()
     try:
+        try:
+            engine = engine_options(args)
+        except AuditError as e:
+            raise EvaluationError(str(e)) from None
         evaluate(args.clean, args.protected, args.o, args.test_images, args.test_labels, args.c, args.p,
                  args.epochs, args.tr, args.seeds, args.defence, args.device, args.disable_tta, args.method_name,
-                 args.figure_case, args.verbose, args.defence_c, args.reuse, args.defend_clean)
+                 args.figure_case, args.verbose, args.defence_c, args.reuse, args.defend_clean, engine['backend'],
+                 engine['workers'], engine['threads'], engine['slurm'])
     except (EvaluationError, V.VictimError, OSError) as e:
         sys.exit(f'voxshield_evaluate: error: {e}')
     except KeyboardInterrupt:

@@ -4,7 +4,9 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 
 REPO = Path(__file__).resolve().parents[1]
 HIPPOCAMPUS = Path(os.environ.get('VOXSHIELD_HIPPOCAMPUS',
@@ -17,6 +19,7 @@ requires_hippocampus = pytest.mark.requires_hippocampus
 requires_acdc = pytest.mark.requires_acdc
 DATA = {'requires_hippocampus': (HIPPOCAMPUS, 'VOXSHIELD_HIPPOCAMPUS'), 'requires_acdc': (ACDC, 'VOXSHIELD_ACDC')}
 DATA_FIXTURES = ('planned_hippocampus', 'hippocampus_env')
+DATA_KEYWORD = 'voxshield_data_test'  # set on data tests at collection; their reports carry it
 
 # CPU-friendly nnU-Net settings for every test (and the subprocesses they start)
 os.environ.setdefault('nnUNet_n_proc_DA', '0')
@@ -24,22 +27,59 @@ os.environ.setdefault('nnUNet_def_n_proc', '1')
 os.environ.setdefault('nnUNet_compile', 'false')
 os.environ.setdefault('OMP_NUM_THREADS', '2')
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # busy-waiting OpenMP threads crawl on a loaded 2-core machine
+# Under pytest-xdist (setup.cfg: -n 2, one worker per core) each worker and everything it starts uses one thread.
+# Forced, not defaulted: the workers inherit the controller's environment, where the line above already set 2.
+XDIST_WORKER = os.environ.get('PYTEST_XDIST_WORKER', '')
+if XDIST_WORKER:
+    os.environ['OMP_NUM_THREADS'] = '1'
+    os.environ['VOXSHIELD_TORCH_THREADS'] = '1'
 
 
 def under_ci() -> bool:
     return os.environ.get('CI', '').strip().lower() in ('1', 'true', 'yes')
 
 
+def pytest_addoption(parser, pluginmanager):
+    """With ``-p no:xdist`` (or without pytest-xdist installed) setup.cfg's ``--numprocesses=2 --dist=loadgroup``
+    are accepted and mean what ``-n 0`` means: one process."""
+    if not pluginmanager.has_plugin('xdist'):
+        group = parser.getgroup('xdist', 'pytest-xdist is disabled: these options are ignored')
+        group.addoption('--numprocesses', dest='numprocesses', default=None, help='ignored without xdist')
+        group.addoption('--dist', dest='dist', default='no', help='ignored without xdist')
+
+
 def pytest_configure(config):
     for marker, (folder, variable) in DATA.items():
         config.addinivalue_line('markers', f'{marker}: needs {folder.name} (${variable}); skipped without it, '
                                            f'failed under CI=true')
+    if not config.pluginmanager.has_plugin('xdist'):
+        config.addinivalue_line('markers', 'xdist_group(name): runs on one pytest-xdist worker with its group')
     config.pluginmanager.register(DataTestCount(), 'voxshield_data_test_count')
 
 
 def is_data_test(item) -> bool:
     return any(item.get_closest_marker(m) for m in DATA) or \
         any(f in getattr(item, 'fixturenames', ()) for f in DATA_FIXTURES)
+
+
+def module_fixture_module(item) -> str:
+    """The test module's name if the test uses a module-scoped fixture (its own or conftest's), else ''."""
+    defs = getattr(getattr(item, '_fixtureinfo', None), 'name2fixturedefs', {})
+    return item.module.__name__ if any(d and d[-1].scope == 'module' for d in defs.values()) else ''
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks
+def pytest_collection_modifyitems(items):
+    """Runs in each process that collects (xdist's workers, or the only process). Data tests get the keyword
+    DATA_KEYWORD, which their reports carry to xdist's controller (DataTestCount counts there). Under
+    ``--dist loadgroup`` the tests that share a module-scoped fixture (a planned dataset, a trained model) form one
+    xdist_group, so the fixture is built once, on one worker; explicit xdist_group marks (the Slurm tests) win."""
+    for item in items:
+        if is_data_test(item):
+            item.keywords[DATA_KEYWORD] = True
+        module = module_fixture_module(item)
+        if module and not item.get_closest_marker('xdist_group'):
+            item.add_marker(pytest.mark.xdist_group(module))
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -53,17 +93,15 @@ def pytest_runtest_setup(item):
 
 
 class DataTestCount:
-    """Counts the collected tests of real data that ran and that were skipped; says so before pytest's own closing
-    line ("data tests: N ran, M skipped (...)")."""
+    """Counts the tests of real data that ran and that were skipped; says so before pytest's own closing line
+    ("data tests: N ran, M skipped (...)"). Counts reports (keyword DATA_KEYWORD), so under pytest-xdist the
+    controller, which collects nothing itself, counts the reports its workers send."""
 
     def __init__(self):
-        self.data, self.ran, self.skipped, self.errors = set(), set(), set(), set()
-
-    def pytest_collection_modifyitems(self, items):
-        self.data = {item.nodeid for item in items if is_data_test(item)}
+        self.ran, self.skipped, self.errors = set(), set(), set()
 
     def pytest_runtest_logreport(self, report):
-        if report.nodeid in self.data:
+        if DATA_KEYWORD in report.keywords:
             if report.when == 'call':
                 self.ran.add(report.nodeid)
             elif report.skipped:
@@ -227,3 +265,31 @@ def hippocampus_env(planned_hippocampus, tmp_path, monkeypatch):
     monkeypatch.setenv('nnUNet_preprocessed', str(planned_hippocampus['nnUNet_preprocessed']))
     monkeypatch.setenv('nnUNet_results', str(results))
     return {**planned_hippocampus, 'nnUNet_results': results}
+
+
+def perturbed_copy(src: Path, dst: Path, amplitude: float = 40.0, seed: int = 0) -> Path:
+    """The training cases of ``src`` with a fixed +-amplitude offset per label (a learnable shortcut)."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns('*Ts'))
+    rng = np.random.default_rng(seed)
+    for f in sorted((dst / 'imagesTr').glob('*.nii.gz')):
+        image = sitk.ReadImage(str(f))
+        a = sitk.GetArrayFromImage(image).astype(np.float64)
+        lab = sitk.GetArrayFromImage(sitk.ReadImage(str(dst / 'labelsTr' / f.name.replace('_0000', ''))))
+        a += np.where(lab == 1, amplitude, np.where(lab == 2, -amplitude, 0)) + rng.normal(0, 1, a.shape)
+        info = np.iinfo(sitk.GetArrayFromImage(image).dtype) if sitk.GetArrayFromImage(image).dtype.kind in 'iu' \
+            else None
+        out = np.clip(a, info.min, info.max) if info else a
+        o = sitk.GetImageFromArray(out.astype(sitk.GetArrayFromImage(image).dtype))
+        o.CopyInformation(image)
+        sitk.WriteImage(o, str(f), True)
+    return dst
+
+
+@pytest.fixture
+def phantom_pair(nnunet_dirs):
+    """Dataset101_Clean (the phantom: 6 training, 2 test cases) and Dataset102_Protected (perturbed_copy of it)."""
+    from nnunetv2_voxshield.phantom import write_phantom_dataset
+    raw = nnunet_dirs['nnUNet_raw']
+    clean = Path(write_phantom_dataset(101, 'Clean', n_cases=6, n_test=2, raw_root=str(raw)))
+    protected = perturbed_copy(clean, raw / 'Dataset102_Protected')
+    return clean, protected

@@ -11,7 +11,6 @@ import SimpleITK as sitk
 
 from nnunetv2_voxshield.audit import audit_entry, check_no_overlap, patient_of, AuditError, parse_slurm
 from nnunetv2_voxshield.panel import PanelError, build_panel, parse_exploiter
-from nnunetv2_voxshield.phantom import write_phantom_dataset
 from nnunetv2_voxshield.verdict import bootstrap_ratio, classify, rule_ratio, seed_ratio, verdict_line
 
 
@@ -148,32 +147,6 @@ def test_evaluate_resolves_dataset_ids_through_nnunets_lookup(tmp_path, monkeypa
 
 
 # ----------------------------------------------------------------------------------------- inputs on the phantom
-def _perturbed_copy(src: Path, dst: Path, amplitude: float = 40.0, seed: int = 0) -> Path:
-    """The training cases of ``src`` with a fixed +-amplitude offset per label (a learnable shortcut)."""
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns('*Ts'))
-    rng = np.random.default_rng(seed)
-    for f in sorted((dst / 'imagesTr').glob('*.nii.gz')):
-        image = sitk.ReadImage(str(f))
-        a = sitk.GetArrayFromImage(image).astype(np.float64)
-        lab = sitk.GetArrayFromImage(sitk.ReadImage(str(dst / 'labelsTr' / f.name.replace('_0000', ''))))
-        a += np.where(lab == 1, amplitude, np.where(lab == 2, -amplitude, 0)) + rng.normal(0, 1, a.shape)
-        info = np.iinfo(sitk.GetArrayFromImage(image).dtype) if sitk.GetArrayFromImage(image).dtype.kind in 'iu' \
-            else None
-        out = np.clip(a, info.min, info.max) if info else a
-        o = sitk.GetImageFromArray(out.astype(sitk.GetArrayFromImage(image).dtype))
-        o.CopyInformation(image)
-        sitk.WriteImage(o, str(f), True)
-    return dst
-
-
-@pytest.fixture
-def phantom_pair(nnunet_dirs):
-    raw = nnunet_dirs['nnUNet_raw']
-    clean = Path(write_phantom_dataset(101, 'Clean', n_cases=6, n_test=2, raw_root=str(raw)))
-    protected = _perturbed_copy(clean, raw / 'Dataset102_Protected')
-    return clean, protected
-
-
 def _refused(argv, capsys, message):
     with pytest.raises(SystemExit) as e:
         audit_entry(argv)

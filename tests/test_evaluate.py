@@ -259,3 +259,49 @@ def test_row_source_names_the_training_data_of_a_row():
     assert row_source(state, 'protected') is None  # ambiguous with two protected copies
     assert row_source(state, 'protected3') is None and row_source(state, 'figure') is None
     assert row_source({'clean': '/c', 'protected': ['/p']}, 'protected') == ('/p', None)
+
+@pytest.mark.slow
+def test_evaluate_runs_its_victims_as_jobs(phantom_pair, tmp_path, test_trainers_env, capsys):
+    """voxshield_evaluate on the audit's engine (phantom, tiny victims, 2 local workers): every step is a job with a
+    record; a failing victim is reported with its log while the others finish; rerun resumes without repeating."""
+    clean, protected = phantom_pair
+    kwargs = dict(plans='nnUNetPlans_cpu', disable_tta=True, workers=2, threads=1)
+    # one victim fails (the trainer refuses the protected row): named with its log, the clean victim still finishes
+    out = tmp_path / 'FAIL'
+    with pytest.raises(EvaluationError, match=r'1 of 5 jobs did not finish: victim_protected_3d_fullres_s0 failed'):
+        evaluate('101', '102', str(out), trainer='nnUNetTrainer_tinyFailsOnProtected', **kwargs)
+    failed = json.loads((out / 'jobs' / 'victim_protected_3d_fullres_s0' / 'failed.json').read_text())
+    assert 'refuses protected data' in ''.join(failed['log_tail'])
+    assert (out / 'victims' / 'clean' / '3d_fullres' / 'seed_0' / 'scores.json').is_file()
+    assert not (out / 'victims' / 'protected' / '3d_fullres' / 'seed_0' / 'scores.json').exists()
+    assert not (out / 'report.json').exists()
+
+    out = tmp_path / 'OUT'
+    report = evaluate('101', '102', str(out), trainer='nnUNetTrainer_tiny', seeds=(0, 1), **kwargs)
+    names = sorted(p.name for p in (out / 'jobs').iterdir())
+    assert names == ['prepare_clean_3d_fullres', 'prepare_protected_3d_fullres', 'quality_protected',
+                     'victim_clean_3d_fullres_s0', 'victim_clean_3d_fullres_s1', 'victim_protected_3d_fullres_s0',
+                     'victim_protected_3d_fullres_s1']
+    for row in ('clean', 'protected'):
+        per_seed = report['rows'][['clean', 'protected'].index(row)]['per_seed']['3d_fullres']
+        for s in (0, 1):
+            done = json.loads((out / 'jobs' / f'victim_{row}_3d_fullres_s{s}' / 'done.json').read_text())
+            scores = json.loads((out / 'victims' / row / '3d_fullres' / f'seed_{s}' / 'scores.json').read_text())
+            assert done['result'] == scores['summary'] == per_seed[str(s)] and len(scores['cases']) == 2
+            assert 0.0 <= scores['summary']['dice'] <= 1.0 and scores['trainer'] == 'nnUNetTrainer_tiny'
+    assert 10 < report['rows'][1]['quality']['psnr']['mean'] < 80
+    # rerun: nothing runs again, every victim is 'done before'
+    stamps = {p: p.stat().st_mtime_ns for p in (out / 'jobs').glob('*/done.json')}
+    capsys.readouterr()
+    again = evaluate('101', '102', str(out), trainer='nnUNetTrainer_tiny', seeds=(0, 1), **kwargs)
+    captured = capsys.readouterr()
+    assert captured.out.count('done before, skipped') == 4
+    assert {p: p.stat().st_mtime_ns for p in (out / 'jobs').glob('*/done.json')} == stamps
+    assert [r['victims'] for r in again['rows']] == [r['victims'] for r in report['rows']]
+    # a bad backend or worker count is one line, before anything is written
+    for extra, message in ((['--backend', 'pbs'], "--backend 'pbs': unknown backend"),
+                           (['-w', '0'], 'must be at least 1')):
+        res = subprocess.run([sys.executable, '-m', 'nnunetv2_voxshield.evaluate', '--clean', '101', '--protected',
+                              '102', '-o', str(tmp_path / 'o4')] + extra, capture_output=True, text=True)
+        assert res.returncode != 0 and res.stderr.startswith('voxshield_evaluate: error:') and message in res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / 'o4').exists()

@@ -208,7 +208,7 @@ def test_cells_are_jobs_of_one_dag_without_locks(tmp_path):
                                                                   'checkerboard:clean=0.25@10/255']
     ids = {'offset_eps16_255': 100, 'checkerboard_eps10_255': 101, 'checkerboard-clean0.25_eps10_255': 102}
     args = Namespace(configuration='3d_fullres', victim_plans='nnUNetPlans_cpu', defences=['blur'], seeds=[0, 1],
-                     protector_epochs=5, victim_epochs=5)
+                     protector_epochs=5, victim_epochs=5, threads=2)
     victims = tmp_path / 'victims'
     jobs, scores, panel = pmap.map_jobs(cells, roots, {}, clean, args, ids, victims, 'nnUNetTrainer_5epochs', 'stock',
                                         {'train': cases, 'test': []})
@@ -221,6 +221,7 @@ def test_cells_are_jobs_of_one_dag_without_locks(tmp_path):
     train = [n for n in by if n.startswith('train_')]
     assert len(train) == 6 * 2  # rows clean, 2 copies, clean+blur, 2 purified copies; 2 seeds each
     assert len([n for n in train if n.startswith('train_clean_')]) == 2  # one clean victim per seed, for all cells
+    assert {by[n].threads for n in train + ['plan', 'protect_offset_eps16_255']} == {2}  # --threads per job
     target = os.readlink(next(p for p in (victims / 'nnUNet_raw').iterdir() if p.name.endswith('_offset_eps16_255')))
     assert target == str(roots['nnUNet_raw'] / 'Dataset100_Hippocampus_offset_eps16_255')
     assert not list(tmp_path.rglob('*.lock'))
