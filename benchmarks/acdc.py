@@ -11,7 +11,11 @@ prediction row with the same method and eps (its dataset.json's ``voxshield`` en
 predictions file. Per configuration and cell: seed-paired Dice / clean (``verdict.seed_ratio``), a 95% bootstrap
 interval over test cases and seeds (``verdict.bootstrap_ratio``), per-label Dice, and the prediction beside it.
 The refit (``--hippocampus-rule``, the Hippocampus fit's JSON) fits one logistic in ROI PSNR to the Hippocampus
-family's per-seed points plus ACDC's stock 3d_fullres points, and ACDC's points alone where there are two PSNRs.
+family's per-seed points plus the class-coded offsets' points of one ACDC victim (``--refit-config``; conv and random
+copies are shown against the rule, not fitted), and ACDC's points alone where there are two PSNRs.
+``--keep`` an earlier results file: its configurations that the folders do not have are carried over (with their
+provenance); for those the folders do have, the earlier run's per-seed numbers are kept beside the new ones (a rerun
+of the same seed on the same code should reproduce them).
 """
 import argparse
 import datetime
@@ -23,6 +27,7 @@ import subprocess
 import sys
 from fractions import Fraction
 from pathlib import Path
+from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -99,15 +104,18 @@ def collect(outs: list, predictions: dict) -> dict:
     return result
 
 
-def refit(hippocampus_rule: dict, acdc_cells: list) -> dict:
-    """One logistic over Hippocampus's fitted per-seed points and ACDC's; ACDC's alone; the residual of each dataset's
-    points against the joint fit and against the Hippocampus fit."""
+def refit(hippocampus_rule: dict, acdc_cells: list, config: Optional[str] = None) -> dict:
+    """One logistic over Hippocampus's fitted per-seed points and ACDC's class-coded offsets (``acdc_cells`` of
+    victim ``config``); ACDC's alone; the residual of each dataset's points against the joint fit and the
+    Hippocampus fit."""
+    acdc_cells = [c for c in acdc_cells if c['cell'].startswith('offset')]
     hip = [(r['psnr_roi'], v) for r in hippocampus_rule['rows'] for v in r['ratio_per_seed']]
     acdc = [(c['psnr_roi'], v) for c in acdc_cells for v in c['ratio_per_seed'] if v is not None]
     rmse = lambda pts, a, b: math.sqrt(sum((float(logistic(x, a, b)) - y) ** 2 for x, y in pts) / len(pts))  # noqa
     h = hippocampus_rule['fit']
     out = {'hippocampus_fit': {'x50': h['x50'], 's': h['s'], 'rmse_hippocampus': rmse(hip, h['x50'], h['s'])},
-           'points': {'hippocampus': len(hip), 'acdc': len(acdc)}}
+           'points': {'hippocampus': len(hip), 'acdc': len(acdc)}, 'config': config,
+           'acdc_cells': [c['cell'] for c in acdc_cells]}
     if acdc:
         out['hippocampus_fit']['rmse_acdc'] = rmse(acdc, h['x50'], h['s'])
         x50, s = fit_logistic(*zip(*(hip + acdc)))
@@ -118,6 +126,30 @@ def refit(hippocampus_rule: dict, acdc_cells: list) -> dict:
     return out
 
 
+def keep_earlier(configs: dict, earlier_file: str) -> dict:
+    """Carry over the earlier file's configurations the folders lack; beside the others, the earlier run's per-seed
+    clean Dice and ratios ('earlier': {'clean': {seed: dice}, cell: {seed: ratio}}) for the seeds both have."""
+    earlier = json.loads(Path(earlier_file).read_text())
+    name = os.path.basename(earlier_file)
+    for config, v in earlier['configurations'].items():
+        if config not in configs:
+            configs[config] = {**v, 'carried_from': name, 'carried_provenance': earlier['provenance']}
+            continue
+        new = configs[config]
+        same = {'clean': {s: {'earlier': c['dice'], 'now': new['clean'][s]['dice']}
+                          for s, c in v['clean'].items() if s in new['clean']}}
+        now_cells = {c['cell']: c for c in new['cells']}
+        for c in v['cells']:
+            if c['cell'] in now_cells:
+                pairs = {str(s): {'earlier': r, 'now': rn} for s, r in zip(c['seeds'], c['ratio_per_seed'])
+                         for sn, rn in zip(now_cells[c['cell']]['seeds'], now_cells[c['cell']]['ratio_per_seed'])
+                         if sn == s}
+                if pairs:
+                    same[c['cell']] = pairs
+        new['earlier'] = {'file': name, 'commit': earlier['provenance']['commit'], **same}
+    return configs
+
+
 def main():
     parser = argparse.ArgumentParser(description='ACDC: victims of voxshield_evaluate folders beside the amplitude '
                                                  "rule's predictions; the rule refitted on both datasets. Reads the "
@@ -126,19 +158,25 @@ def main():
     parser.add_argument('--predictions', required=True, help='acdc_predictions_<date>.json (written before the runs)')
     parser.add_argument('--hippocampus-rule', default=str(HERE / 'results' / 'amplitude_rule_2026-12-02.json'))
     parser.add_argument('--command', required=True, help='the commands that made the folders (provenance)')
+    parser.add_argument('--keep', default=None, help='an earlier results file of this script (see the module doc)')
+    parser.add_argument('--refit-config', default=None, help='the victim whose offset cells join the refit. Default: '
+                                                             '"2d nnUNetTrainer_20epochs" if collected, else 3d_fullres')
     parser.add_argument('-o', required=True, help='results JSON to write')
     args = parser.parse_args()
     predictions = json.loads(Path(args.predictions).read_text())
     configs = collect(args.eval, predictions)
-    stock = (configs.get('3d_fullres') or {}).get('cells', [])
+    if args.keep:
+        configs = keep_earlier(configs, args.keep)
+    refit_config = args.refit_config or next(c for c in ('2d nnUNetTrainer_20epochs', '3d_fullres') if c in configs)
+    stock = (configs.get(refit_config) or {}).get('cells', [])
     commit = subprocess.check_output(['git', 'rev-parse', 'HEAD'], cwd=HERE, text=True).strip()
-    result = {'what': 'ACDC stock victims (nnUNetTrainer_5epochs, nnUNetPlans_cpu, fold all, no TTA) on the clean '
-                      'training volumes of benchmarks/acdc_split.json and on class-coded offset and class-wise '
-                      'convolution copies, scored on its 32 held-out volumes; each cell beside the prediction written '
-                      'before it ran.',
+    result = {'what': 'ACDC stock victims (nnUNetTrainer_<N>epochs as named per configuration, 5 if unnamed; '
+                      'nnUNetPlans_cpu, fold all, no TTA) on the clean training volumes of benchmarks/acdc_split.json '
+                      'and on class-coded offset, class-wise convolution and uniform random noise copies, scored on '
+                      'its 32 held-out volumes; each cell beside the prediction written before it ran.',
               'predictions_file': os.path.relpath(args.predictions, HERE.parent),
               'configurations': configs,
-              'refit': refit(json.loads(Path(args.hippocampus_rule).read_text()), stock),
+              'refit': refit(json.loads(Path(args.hippocampus_rule).read_text()), stock, refit_config),
               'provenance': {'command': args.command, 'commit': commit,
                              'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H:%MZ'),
                              'machine': f'{os.cpu_count()}-core CPU ({platform.machine()}), 24 GiB, no GPU'}}

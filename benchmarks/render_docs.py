@@ -489,9 +489,18 @@ def acdc_results(r: Results) -> Optional[str]:
     out = [data['what'], '', '![ACDC against the rule](figures/acdc_rule.png)', '']
     for config, v in data['configurations'].items():
         clean = v['clean']
+        carried = (f' Carried over from `{v["carried_from"]}` (commit {str(v["carried_provenance"]["commit"])[:7]}, '
+                   f'{v["carried_provenance"]["date"]}; its folders are gone).' if v.get('carried_from') else '')
         out.append(f'**{config}.** Clean victim Dice (mean over labels; RV / MYO / LV): ' + '; '.join(
             f'seed {s} {f2(c["dice"])} ({" / ".join(f2(x) for x in c["dice_per_label"].values())})'
-            for s, c in clean.items()) + '.')
+            for s, c in clean.items()) + '.' + carried)
+        if v.get('earlier'):
+            e = v['earlier']
+            pairs = [f'clean seed {s} Dice {x["earlier"]:.3f} -> {x["now"]:.3f}' for s, x in e['clean'].items()]
+            pairs += [f'{cell} seed {s} {small(x["earlier"])} -> {small(x["now"])}'
+                      for cell, seeds in e.items() if cell not in ('file', 'commit', 'clean') for s, x in seeds.items()]
+            out.append(f'Rerun of seeds measured before (`{e["file"]}`, commit {str(e["commit"])[:7]}; same code '
+                       f'path, fresh folders): ' + '; '.join(pairs) + '.')
         if v['cells']:
             body = [[c['cell'], f1(c['psnr_whole']), f1(c['psnr_roi']),
                      f'{small(c["predicted_ratio"])} [{small(c["predicted_ratio_range"][0])}-'
@@ -507,7 +516,8 @@ def acdc_results(r: Results) -> Optional[str]:
     lines = [f'Refit: the Hippocampus logistic (x50 {h["x50"]:.1f} dB, s {h["s"]:.2f} dB) has RMSE '
              f'{h["rmse_hippocampus"]:.3f} on its own {fit["points"]["hippocampus"]} per-seed points']
     if 'rmse_acdc' in h:
-        lines.append(f' and {h["rmse_acdc"]:.3f} on ACDC\'s {fit["points"]["acdc"]} (stock 3d_fullres)')
+        lines.append(f' and {h["rmse_acdc"]:.3f} on ACDC\'s {fit["points"]["acdc"]} (class-coded offsets, '
+                     f'{fit.get("config") or "3d_fullres"} victim)')
     if 'joint_fit' in fit:
         j = fit['joint_fit']
         lines.append(f'; one logistic over both: x50 {j["x50"]:.1f} dB, s {j["s"]:.2f} dB (RMSE Hippocampus '

@@ -74,13 +74,19 @@ def test_refit_on_points_of_one_logistic_recovers_it():
     hip_x = [10.0, 15.0, 20.0, 22.0, 25.0, 30.0, 35.0]
     rule = {'fit': {'x50': 22.0, 's': 3.0},
             'rows': [{'psnr_roi': x, 'ratio_per_seed': [float(logistic(x, 22.0, 3.0))]} for x in hip_x]}
-    acdc_cells = [{'psnr_roi': x, 'ratio_per_seed': [float(logistic(x, 22.0, 3.0))] * 2} for x in (14.0, 21.5, 29.0)]
-    out = acdc.refit(rule, acdc_cells)
-    assert out['points'] == {'hippocampus': 7, 'acdc': 6}
+    acdc_cells = [{'cell': f'offset:sign=levels@{e}/255', 'psnr_roi': x,
+                   'ratio_per_seed': [float(logistic(x, 22.0, 3.0))] * 2} for e, x in ((112, 14.0), (40, 21.5),
+                                                                                       (16, 29.0))]
+    off_rule = [{'cell': c, 'psnr_roi': 21.5, 'ratio_per_seed': [1.0, 1.0]} for c in ('random@60/255',
+                                                                                     'conv:strength=1.99')]
+    out = acdc.refit(rule, acdc_cells + off_rule, '2d')
+    assert out['points'] == {'hippocampus': 7, 'acdc': 6}  # conv and random are not codes: shown, not fitted
+    assert out['config'] == '2d' and len(out['acdc_cells']) == 3
     assert out['hippocampus_fit']['rmse_acdc'] == pytest.approx(0, abs=1e-9)
     assert out['joint_fit']['x50'] == pytest.approx(22.0, abs=1e-3)
     assert out['acdc_fit']['s'] == pytest.approx(3.0, abs=1e-2)
-    shifted = [{'psnr_roi': x, 'ratio_per_seed': [float(logistic(x, 30.0, 3.0))]} for x in (14.0, 21.5, 29.0)]
+    shifted = [{'cell': 'offset', 'psnr_roi': x, 'ratio_per_seed': [float(logistic(x, 30.0, 3.0))]}
+               for x in (14.0, 21.5, 29.0)]
     assert acdc.refit(rule, shifted)['hippocampus_fit']['rmse_acdc'] > 0.2
 
 
@@ -90,3 +96,19 @@ def test_another_victim_trainer_is_its_own_profile(tmp_path):
         data = json.loads(f.read_text())
         f.write_text(json.dumps({**data, 'trainer': 'nnUNetTrainer_20epochs'}))
     assert list(acdc.collect([str(out)], PREDICTIONS)) == ['3d_fullres nnUNetTrainer_20epochs']
+
+
+def test_keep_carries_over_missing_configurations_and_compares_shared_seeds(tmp_path):
+    out = eval_folder(tmp_path, 'k', [({'method': 'offset', 'eps': 16 / 255}, 0.72)])
+    configs = acdc.collect([str(out)], PREDICTIONS)
+    earlier = {'provenance': {'commit': 'abc', 'command': 'x', 'date': 'd', 'machine': 'm'}, 'configurations': {
+        '2d': {'clean': {'0': {'dice': 0.3}}, 'cells': []},
+        '3d_fullres': {'clean': {'0': {'dice': 0.81}, '5': {'dice': 0.5}},
+                       'cells': [{'cell': 'offset:sign=levels@16/255', 'seeds': [0], 'ratio_per_seed': [0.88]}]}}}
+    f = tmp_path / 'acdc_old.json'
+    f.write_text(json.dumps(earlier))
+    kept = acdc.keep_earlier(configs, str(f))
+    assert kept['2d']['carried_from'] == 'acdc_old.json' and kept['2d']['clean'] == {'0': {'dice': 0.3}}
+    e = kept['3d_fullres']['earlier']
+    assert e['clean'] == {'0': {'earlier': 0.81, 'now': pytest.approx(0.8)}}  # seed 5 was not rerun
+    assert e['offset:sign=levels@16/255'] == {'0': {'earlier': 0.88, 'now': pytest.approx(0.9)}}
