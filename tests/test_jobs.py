@@ -274,6 +274,7 @@ def slurm_cluster(tmp_path_factory):
 
 
 @requires_slurm
+@pytest.mark.xdist_group('slurm')  # one Slurm (and munged) per run, on one worker
 def test_slurm_backend_runs_dag_through_sbatch(tmp_path, slurm_cluster):
     """The same DAG through sbatch on a real one-node Slurm: results, records, a failure, resume."""
     jobs = number_dag(tmp_path) + [Job('x', fns.fail, ('boom',)), Job('y', fns.write_number, (1,), deps=('x',)),
@@ -294,6 +295,7 @@ def test_slurm_backend_runs_dag_through_sbatch(tmp_path, slurm_cluster):
 
 
 @requires_slurm
+@pytest.mark.xdist_group('slurm')  # one Slurm (and munged) per run, on one worker
 def test_slurm_preempted_job_requeues_and_resumes(tmp_path, slurm_cluster):
     """Slurm's preemption / time-limit signal (USR2) requeues the job through submitit's checkpoint protocol; the
     job's fn starts again and resumes from its partial state; the run reports it done, not failed."""
@@ -321,6 +323,7 @@ def test_slurm_preempted_job_requeues_and_resumes(tmp_path, slurm_cluster):
 
 
 @requires_slurm
+@pytest.mark.xdist_group('slurm')  # one Slurm (and munged) per run, on one worker
 def test_bad_slurm_options_refused_before_any_job(tmp_path):
     for options, message in (({'bogus': 1}, "slurm options ['bogus']: Parameter 'bogus' need to be prefixed"),
                              ({'timeout_min': 'abc'}, 'slurm options [\'timeout_min\']: Parameter "timeout_min"')):
