@@ -19,7 +19,7 @@ requires_hippocampus = pytest.mark.requires_hippocampus
 requires_acdc = pytest.mark.requires_acdc
 DATA = {'requires_hippocampus': (HIPPOCAMPUS, 'VOXSHIELD_HIPPOCAMPUS'), 'requires_acdc': (ACDC, 'VOXSHIELD_ACDC')}
 DATA_FIXTURES = ('planned_hippocampus', 'hippocampus_env')
-DATA_KEYWORD = 'voxshield_data_test'  # set on data tests at collection; their reports carry it
+DATA_MARK = 'voxshield_data_test'  # set by this conftest on every data test (marks or fixtures); reports carry it
 
 # CPU-friendly nnU-Net settings for every test (and the subprocesses they start)
 os.environ.setdefault('nnUNet_n_proc_DA', '0')
@@ -52,6 +52,8 @@ def pytest_configure(config):
     for marker, (folder, variable) in DATA.items():
         config.addinivalue_line('markers', f'{marker}: needs {folder.name} (${variable}); skipped without it, '
                                            f'failed under CI=true')
+    config.addinivalue_line('markers', f'{DATA_MARK}: set by tests/conftest.py on every test of real data (a data '
+                                       f'mark or fixture); counted in the summary; -m {DATA_MARK} selects them')
     if not config.pluginmanager.has_plugin('xdist'):
         config.addinivalue_line('markers', 'xdist_group(name): runs on one pytest-xdist worker with its group')
     config.pluginmanager.register(DataTestCount(), 'voxshield_data_test_count')
@@ -70,13 +72,13 @@ def module_fixture_module(item) -> str:
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks
 def pytest_collection_modifyitems(items):
-    """Runs in each process that collects (xdist's workers, or the only process). Data tests get the keyword
-    DATA_KEYWORD, which their reports carry to xdist's controller (DataTestCount counts there). Under
+    """Runs in each process that collects (xdist's workers, or the only process). Data tests get the mark DATA_MARK,
+    which their reports carry (as a keyword) to xdist's controller, where DataTestCount counts them. Under
     ``--dist loadgroup`` the tests that share a module-scoped fixture (a planned dataset, a trained model) form one
     xdist_group, so the fixture is built once, on one worker; explicit xdist_group marks (the Slurm tests) win."""
     for item in items:
         if is_data_test(item):
-            item.keywords[DATA_KEYWORD] = True
+            item.add_marker(DATA_MARK)
         module = module_fixture_module(item)
         if module and not item.get_closest_marker('xdist_group'):
             item.add_marker(pytest.mark.xdist_group(module))
@@ -94,14 +96,14 @@ def pytest_runtest_setup(item):
 
 class DataTestCount:
     """Counts the tests of real data that ran and that were skipped; says so before pytest's own closing line
-    ("data tests: N ran, M skipped (...)"). Counts reports (keyword DATA_KEYWORD), so under pytest-xdist the
+    ("data tests: N ran, M skipped (...)"). Counts reports (keyword DATA_MARK), so under pytest-xdist the
     controller, which collects nothing itself, counts the reports its workers send."""
 
     def __init__(self):
         self.ran, self.skipped, self.errors = set(), set(), set()
 
     def pytest_runtest_logreport(self, report):
-        if DATA_KEYWORD in report.keywords:
+        if DATA_MARK in report.keywords:
             if report.when == 'call':
                 self.ran.add(report.nodeid)
             elif report.skipped:
