@@ -139,13 +139,23 @@ def add_engine_arguments(parser, threads_default: Optional[int] = 1) -> None:
     parser.add_argument('--backend', default='local', help='local (default) or slurm')
     parser.add_argument('-w', '--workers', type=int, default=1, help='jobs at a time (local backend; Slurm: in '
                                                                      'flight)')
+    fallback = '$VOXSHIELD_TORCH_THREADS, else the cores / workers'
     parser.add_argument('--threads', type=int, default=threads_default,
-                        help=f'CPU threads per job. Default: {threads_default or "the cores / workers"}')
+                        help=f'CPU threads per job. Default: {threads_default or fallback}')
     parser.add_argument('--partition', default=None, help='Slurm partition')
     parser.add_argument('--time', default=None, help='Slurm time limit per job, e.g. 12:00:00 or minutes')
     parser.add_argument('--gpus', type=int, default=None, help='GPUs per Slurm job')
     parser.add_argument('--mem', default=None, help='memory per Slurm job, e.g. 32G')
     parser.add_argument('--sbatch-extra', nargs='*', default=[], metavar='KEY=VALUE', help='more sbatch options')
+
+
+def default_threads(workers: int) -> int:
+    """CPU threads per job when none are given: $VOXSHIELD_TORCH_THREADS if set (the project's per-lane setting),
+    else the machine's cores shared among the workers."""
+    env = os.environ.get('VOXSHIELD_TORCH_THREADS', '').strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
 def check_engine(backend: str, workers: int, threads: int) -> None:
@@ -159,7 +169,7 @@ def check_engine(backend: str, workers: int, threads: int) -> None:
 def engine_options(args) -> dict:
     """backend, workers, threads and slurm (parse_slurm) from the parsed ``add_engine_arguments`` options; an
     AuditError names a bad one."""
-    threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.workers))
+    threads = args.threads or default_threads(args.workers)
     check_engine(args.backend, args.workers, threads)
     return {'backend': args.backend, 'workers': args.workers, 'threads': threads,
             'slurm': parse_slurm(args.partition, args.time, args.gpus, args.mem, args.sbatch_extra)}

@@ -293,8 +293,8 @@ def evaluate(clean: str, protected: Union[str, Sequence[str]], output_dir: str, 
     """Run (or resume) every victim and write report.json, report.md and figure.png into ``output_dir``.
 
     Every step (purify, plan/preprocess, each victim, each row's quality) is a job on the audit's engine
-    (``jobs.run_jobs``: ``workers`` local processes of ``threads`` CPU threads each, default the machine's cores
-    shared among the workers, or Slurm with ``slurm`` options); job folders and records in ``output_dir/jobs``.
+    (``jobs.run_jobs``: ``workers`` local processes of ``threads`` CPU threads each, default $VOXSHIELD_TORCH_THREADS
+    or else the machine's cores shared among the workers, or Slurm with ``slurm`` options); job folders and records in ``output_dir/jobs``.
 
     ``protected`` may name several protected copies of ``clean`` (one per method, ``method_name`` in the same
     order); they share the clean victims. Defences apply to each of them, in ``defence_configurations`` (default:
@@ -315,8 +315,8 @@ def evaluate(clean: str, protected: Union[str, Sequence[str]], output_dir: str, 
     configurations = list(dict.fromkeys(configurations))
     defence_configurations = check_defence_configurations(configurations, defence_configurations)
     reuse_from = check_reuse_folders(reuse_from)
-    threads = threads or max(1, (os.cpu_count() or 1) // max(1, workers))
-    from nnunetv2_voxshield.audit_inputs import AuditError, check_engine
+    from nnunetv2_voxshield.audit_inputs import AuditError, check_engine, default_threads
+    threads = threads or default_threads(workers)
     try:
         check_engine(backend, workers, threads)
     except AuditError as e:

@@ -305,3 +305,12 @@ def test_evaluate_runs_its_victims_as_jobs(phantom_pair, tmp_path, test_trainers
                               '102', '-o', str(tmp_path / 'o4')] + extra, capture_output=True, text=True)
         assert res.returncode != 0 and res.stderr.startswith('voxshield_evaluate: error:') and message in res.stderr
         assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / 'o4').exists()
+
+
+def test_threads_per_job_default_to_the_lane_setting(monkeypatch):
+    from nnunetv2_voxshield.audit_inputs import default_threads
+    monkeypatch.setenv('VOXSHIELD_TORCH_THREADS', '1')
+    assert default_threads(1) == 1 and default_threads(4) == 1
+    monkeypatch.delenv('VOXSHIELD_TORCH_THREADS')
+    monkeypatch.setattr(os, 'cpu_count', lambda: 8)
+    assert default_threads(1) == 8 and default_threads(2) == 4 and default_threads(16) == 1
