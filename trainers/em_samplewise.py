@@ -26,19 +26,20 @@ from torch import autocast
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 
-from nnunetv2_voxshield.budget import DEFAULT_BUDGET_MODE, DEFAULT_EPS, DEFAULT_PERCENTILES, check_budget
+from nnunetv2_voxshield.budget import DEFAULT_BUDGET_MODE, DEFAULT_EPS, DEFAULT_PERCENTILES
 from nnunetv2_voxshield.case_budgets import budgets_from_preprocessed, compute_case_budgets, raw_dataset_folder_or_none
-from nnunetv2_voxshield.checkpoint import rng_state, save_atomic, set_rng_state, stock_entries
+from nnunetv2_voxshield.checkpoint import rng_state, save_atomic, stock_entries
 from nnunetv2_voxshield.diff_augment import augment_batch, differentiable
 from nnunetv2_voxshield.samplewise import METHOD, DeltaStore, case_bound, crop_loaders, full_case_bound, pgd_step
 from nnunetv2_voxshield.trainers.epochs import epoch_variant
 from nnunetv2_voxshield.trainers.eps_variants import budget_variant
+from nnunetv2_voxshield.trainers.protector import ProtectorTrainer
 from nnunetv2_voxshield.trainers.voxshield import NOT_WRITTEN
 
 LOG_KEYS = ('em_pgd_loss', 'em_delta_over_budget')
 
 
-class nnUNetTrainerEMSampleWise(nnUNetTrainer):
+class nnUNetTrainerEMSampleWise(ProtectorTrainer, nnUNetTrainer):
     """Sample-wise error-minimising noise (Huang et al. 2021): one delta per training case, min-min PGD against
     nnU-Net's network as surrogate (see the module docstring)."""
     method = METHOD
@@ -54,21 +55,13 @@ class nnUNetTrainerEMSampleWise(nnUNetTrainer):
     pgd_batches_per_cycle = 1
     stop_loss = -0.9                  # stop after an epoch whose mean surrogate loss (Dice + CE, >= -1) is below this
     delta_seed = 0                    # initial deltas U(-b, b), seeded by (delta_seed, case id)
-    checkpoint_every = 1              # epochs between checkpoint_latest.pth (stock: 50), what --c resumes from
+    log_keys = LOG_KEYS
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
-        try:
-            check_budget(self.eps, self.eps_abs, self.budget_mode)
-        except ValueError as e:
-            raise ValueError(f'{type(self).__name__}: {e}') from None
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.case_budgets = self.deltas = self.victim_transform = None
         self.em_iteration, self.em_stopped = 0, False
-        self.save_every = self.checkpoint_every
-        self.resume_rng_state = None
-        for key in LOG_KEYS:
-            self.logger.local_logger.my_fantastic_logging.setdefault(key, [])
 
     # ------------------------------------------------------------------ data: crops with their boxes, T in the step
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
@@ -267,15 +260,6 @@ class nnUNetTrainerEMSampleWise(nnUNetTrainer):
         self.case_budgets = state['case_budgets']
         self.em_iteration, self.em_stopped = int(state['iteration']), bool(state['stopped'])
         self.resume_rng_state = checkpoint.get('rng_state')
-
-    def on_train_epoch_start(self):
-        """After --c, the first epoch starts from the checkpoint's RNG states (as ``nnUNetTrainerVoxShield``): with
-        nnU-Net's loader in this process (nnUNet_n_proc_DA=0) it draws the crops and augmentations of an uninterrupted
-        run."""
-        if self.resume_rng_state is not None:
-            set_rng_state(self.resume_rng_state)
-        self.resume_rng_state = None
-        super().on_train_epoch_start()
 
 
 def _over_budget(delta: torch.Tensor, bound: torch.Tensor) -> float:

@@ -19,18 +19,19 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 
 from nnunetv2_voxshield.budget import (DEFAULT_BUDGET_MODE, DEFAULT_EPS, DEFAULT_PERCENTILES, bound_perturbation,
-                                       check_budget, roi_mask)
+                                       roi_mask)
 from nnunetv2_voxshield.case_budgets import budgets_from_preprocessed, compute_case_budgets, raw_dataset_folder_or_none
-from nnunetv2_voxshield.checkpoint import rng_state, save_atomic, set_rng_state, stock_entries
+from nnunetv2_voxshield.checkpoint import rng_state, save_atomic, stock_entries
 from nnunetv2_voxshield.distributed import unwrap, wrap_ddp
 from nnunetv2_voxshield.generator import NoiseGenerator, generator_kwargs_from_plans
 from nnunetv2_voxshield.losses import generator_objective, inter_slice_spectral_loss, spectral_divergence_loss
+from nnunetv2_voxshield.trainers.protector import ProtectorTrainer
 
 LOG_KEYS = ('voxshield_l_seg', 'voxshield_l_isc', 'voxshield_l_spd', 'voxshield_delta_over_budget')
 NOT_WRITTEN = 'checkpoint_best.pth'  # chosen by the surrogate's pseudo Dice, which says nothing about protection
 
 
-class nnUNetTrainerVoxShield(nnUNetTrainer):
+class nnUNetTrainerVoxShield(ProtectorTrainer, nnUNetTrainer):
     """VoxShield (Alg. 1): nnU-Net's network is the surrogate F_s, a noise generator G is trained alternately to
     minimise Eq. 6 (see the module docstring)."""
     method = 'voxshield'
@@ -48,23 +49,15 @@ class nnUNetTrainerVoxShield(nnUNetTrainer):
     roi_soft_edge = 0.0               # voxels
     generator_max_stages = 4
     generator_feature_divisor = 2
-    checkpoint_every = 1              # epochs between checkpoint_latest.pth (stock: 50), what --c resumes from
+    log_keys = LOG_KEYS
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
-        try:
-            check_budget(self.eps, self.eps_abs, self.budget_mode)
-        except ValueError as e:
-            raise ValueError(f'{type(self).__name__}: {e}') from None
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.generator = self.generator_optimizer = self.generator_grad_scaler = None
         self.generator_kwargs = None
         self.case_budgets = None
         self.voxshield_iteration = 0
-        self.save_every = self.checkpoint_every
-        self.resume_rng_state = None
-        for key in LOG_KEYS:
-            self.logger.local_logger.my_fantastic_logging.setdefault(key, [])
 
     def initialize(self):
         """As nnU-Net's, plus G (sized from the plans), its Adam optimiser and (CUDA) grad scaler."""
@@ -246,15 +239,6 @@ class nnUNetTrainerVoxShield(nnUNetTrainer):
         self.voxshield_iteration = state['iteration']
         self.case_budgets = state['case_budgets']
         self.resume_rng_state = checkpoint.get('rng_state')
-
-    def on_train_epoch_start(self):
-        """After --c, the first epoch starts from the checkpoint's RNG states, so that (with nnU-Net's loader in this
-        process, nnUNet_n_proc_DA=0) it draws the batches, augmentations and tile phases of an uninterrupted run. Not
-        under DDP: every rank would draw rank 0's batches."""
-        if self.resume_rng_state is not None and not self.is_ddp:
-            set_rng_state(self.resume_rng_state)
-        self.resume_rng_state = None
-        super().on_train_epoch_start()
 
 
 def _full_resolution(output):
