@@ -27,7 +27,6 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 
 from nnunetv2_voxshield.budget import DEFAULT_BUDGET_MODE, DEFAULT_EPS, DEFAULT_PERCENTILES
-from nnunetv2_voxshield.case_budgets import budgets_from_preprocessed, compute_case_budgets, raw_dataset_folder_or_none
 from nnunetv2_voxshield.checkpoint import rng_state, save_atomic, stock_entries
 from nnunetv2_voxshield.diff_augment import augment_batch, differentiable
 from nnunetv2_voxshield.samplewise import METHOD, DeltaStore, case_bound, crop_loaders, full_case_bound, pgd_step
@@ -113,17 +112,6 @@ class nnUNetTrainerEMSampleWise(ProtectorTrainer, nnUNetTrainer):
             self.case_budgets = self._compute_case_budgets()
         if self.deltas is None:
             self.deltas = self._initial_deltas()
-
-    def _compute_case_budgets(self) -> dict:
-        identifiers = self.dataset_class.get_identifiers(self.preprocessed_dataset_folder)
-        raw_folder = raw_dataset_folder_or_none(self.plans_manager.dataset_name)
-        if raw_folder is not None:
-            return compute_case_budgets(raw_folder, self.dataset_json, self.plans_manager, self.configuration_manager,
-                                        identifiers, self.eps, self.eps_abs, self.percentiles, self.budget_mode)
-        self.print_to_log_file('WARNING: nnUNet_raw dataset not found; budgets approximated from the '
-                               'preprocessed (normalised) images')
-        dataset = self.dataset_class(self.preprocessed_dataset_folder, identifiers)
-        return budgets_from_preprocessed(dataset, identifiers, self.eps, self.percentiles, self.budget_mode)
 
     def _initial_deltas(self) -> DeltaStore:
         """U(-b, b) over every training case of the fold, b from the whole case's labels (Huang et al.'s start)."""

@@ -2,6 +2,7 @@
 import torch
 
 from nnunetv2_voxshield.budget import check_budget
+from nnunetv2_voxshield.case_budgets import budgets_from_preprocessed, compute_case_budgets, raw_dataset_folder_or_none
 from nnunetv2_voxshield.checkpoint import set_rng_state
 
 
@@ -9,7 +10,7 @@ class ProtectorTrainer:
     """Mixin before nnUNetTrainer: the budget (``eps``, ``eps_abs``, ``budget_mode``) checked before nnU-Net's
     __init__ (a bad one fails at once, naming the class), checkpoint_latest.pth every ``checkpoint_every`` epochs,
     the trainer's own ``log_keys`` in nnU-Net's logger, and after --c the checkpoint's RNG states at the start of the
-    first epoch (``resume_rng_state``, set by the trainer's load_checkpoint)."""
+    first epoch (``resume_rng_state``, set by the trainer's load_checkpoint); each case's budget from its raw image."""
     checkpoint_every = 1              # epochs between checkpoint_latest.pth (stock: 50), what --c resumes from
     log_keys = ()
 
@@ -33,3 +34,16 @@ class ProtectorTrainer:
             set_rng_state(self.resume_rng_state)
         self.resume_rng_state = None
         super().on_train_epoch_start()
+
+    def _compute_case_budgets(self) -> dict:
+        """{case: budget} of the fold's training cases from their raw images (case_budgets.compute_case_budgets);
+        without the raw dataset, approximated from the preprocessed (normalised) images, with a warning."""
+        identifiers = self.dataset_class.get_identifiers(self.preprocessed_dataset_folder)
+        raw_folder = raw_dataset_folder_or_none(self.plans_manager.dataset_name)
+        if raw_folder is not None:
+            return compute_case_budgets(raw_folder, self.dataset_json, self.plans_manager, self.configuration_manager,
+                                        identifiers, self.eps, self.eps_abs, self.percentiles, self.budget_mode)
+        self.print_to_log_file('WARNING: nnUNet_raw dataset not found; budgets approximated from the '
+                               'preprocessed (normalised) images')
+        dataset = self.dataset_class(self.preprocessed_dataset_folder, identifiers)
+        return budgets_from_preprocessed(dataset, identifiers, self.eps, self.percentiles, self.budget_mode)

@@ -20,7 +20,6 @@ from nnunetv2.utilities.helpers import dummy_context
 
 from nnunetv2_voxshield.budget import (DEFAULT_BUDGET_MODE, DEFAULT_EPS, DEFAULT_PERCENTILES, bound_perturbation,
                                        roi_mask)
-from nnunetv2_voxshield.case_budgets import budgets_from_preprocessed, compute_case_budgets, raw_dataset_folder_or_none
 from nnunetv2_voxshield.checkpoint import rng_state, save_atomic, stock_entries
 from nnunetv2_voxshield.distributed import unwrap, wrap_ddp
 from nnunetv2_voxshield.generator import NoiseGenerator, generator_kwargs_from_plans
@@ -94,17 +93,6 @@ class nnUNetTrainerVoxShield(ProtectorTrainer, nnUNetTrainer):
                        f'labels); their perturbation is zero: {", ".join(empty[:5])}{" ..." if len(empty) > 5 else ""}')
             self.print_to_log_file(message)
             warnings.warn(message)
-
-    def _compute_case_budgets(self) -> dict:
-        identifiers = self.dataset_class.get_identifiers(self.preprocessed_dataset_folder)
-        raw_folder = raw_dataset_folder_or_none(self.plans_manager.dataset_name)
-        if raw_folder is not None:
-            return compute_case_budgets(raw_folder, self.dataset_json, self.plans_manager, self.configuration_manager,
-                                        identifiers, self.eps, self.eps_abs, self.percentiles, self.budget_mode)
-        self.print_to_log_file('WARNING: nnUNet_raw dataset not found; budgets approximated from the '
-                               'preprocessed (normalised) images')
-        dataset = self.dataset_class(self.preprocessed_dataset_folder, identifiers)
-        return budgets_from_preprocessed(dataset, identifiers, self.eps, self.percentiles, self.budget_mode)
 
     def _batch_eps(self, keys, like: torch.Tensor) -> torch.Tensor:
         """Per-sample, per-channel budget in normalised units, shaped (b, c, 1, ...)."""
