@@ -15,7 +15,6 @@ falls below ``stop_loss``, training ends after that epoch and nnU-Net writes che
 as the other protectors (``checkpoint.save_atomic``): nnU-Net's entries, the deltas and the RNG states in one dict
 written once, checkpoint_latest every epoch, no checkpoint_best (the surrogate's Dice says nothing about protection).
 """
-import os
 import sys
 from typing import List
 
@@ -27,13 +26,11 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 
 from nnunetv2_voxshield.budget import DEFAULT_BUDGET_MODE, DEFAULT_EPS, DEFAULT_PERCENTILES
-from nnunetv2_voxshield.checkpoint import rng_state, save_atomic, stock_entries
 from nnunetv2_voxshield.diff_augment import augment_batch, differentiable
 from nnunetv2_voxshield.samplewise import METHOD, DeltaStore, case_bound, crop_loaders, full_case_bound, pgd_step
 from nnunetv2_voxshield.trainers.epochs import epoch_variant
 from nnunetv2_voxshield.trainers.eps_variants import budget_variant
-from nnunetv2_voxshield.trainers.protector import ProtectorTrainer
-from nnunetv2_voxshield.trainers.voxshield import NOT_WRITTEN
+from nnunetv2_voxshield.trainers.protector import NOT_WRITTEN, ProtectorTrainer
 
 LOG_KEYS = ('em_pgd_loss', 'em_delta_over_budget')
 
@@ -225,16 +222,6 @@ class nnUNetTrainerEMSampleWise(ProtectorTrainer, nnUNetTrainer):
                 'pgd': {'steps': int(self.pgd_steps), 'step_fraction': float(self.pgd_step_fraction),
                         'surrogate_steps_per_cycle': int(self.surrogate_steps_per_cycle),
                         'pgd_batches_per_cycle': int(self.pgd_batches_per_cycle)}}
-
-    def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's entries, ``voxshield_state()`` (the deltas, ~250 MB for a real dataset) and the RNG states in one
-        dict, written once and atomically (``checkpoint.save_atomic``). No checkpoint_best.pth (``NOT_WRITTEN``)."""
-        if self.local_rank != 0 or os.path.basename(filename) == NOT_WRITTEN:
-            return
-        if self.disable_checkpointing:
-            self.print_to_log_file('No checkpoint written, checkpointing is disabled')
-            return
-        save_atomic({**stock_entries(self), 'voxshield': self.voxshield_state(), 'rng_state': rng_state()}, filename)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         """As nnU-Net's, plus the deltas, case budgets, iteration, stop flag and RNG states of the checkpoint."""

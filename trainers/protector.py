@@ -1,16 +1,22 @@
 """What the protector trainers (VoxShield and its variants, sample-wise EM) share around nnU-Net's trainer."""
+import os
+
 import torch
 
 from nnunetv2_voxshield.budget import check_budget
+from nnunetv2_voxshield.checkpoint import rng_state, save_atomic, stock_entries
 from nnunetv2_voxshield.case_budgets import budgets_from_preprocessed, compute_case_budgets, raw_dataset_folder_or_none
 from nnunetv2_voxshield.checkpoint import set_rng_state
+
+NOT_WRITTEN = 'checkpoint_best.pth'  # chosen by the surrogate's pseudo Dice, which says nothing about protection
 
 
 class ProtectorTrainer:
     """Mixin before nnUNetTrainer: the budget (``eps``, ``eps_abs``, ``budget_mode``) checked before nnU-Net's
     __init__ (a bad one fails at once, naming the class), checkpoint_latest.pth every ``checkpoint_every`` epochs,
     the trainer's own ``log_keys`` in nnU-Net's logger, and after --c the checkpoint's RNG states at the start of the
-    first epoch (``resume_rng_state``, set by the trainer's load_checkpoint); each case's budget from its raw image."""
+    first epoch (``resume_rng_state``, set by the trainer's load_checkpoint); each case's budget from its raw image;
+    one atomic checkpoint file with the trainer's ``voxshield_state()``."""
     checkpoint_every = 1              # epochs between checkpoint_latest.pth (stock: 50), what --c resumes from
     log_keys = ()
 
@@ -47,3 +53,14 @@ class ProtectorTrainer:
                                'preprocessed (normalised) images')
         dataset = self.dataset_class(self.preprocessed_dataset_folder, identifiers)
         return budgets_from_preprocessed(dataset, identifiers, self.eps, self.percentiles, self.budget_mode)
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's entries, the trainer's ``voxshield_state()`` and the RNG states in one dict, written once and
+        atomically (``checkpoint.save_atomic``): a kill at any moment leaves the previous checkpoint or this one. No
+        checkpoint_best.pth (``NOT_WRITTEN``)."""
+        if self.local_rank != 0 or os.path.basename(filename) == NOT_WRITTEN:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file('No checkpoint written, checkpointing is disabled')
+            return
+        save_atomic({**stock_entries(self), 'voxshield': self.voxshield_state(), 'rng_state': rng_state()}, filename)

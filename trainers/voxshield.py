@@ -6,7 +6,6 @@ The nnU-Net network is the surrogate F_s and keeps nnU-Net's own optimiser, loss
 Default 1:1, alternating batch by batch: Alg. 1 alternates the two players, and an error-minimising shortcut only
 forms while the surrogate keeps learning on the perturbed data; one step each keeps the cost at ~1.5x stock nnU-Net.
 """
-import os
 import warnings
 from contextlib import contextmanager
 from typing import List
@@ -20,14 +19,12 @@ from nnunetv2.utilities.helpers import dummy_context
 
 from nnunetv2_voxshield.budget import (DEFAULT_BUDGET_MODE, DEFAULT_EPS, DEFAULT_PERCENTILES, bound_perturbation,
                                        roi_mask)
-from nnunetv2_voxshield.checkpoint import rng_state, save_atomic, stock_entries
 from nnunetv2_voxshield.distributed import unwrap, wrap_ddp
 from nnunetv2_voxshield.generator import NoiseGenerator, generator_kwargs_from_plans
 from nnunetv2_voxshield.losses import generator_objective, inter_slice_spectral_loss, spectral_divergence_loss
-from nnunetv2_voxshield.trainers.protector import ProtectorTrainer
+from nnunetv2_voxshield.trainers.protector import NOT_WRITTEN, ProtectorTrainer
 
 LOG_KEYS = ('voxshield_l_seg', 'voxshield_l_isc', 'voxshield_l_spd', 'voxshield_delta_over_budget')
-NOT_WRITTEN = 'checkpoint_best.pth'  # chosen by the surrogate's pseudo Dice, which says nothing about protection
 
 
 class nnUNetTrainerVoxShield(ProtectorTrainer, nnUNetTrainer):
@@ -200,17 +197,6 @@ class nnUNetTrainerVoxShield(ProtectorTrainer, nnUNetTrainer):
                 'roi': {'dilation': self.roi_dilation, 'soft_edge': self.roi_soft_edge}, 'eps_bg': 0.0,
                 'slice_axis': self.slice_axis, 'lambda_isc': self.lambda_isc, 'lambda_spd': self.lambda_spd,
                 'iteration': self.voxshield_iteration, 'case_budgets': self.case_budgets}
-
-    def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's entries, ``voxshield_state()`` and the RNG states in one dict, written once and atomically
-        (``checkpoint.save_atomic``): a kill at any moment leaves the previous checkpoint or this one. No
-        checkpoint_best.pth (``NOT_WRITTEN``)."""
-        if self.local_rank != 0 or os.path.basename(filename) == NOT_WRITTEN:
-            return
-        if self.disable_checkpointing:
-            self.print_to_log_file('No checkpoint written, checkpointing is disabled')
-            return
-        save_atomic({**stock_entries(self), 'voxshield': self.voxshield_state(), 'rng_state': rng_state()}, filename)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         """As nnU-Net's, plus G, its optimiser and scaler, the iteration, case budgets and RNG states."""
