@@ -30,7 +30,7 @@ from nnunetv2_voxshield.diff_augment import augment_batch, differentiable
 from nnunetv2_voxshield.samplewise import METHOD, DeltaStore, case_bound, crop_loaders, full_case_bound, pgd_step
 from nnunetv2_voxshield.trainers.epochs import epoch_variant
 from nnunetv2_voxshield.trainers.eps_variants import budget_variant
-from nnunetv2_voxshield.trainers.protector import NOT_WRITTEN, ProtectorTrainer
+from nnunetv2_voxshield.trainers.protector import ProtectorTrainer
 
 LOG_KEYS = ('em_pgd_loss', 'em_delta_over_budget')
 
@@ -101,12 +101,7 @@ class nnUNetTrainerEMSampleWise(ProtectorTrainer, nnUNetTrainer):
         """As nnU-Net's, then the case budgets and the initial deltas (unless resumed); refuses DDP."""
         if self.is_ddp:  # each rank would update its own copy of the deltas, and only rank 0's would be saved
             raise RuntimeError(f'{type(self).__name__}: multi-GPU (DDP) training is not supported; train on one device')
-        super().on_train_start()
-        self.print_to_log_file(f'{NOT_WRITTEN} is not written for protectors (the surrogate\'s Dice says nothing '
-                               f'about protection); checkpoint_latest.pth every {self.save_every} epoch(s), '
-                               f'checkpoint_final.pth at the end')
-        if self.case_budgets is None:
-            self.case_budgets = self._compute_case_budgets()
+        super().on_train_start()  # ProtectorTrainer: the checkpoint note and the case budgets (unless resumed)
         if self.deltas is None:
             self.deltas = self._initial_deltas()
 

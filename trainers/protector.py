@@ -32,6 +32,15 @@ class ProtectorTrainer:
         for key in self.log_keys:
             self.logger.local_logger.my_fantastic_logging.setdefault(key, [])
 
+    def on_train_start(self):
+        """As nnU-Net's, then a log line on the checkpoints and, unless resumed, the per-case budgets."""
+        super().on_train_start()
+        self.print_to_log_file(f'{NOT_WRITTEN} is not written for protectors (the surrogate\'s Dice says nothing '
+                               f'about protection); checkpoint_latest.pth every {self.save_every} epoch(s), '
+                               f'checkpoint_final.pth at the end')
+        if self.case_budgets is None:
+            self.case_budgets = self._compute_case_budgets()
+
     def on_train_epoch_start(self):
         """After --c, the first epoch starts from the checkpoint's RNG states, so that (with nnU-Net's loader in this
         process, nnUNet_n_proc_DA=0) it draws the batches, augmentations and tile phases of an uninterrupted run. Not

@@ -22,7 +22,7 @@ from nnunetv2_voxshield.budget import (DEFAULT_BUDGET_MODE, DEFAULT_EPS, DEFAULT
 from nnunetv2_voxshield.distributed import unwrap, wrap_ddp
 from nnunetv2_voxshield.generator import NoiseGenerator, generator_kwargs_from_plans
 from nnunetv2_voxshield.losses import generator_objective, inter_slice_spectral_loss, spectral_divergence_loss
-from nnunetv2_voxshield.trainers.protector import NOT_WRITTEN, ProtectorTrainer
+from nnunetv2_voxshield.trainers.protector import ProtectorTrainer
 
 LOG_KEYS = ('voxshield_l_seg', 'voxshield_l_isc', 'voxshield_l_spd', 'voxshield_delta_over_budget')
 
@@ -78,12 +78,7 @@ class nnUNetTrainerVoxShield(ProtectorTrainer, nnUNetTrainer):
 
     def on_train_start(self):
         """As nnU-Net's, plus the per-case budgets (unless resumed); warns about cases with an empty ROI."""
-        super().on_train_start()
-        self.print_to_log_file(f'{NOT_WRITTEN} is not written for protectors (the surrogate\'s Dice says nothing '
-                               f'about protection); checkpoint_latest.pth every {self.save_every} epoch(s), '
-                               f'checkpoint_final.pth at the end')
-        if self.case_budgets is None:
-            self.case_budgets = self._compute_case_budgets()
+        super().on_train_start()  # ProtectorTrainer: the checkpoint note and the case budgets (unless resumed)
         empty = sorted(k for k, v in self.case_budgets.items() if v['empty_roi'])
         if empty:
             message = (f'WARNING: {len(empty)} of {len(self.case_budgets)} cases have an empty ROI (all background '
