@@ -218,6 +218,15 @@ def frontier_points(r: Results, victim: Optional[str], purification: Optional[st
 
 
 # ------------------------------------------------------------------------------------------------------ sections
+def cell_name(cell: str) -> str:
+    """A short name of an ACDC cell: 'offset 40/255', 'conv s=1.12', 'random 60/255'."""
+    method, _, eps = cell.partition('@')
+    base, _, option = method.partition(':')
+    if base == 'conv':
+        return f'conv s={option.split("=")[-1]}'
+    return f'{base} {eps}' if eps else cell
+
+
 def acdc_measured(r: Results) -> list:
     """ACDC results files that hold measurements (acdc_*.json other than predictions written before the runs)."""
     return [f for f in sorted(r.folder.glob('acdc_*.json')) if 'prediction' not in f.name]
@@ -245,13 +254,14 @@ def status(r: Results) -> Optional[str]:
                                                               else [])
     pending = '; ACDC: runs under way, not yet in these results' if acdc is None else ''
     if acdc:
-        cells = [f'{c["cell"].split("@")[-1]} {config} {small(c["ratio"])} (predicted {small(c["predicted_ratio"])})'
-                 for config, v in acdc['configurations'].items() for c in v['cells']]
-        clean = ', '.join(f'{config} {f2(v["clean"][min(v["clean"])]["dice"])}'
-                          for config, v in acdc['configurations'].items())
-        pending = (f'. On ACDC (one seed; clean victim Dice {clean}: the 5-epoch victims barely learn it), '
-                   f'class-coded offsets, '
-                   f'measured against the rule\'s prediction written before each run: {"; ".join(cells) or "none yet"}')
+        config = acdc['refit'].get('config') or '3d_fullres'
+        v = acdc['configurations'][config]
+        cells = [f'{cell_name(c["cell"])} at {c["psnr_roi"]:.1f} dB {small(c["ratio"])} '
+                 f'({len(c["seeds"])} seed{"s" if len(c["seeds"]) > 1 else ""}; predicted {small(c["predicted_ratio"])})'
+                 for c in v['cells']]
+        clean = ' / '.join(f2(c['dice']) for c in v['clean'].values())
+        pending = (f'. On ACDC, against a {config} victim (clean Dice {clean} by seed), measured Dice / clean at each '
+                   f'copy\'s ROI PSNR beside the rule\'s prediction written before the run: {"; ".join(cells)}')
     return '\n'.join([
         f'- **Against stock nnU-Net, nothing protects at a usable budget.** Up to 16/255 every trained method '
         f'(VoxShield, -EOT, -LC) keeps >= {math.floor(low["ratio"] * 100) / 100:.2f} of the clean victim\'s Dice '
