@@ -954,18 +954,22 @@ def acdc_rule_png(r: Results, png: Path) -> None:
     if j:
         ax.plot(grid, 1 / (1 + np.exp((j['x50'] - grid) / j['s'])), 'k--', lw=1,
                 label=f'refit on both datasets: x50 {j["x50"]:.1f} dB, s {j["s"]:.2f} dB')
+    markers = {'offset': 'o', 'conv': 's', 'random': '^'}
     for k, (config, v) in enumerate(data['configurations'].items()):
         if not v['cells']:
             continue
-        clean = v['clean'][min(v['clean'])]['dice']
-        x = [c['psnr_roi'] for c in v['cells']]
-        y = [c['ratio'] for c in v['cells']]
-        err = [[c['ratio'] - c['ci95'][0] for c in v['cells']], [c['ci95'][1] - c['ratio'] for c in v['cells']]]
-        ax.errorbar(x, y, yerr=err, fmt='os^D'[k % 4], ms=7, capsize=3, color=plt.get_cmap('tab10').colors[k],
-                    label=f'ACDC {config} (clean Dice {clean:.2f})')
+        clean = ' / '.join(f'{c["dice"]:.2f}' for c in v['clean'].values())
+        colour = plt.get_cmap('tab10').colors[k]
+        for method, marker in markers.items():
+            cells = [c for c in v['cells'] if c['cell'].split(':')[0].split('@')[0] == method]
+            if not cells:
+                continue
+            err = [[c['ratio'] - c['ci95'][0] for c in cells], [c['ci95'][1] - c['ratio'] for c in cells]]
+            ax.errorbar([c['psnr_roi'] for c in cells], [c['ratio'] for c in cells], yerr=err, fmt=marker, ms=7,
+                        capsize=3, color=colour, label=f'ACDC {config} (clean Dice {clean}): {method}')
     ax.axhline(0.05, color='k', lw=0.8, ls=':')
     ax.set_ylim(-0.05, 1.15)
-    save_rule_axes(fig, ax, png, 'ACDC: class-coded offsets and a class-wise convolution against the Hippocampus rule',
+    save_rule_axes(fig, ax, png, 'ACDC against the Hippocampus rule (o offset, s conv, ^ random)',
                    'victim Dice / clean', legend_size=9)
 
 
