@@ -218,6 +218,11 @@ def frontier_points(r: Results, victim: Optional[str], purification: Optional[st
 
 
 # ------------------------------------------------------------------------------------------------------ sections
+def audit_report(r: Results) -> Optional[dict]:
+    """The newest committed voxshield_audit report (audit_<name>_<date>.json), not the engine's audit_engine_*.json."""
+    return r.get('audit_[!e]*.json') or r.get('audit_e[!n]*.json')
+
+
 def cell_name(cell: str) -> str:
     """A short name of an ACDC cell: 'offset 40/255', 'conv s=1.12', 'random 60/255'."""
     method, _, eps = cell.partition('@')
@@ -750,7 +755,7 @@ def audit(r: Results) -> Optional[str]:
     """The audit's verdict lines and Dice / clean per exploiter, once a voxshield_audit report.json is committed as
     benchmarks/results/audit_<name>_<date>.json ({'verdict': [...], 'copies': [{'name', 'exploiters': [{'name',
     'ratio': {'ratio', 'ci', 'per_seed'}, 'cost', 'status'}]}]})."""
-    data = r.get('audit_[!e]*.json') or r.get('audit_e[!n]*.json')  # an audit report, not audit_engine_*.json
+    data = audit_report(r)
     if data is None:
         return None
     lines = [f'**{v}**' for v in data.get('verdict') or []] + ['', '![audit](figures/audit.png)', '']
@@ -1032,7 +1037,7 @@ def perturbations_png(r: Results, png: Path) -> None:
 def audit_png(r: Results, png: Path) -> None:
     """The audit's own bars (nnunetv2_voxshield.verdict.figures) from a committed audit report; nothing until one
     exists."""
-    data = r.get('audit_*.json')
+    data = audit_report(r)
     if data is None:
         return
     import tempfile
