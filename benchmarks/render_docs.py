@@ -770,8 +770,18 @@ def audit(r: Results) -> Optional[str]:
             body.append([copy['name'], e['name'], ci(e['ratio']),
                          ' / '.join(map(small, e['ratio'].get('per_seed') or [])), e.get('status', '–'),
                          ci(e.get('cost'))])
-    return '\n'.join(lines) + table(['copy', 'exploiter', 'Dice / clean [95% CI]', 'per seed', 'verdict',
-                                     'cost of the purification alone'], body)
+    copies = []
+    for copy in data.get('copies') or []:
+        q, rule = copy.get('quality') or {}, copy.get('rule') or {}
+        text = f'`{copy["name"]}`: PSNR {f1(q.get("psnr"))} dB, inside the labels {f1(q.get("psnr_roi"))} dB'
+        if rule.get('predicted') is not None:
+            text += (f'; the amplitude rule predicts {small(rule["predicted"])} of clean for the {rule["victim"]} '
+                     f'victim' + (f', measured {small(rule["measured"])}' if rule.get('measured') is not None else ''))
+        copies.append(f'- {text}.')
+    p = data.get('provenance')
+    made = [f'Made by `{p["command"]}` at {str(p["commit"])[:7]}, {p["date"]}.'] if p else []
+    return '\n'.join(lines + [table(['copy', 'exploiter', 'Dice / clean [95% CI]', 'per seed', 'verdict',
+                                      'cost of the purification alone'], body), ''] + copies + [''] + made)
 
 
 @section('The audit engine: parallel efficiency, overhead, kill and resume')
