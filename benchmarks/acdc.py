@@ -159,8 +159,9 @@ def main():
     parser.add_argument('--hippocampus-rule', default=str(HERE / 'results' / 'amplitude_rule_2026-12-02.json'))
     parser.add_argument('--command', required=True, help='the commands that made the folders (provenance)')
     parser.add_argument('--keep', default=None, help='an earlier results file of this script (see the module doc)')
-    parser.add_argument('--refit-config', default=None, help='the victim whose offset cells join the refit. Default: '
-                                                             '"2d nnUNetTrainer_20epochs" if collected, else 3d_fullres')
+    parser.add_argument('--refit-config', default=None,
+                        help='the victim whose offset cells join the refit. Default: "2d nnUNetTrainer_20epochs" if '
+                             'collected, else 3d_fullres')
     parser.add_argument('-o', required=True, help='results JSON to write')
     args = parser.parse_args()
     predictions = json.loads(Path(args.predictions).read_text())

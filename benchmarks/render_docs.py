@@ -261,9 +261,9 @@ def status(r: Results) -> Optional[str]:
     if acdc:
         config = acdc['refit'].get('config') or '3d_fullres'
         v = acdc['configurations'][config]
+        seeds = lambda c: f'{len(c["seeds"])} seed{"s" if len(c["seeds"]) > 1 else ""}'  # noqa: E731
         cells = [f'{cell_name(c["cell"])} at {c["psnr_roi"]:.1f} dB {small(c["ratio"])} '
-                 f'({len(c["seeds"])} seed{"s" if len(c["seeds"]) > 1 else ""}; predicted {small(c["predicted_ratio"])})'
-                 for c in v['cells']]
+                 f'({seeds(c)}; predicted {small(c["predicted_ratio"])})' for c in v['cells']]
         clean = ' / '.join(f2(c['dice']) for c in v['clean'].values())
         pending = (f'. On ACDC, against a {config} victim (clean Dice {clean} by seed), measured Dice / clean at each '
                    f'copy\'s ROI PSNR beside the rule\'s prediction written before the run: {"; ".join(cells)}')

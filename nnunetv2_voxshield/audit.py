@@ -156,8 +156,8 @@ def audit_entry(argv=None):
         engine = engine_options(args)
         audit(args.clean, args.protected, args.o, args.test_images, args.test_labels, args.split, args.group_regex,
               panel, args.panel_file, args.exploiter, args.seeds, args.epochs, args.p, args.name, engine['backend'],
-              engine['workers'], engine['threads'], engine['slurm'], args.device, args.disable_tta, args.eps, args.detector,
-              args.protects, args.keeps, args.rule, args.boot)
+              engine['workers'], engine['threads'], engine['slurm'], args.device, args.disable_tta, args.eps,
+              args.detector, args.protects, args.keeps, args.rule, args.boot)
     except (AuditError, InputError) as e:
         sys.exit(f'voxshield_audit: error: {e}')
     except KeyboardInterrupt:

@@ -15,14 +15,13 @@ import os
 import re
 import shutil
 import sys
-import time
 from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
 from nnunetv2_voxshield import victims as V
 from nnunetv2_voxshield.audit_jobs import _safe, purify_job, train_progress
-from nnunetv2_voxshield.defences import defence_key, describe_defence, parse_defence, purify_dataset
+from nnunetv2_voxshield.defences import defence_key, describe_defence
 from nnunetv2_voxshield.dataset_io import write_json_atomic
 from nnunetv2_voxshield.report import (make_figure, markdown_report, quality_summary, summarise_seeds,
                                        summarise_victim, write_atomic)
@@ -208,25 +207,6 @@ def score_predictions(pred_dir: str, test_labels: str, cases: Sequence[str], end
     return out
 
 
-def run_victim(ws: Workspace, row: str, config: str, seed: int, trainer: str, plans: str, device: str,
-               test_images: str, test_labels: str, cases: Sequence[str], ending: str, dataset_json: dict,
-               disable_tta: bool, verbose: bool) -> dict:
-    """Train (or resume), predict and score one victim; writes scores.json last (the finished marker)."""
-    vdir = ws.victim_dir(row, config, seed)
-    os.makedirs(vdir, exist_ok=True)
-    env = ws.env(seed, device)
-    did = ws.dataset_id(row)
-    pred_dir = os.path.join(vdir, 'predictions')
-    shutil.rmtree(pred_dir, ignore_errors=True)
-    V.train_and_predict(did, config, seed, trainer, plans, device, test_images, pred_dir, env,
-                        os.path.join(vdir, 'victim.log'), disable_tta, verbose)
-    cases_scores = score_predictions(pred_dir, test_labels, cases, ending, dataset_json)
-    result = {'row': row, 'configuration': config, 'seed': seed, 'trainer': trainer, 'plans': plans,
-              'summary': summarise_victim(cases_scores), 'cases': cases_scores}
-    write_json_atomic(result, os.path.join(vdir, 'scores.json'))
-    return result
-
-
 def victim_jobs(rows: Sequence[tuple], configurations: Sequence[str], defence_configurations: Sequence[str],
                 seeds: Sequence[int]) -> List[tuple]:
     """(row, configuration, seed) of every victim: purified rows (a defence spec) only in defence_configurations."""
@@ -294,7 +274,8 @@ def evaluate(clean: str, protected: Union[str, Sequence[str]], output_dir: str, 
 
     Every step (purify, plan/preprocess, each victim, each row's quality) is a job on the audit's engine
     (``jobs.run_jobs``: ``workers`` local processes of ``threads`` CPU threads each, default $VOXSHIELD_TORCH_THREADS
-    or else the machine's cores shared among the workers, or Slurm with ``slurm`` options); job folders and records in ``output_dir/jobs``.
+    or else the machine's cores shared among the workers, or Slurm with ``slurm`` options); job folders and records
+    in ``output_dir/jobs``. ``verbose`` is kept for callers: every job's nnU-Net output is in its log.txt.
 
     ``protected`` may name several protected copies of ``clean`` (one per method, ``method_name`` in the same
     order); they share the clean victims. Defences apply to each of them, in ``defence_configurations`` (default:
@@ -496,11 +477,11 @@ def evaluation_jobs(ws: Workspace, rows: Sequence[tuple], purified: Dict[str, st
     gpus = 1 if device == 'cuda' else 0
     todo = [j for j in jobs if j not in reused and not os.path.isfile(_scores_file(ws, *j))]
     out: List[Job] = []
-    for row, *_ in rows:
+    for row, _, _, spec in rows:
         row_deps = []
         if row in purified:
-            out.append(Job(f'purify_{_safe(row)}', purify_job, (purified[row], ws.dataset_dir(row),
-                                                                 rows_spec(rows, row)), kind='purify'))
+            out.append(Job(f'purify_{_safe(row)}', purify_job, (purified[row], ws.dataset_dir(row), spec),
+                           kind='purify'))
             row_deps = [out[-1].name]
         marker_dir = os.path.join(ws.out, 'victims', row)
         need = [c for c in configurations if any(j[:2] == (row, c) for j in todo)
@@ -526,11 +507,6 @@ def evaluation_jobs(ws: Workspace, rows: Sequence[tuple], purified: Dict[str, st
                            (clean_dir, ws.dataset_dir(row), ending, os.path.join(ws.out, 'quality', f'{row}.json')),
                            deps=row_deps, kind='quality'))
     return out
-
-
-def rows_spec(rows: Sequence[tuple], row: str) -> Optional[str]:
-    """The defence spec of ``row`` among the evaluation's rows."""
-    return {r: spec for r, _, _, spec in rows}[row]
 
 
 def collect_victims(ws: Workspace, jobs: Sequence[tuple], reused: dict, done_before: set, records: dict) -> dict:
@@ -612,8 +588,8 @@ def evaluate_entry():
     parser = argparse.ArgumentParser(
         description='Train stock nnU-Net victims on a clean dataset, its protected copy and purified copies, and '
                     'score them on clean held-out cases (Dice, HD95) plus PSNR/SSIM of the protected data. '
-                    'Rerunning with the same -o resumes: finished victims are not retrained, a killed one continues from '
-                    'its checkpoint. Every step is a job on the audit\'s engine (-w local workers or --backend slurm); '
+                    'Rerunning with the same -o resumes: finished victims are not retrained, a killed one continues '
+                    'from its checkpoint. Every step is a job on the audit\'s engine (-w local workers or --backend slurm); '
                     'voxshield_audit runs a whole exploiter panel and gives a verdict. '
                     'Reads the --clean and --protected raw dataset folders (ids and names looked up in $nnUNet_raw), '
                     'the held-out cases (--test-images / --test-labels, default imagesTs / labelsTs of --clean) and '
@@ -655,7 +631,8 @@ def evaluate_entry():
                         help='name of each protected row in the table. Default: Protected (one dataset) or the '
                              'datasets\' names')
     parser.add_argument('--figure-case', default=None, help='training case shown in figure.png. Default: the first')
-    parser.add_argument('--verbose', action='store_true', help='echo the nnU-Net output')
+    parser.add_argument('--verbose', action='store_true', help='no effect, kept for old command lines: each job\'s '
+                                                               'nnU-Net output is in OUT/jobs/<name>/log.txt')
     from nnunetv2_voxshield.audit_inputs import AuditError, add_engine_arguments, engine_options
     add_engine_arguments(parser, threads_default=None)
     args = parser.parse_args()
