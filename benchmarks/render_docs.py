@@ -778,6 +778,11 @@ def audit(r: Results) -> Optional[str]:
             text += (f'; the amplitude rule predicts {small(rule["predicted"])} of clean for the {rule["victim"]} '
                      f'victim' + (f', measured {small(rule["measured"])}' if rule.get('measured') is not None else ''))
         copies.append(f'- {text}.')
+    if data.get('predictions_file'):
+        pred = json.loads((ROOT / data['predictions_file']).read_text())
+        copies.append(f'- Predictions written before the runs (`{Path(data["predictions_file"]).name}`): ' + '; '.join(
+            f'{x["cell"]} at {x["psnr_roi"]:.1f} dB ROI: stock {small(x["predicted_ratio"]["stock"])} (written '
+            f'{x["written"]})' for x in pred['rows']) + '.')
     p = data.get('provenance')
     made = [f'Made by `{p["command"]}` at {str(p["commit"])[:7]}, {p["date"]}.'] if p else []
     return '\n'.join(lines + [table(['copy', 'exploiter', 'Dice / clean [95% CI]', 'per seed', 'verdict',
