@@ -19,6 +19,16 @@ whole-volume minus ROI PSNR), and the table repeats each x_r for f = 1% and 0.1%
 victim's behaviour there is not measured). Rows of other codes (``--others``: the period-2 and period-4
 checkerboards, the learned protectors) are listed with their residual against the fit, not fitted.
 
+Other datasets (issue 29): ``--rows`` adds the rows of ACDC results files (benchmarks/acdc.py), voxshield_audit
+reports or another dataset's map, in the map's format (``protection_map.rows_of``), and ``--victim`` names one profile
+per dataset (e.g. ``stock ACDC:stock-2d-20ep``: ACDC's stock victim is the 20-epoch 2d one); the family is fitted over all
+of them at once, and each dataset's RMSE against that one logistic and its own fit are reported beside it:
+
+    python benchmarks/amplitude_rule.py --map benchmarks/results/protection_map_<date>.json \
+        --rows benchmarks/results/acdc_<date>.json --victim stock ACDC:stock-2d-20ep \
+        --family offset offset:sign=plus offset:sign=minus offset:sign=levels stripes:block=4 diagonal:block=4 \
+        --others conv random checkerboard:sign=levels -o OUT
+
 Prints a table, writes -o/amplitude_rule.{json,md} and the points with the fit, -o/amplitude_rule.png.
 """
 import argparse
@@ -34,7 +44,7 @@ from nnunetv2_voxshield.report import write_atomic
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from protection_map import map_rows  # noqa: E402  (the map's rows: mean Dice, per-seed ratios, PSNR)
+from protection_map import rows_of  # noqa: E402  (map-format rows of a map, ACDC results or an audit report)
 
 FAMILY = ('offset', 'offset:sign=plus', 'offset:sign=minus', 'stripes:block=4', 'diagonal:block=4')
 OTHERS = ('checkerboard', 'checkerboard:block=2', 'VoxShield', 'VoxShield-EOT', 'VoxShield-LC')
@@ -68,10 +78,16 @@ def level_psnr(x50: float, s: float, level: float) -> float:
     return x50 + s * math.log(level / (1.0 - level))
 
 
-def points(rows: list, victim: str, methods, exclude=()) -> list:
-    """The victim's rows whose method is in ``methods``, whose cell is not in ``exclude`` and that have a ROI PSNR
-    and a whole-volume one."""
-    return [r for r in rows if r['victim'] == victim and r['method'] in methods and r['cell'] not in exclude
+def points(rows: list, victim, methods, exclude=()) -> list:
+    """The rows of ``victim`` whose method is in ``methods``, whose cell is not in ``exclude`` and that have a ROI PSNR
+    and a whole-volume one. ``victim``: a profile name or several, each 'PROFILE' (any dataset not named otherwise)
+    or 'DATASET:PROFILE' (that dataset's rows only: e.g. 'ACDC:stock-2d-20ep')."""
+    named, plain = {}, set()
+    for v in ([victim] if isinstance(victim, str) else victim):
+        dataset, _, profile = v.rpartition(':')
+        (named.setdefault(dataset, set()).add(profile) if dataset else plain.add(profile))
+    return [r for r in rows if r['victim'] in named.get(r.get('dataset', 'Hippocampus'), plain)
+            and r['method'] in methods and r['cell'] not in exclude
             and r.get('psnr_roi') is not None and r.get('psnr') is not None]
 
 
@@ -101,57 +117,97 @@ def fit_rows(cells: list, levels=LEVELS, boot: int = 1000, seed: int = 0) -> dic
     return out
 
 
-def analyse(rows: list, victim: str, family, others, levels=LEVELS, boot: int = 1000, exclude=()) -> dict:
-    """The fit over the victim's family rows, each level's PSNR inside the labels and over the whole volume (at
-    Hippocampus's label share and at ``FRACTIONS``), the fitted rows and the other codes' residuals."""
+def analyse(rows: list, victim, family, others, levels=LEVELS, boot: int = 1000, exclude=()) -> dict:
+    """The fit over the victim's family rows, each level's PSNR inside the labels and over the whole volume (at each
+    dataset's label share and at ``FRACTIONS``), the fitted rows and the other codes' residuals. Rows from several
+    datasets (``dataset``; Hippocampus where a row names none) are fitted together; ``datasets`` then holds, per
+    dataset, its points' RMSE against the joint fit and its own fit where it has points at two PSNRs."""
     cells = points(rows, victim, set(family), set(exclude))
     fit = fit_rows(cells, levels, boot)
-    shift = float(np.mean([c['psnr'] - c['psnr_roi'] for c in cells]))
+    name = lambda c: c.get('dataset', 'Hippocampus')  # noqa: E731
+    names = sorted({name(c) for c in cells}, key=lambda d: (d != 'Hippocampus', d))
+    shifts = {d: float(np.mean([c['psnr'] - c['psnr_roi'] for c in cells if name(c) == d])) for d in names}
+    shift = shifts.get('Hippocampus', next(iter(shifts.values())))
     for level in fit['levels'].values():
         roi = level['psnr_roi']
-        level['psnr_whole'] = {'hippocampus': roi + shift,
+        level['psnr_whole'] = {**{d.lower(): roi + shifts[d] for d in names},
                                **{str(f): roi + 10 * math.log10(1 / f) for f in FRACTIONS}}
     model = lambda x: float(logistic(x, fit['x50'], fit['s']))  # noqa: E731
-    fitted = [{'cell': c['cell'], 'seeds': c['seeds'], 'psnr': c['psnr'], 'psnr_roi': c['psnr_roi'],
-               'ratio_per_seed': c['ratio_per_seed'], 'fit': model(c['psnr_roi'])}
-              for c in sorted(cells, key=lambda c: -c['psnr_roi'])]
-    listed = [{'cell': c['cell'], 'seeds': c['seeds'], 'psnr_roi': c['psnr_roi'], 'ratio': c['ratio'],
+    fitted = [{'dataset': name(c), 'victim': c['victim'], 'cell': c['cell'], 'seeds': c['seeds'], 'psnr': c['psnr'],
+               'psnr_roi': c['psnr_roi'], 'ratio_per_seed': c['ratio_per_seed'], 'fit': model(c['psnr_roi'])}
+              for c in sorted(cells, key=lambda c: (names.index(name(c)), -c['psnr_roi']))]
+    listed = [{'dataset': name(c), 'victim': c['victim'], 'cell': c['cell'], 'seeds': c['seeds'],
+               'psnr_roi': c['psnr_roi'], 'ratio': c['ratio'], 'ratio_per_seed': c['ratio_per_seed'],
                'residual': c['ratio'] - model(c['psnr_roi'])}
               for c in sorted(points(rows, victim, set(others), set(exclude)),
-                              key=lambda c: (c['method'], -c['psnr_roi']))]
-    return {'victim': victim, 'family': list(family), 'excluded': sorted(exclude), 'fit': fit,
-            'label_fraction': 10 ** (-shift / 10),
-            'whole_minus_roi_db': shift, 'rows': fitted, 'others': listed}
+                              key=lambda c: (name(c) != 'Hippocampus', name(c), c['method'], -c['psnr_roi']))]
+    result = {'victim': victim if isinstance(victim, str) else list(victim), 'family': list(family),
+              'excluded': sorted(exclude), 'fit': fit, 'label_fraction': 10 ** (-shift / 10),
+              'whole_minus_roi_db': shift, 'rows': fitted, 'others': listed}
+    if len(names) > 1:
+        result['datasets'] = {d: dataset_fit(fitted, d, fit, shifts[d]) for d in names}
+    return result
+
+
+def dataset_fit(fitted: list, dataset: str, fit: dict, shift: float) -> dict:
+    """One dataset's points: their RMSE against the joint fit, its label share and, with points at two PSNRs, its own
+    fit."""
+    pts = [(r['psnr_roi'], v) for r in fitted if r['dataset'] == dataset for v in r['ratio_per_seed']]
+    x, y = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
+    out = {'points': len(pts), 'cells': sum(r['dataset'] == dataset for r in fitted),
+           'rmse_joint': float(np.sqrt(np.mean((logistic(x, fit['x50'], fit['s']) - y) ** 2))),
+           'label_fraction': 10 ** (-shift / 10), 'whole_minus_roi_db': shift}
+    if len(set(x.tolist())) >= 2:
+        x50, s = fit_logistic(x, y)
+        out['own_fit'] = {'x50': x50, 's': s, 'rmse': float(np.sqrt(np.mean((logistic(x, x50, s) - y) ** 2)))}
+    return out
 
 
 def render(result: dict) -> str:
-    """The markdown the CLI prints and writes."""
-    fit, shift = result['fit'], result['whole_minus_roi_db']
+    """The markdown the CLI prints and writes (with a dataset and a victim column when the fit spans datasets)."""
+    fit, shift, multi = result['fit'], result['whole_minus_roi_db'], 'datasets' in result
     seeds = lambda r: ','.join(map(str, r['seeds']))  # noqa: E731
     band = lambda ci, f='{:.1f}': '–' if ci is None else f'{f.format(ci[0])}-{f.format(ci[1])}'  # noqa: E731
-    lines = [f'Victim {result["victim"]}: Dice / clean = 1 / (1 + exp((x50 - x) / s)), x = the code\'s PSNR in the '
+    victim = result['victim'] if isinstance(result['victim'], str) else ' / '.join(result['victim'])
+    lines = [f'Victim {victim}: Dice / clean = 1 / (1 + exp((x50 - x) / s)), x = the code\'s PSNR in the '
              f'labels; {fit["points"]} points from {len(result["rows"])} cells ({", ".join(result["family"])}); '
              f'RMSE {fit["rmse"]:.3f}.' + (f' Left out: {", ".join(result["excluded"])}.' if result['excluded']
                                            else ''),
              f'x50 = {fit["x50"]:.1f} dB (5-95%: {band(fit["x50_ci"])}), s = {fit["s"]:.2f} dB '
-             f'({band(fit["s_ci"], "{:.2f}")}); {fit["boot"]} bootstrap fits over cells.',
-             f'Hippocampus: the labels are {100 * result["label_fraction"]:.1f}% of the volume (whole-volume PSNR = '
-             f'ROI + {shift:.1f} dB).', '',
-             '| Dice / clean | ROI PSNR (dB) | whole volume, Hippocampus (dB) | whole volume, labels 1% (dB) | '
-             'whole volume, labels 0.1% (dB) |', '| --- | --- | --- | --- | --- |']
+             f'({band(fit["s_ci"], "{:.2f}")}); {fit["boot"]} bootstrap fits over cells.']
+    if multi:
+        for d, v in result['datasets'].items():
+            own = v.get('own_fit')
+            lines.append(f'{d}: {v["points"]} points from {v["cells"]} cells, RMSE against this fit '
+                         f'{v["rmse_joint"]:.3f}' + (f'; its own fit x50 {own["x50"]:.1f} dB, s {own["s"]:.2f} dB, '
+                                                      f'RMSE {own["rmse"]:.3f}' if own else '') +
+                         f'; the labels are {100 * v["label_fraction"]:.1f}% of the volume (whole-volume PSNR = ROI + '
+                         f'{v["whole_minus_roi_db"]:.1f} dB).')
+    else:
+        lines.append(f'Hippocampus: the labels are {100 * result["label_fraction"]:.1f}% of the volume (whole-volume '
+                     f'PSNR = ROI + {shift:.1f} dB).')
+    whole_keys = [k for k in next(iter(fit['levels'].values()))['psnr_whole'] if k not in map(str, FRACTIONS)]
+    lines += ['', '| Dice / clean | ROI PSNR (dB) | ' + ''.join(f'whole volume, {k.capitalize() if k != "acdc" else "ACDC"}'
+                                                             f' (dB) | ' for k in whole_keys)
+              + 'whole volume, labels 1% (dB) | whole volume, labels 0.1% (dB) |',
+              '| --- | --- | ' + '--- | ' * len(whole_keys) + '--- | --- |']
     for level, v in fit['levels'].items():
         whole = v['psnr_whole']
-        lines.append(f'| {level} | {v["psnr_roi"]:.1f} ({band(v["psnr_roi_ci"])}) | {whole["hippocampus"]:.1f} | '
-                     f'{whole["0.01"]:.1f} | {whole["0.001"]:.1f} |')
-    lines += ['', '| cell | seeds | ROI PSNR (dB) | PSNR (dB) | Dice / clean per seed | fit |',
-              '| --- | --- | --- | --- | --- | --- |']
-    lines += [f'| {r["cell"]} | {seeds(r)} | {r["psnr_roi"]:.1f} | {r["psnr"]:.1f} | '
+        lines.append(f'| {level} | {v["psnr_roi"]:.1f} ({band(v["psnr_roi_ci"])}) | '
+                     + ''.join(f'{whole[k]:.1f} | ' for k in whole_keys) + f'{whole["0.01"]:.1f} | '
+                     f'{whole["0.001"]:.1f} |')
+    where = lambda r: f'{r["dataset"]} | {r["victim"]} | ' if multi else ''  # noqa: E731
+    head = '| dataset | victim ' if multi else ''
+    lines += ['', f'{head}| cell | seeds | ROI PSNR (dB) | PSNR (dB) | Dice / clean per seed | fit |',
+              '| --- ' * (6 + 2 * multi) + '|']
+    lines += [f'| {where(r)}{r["cell"]} | {seeds(r)} | {r["psnr_roi"]:.1f} | {r["psnr"]:.1f} | '
               f'{" / ".join(f"{v:.2f}" for v in r["ratio_per_seed"])} | {r["fit"]:.2f} |' for r in result['rows']]
     if result['others']:
         lines += ['', 'Not fitted (other codes):', '',
-                  '| cell | seeds | ROI PSNR (dB) | Dice / clean | minus the fit |', '| --- | --- | --- | --- | --- |']
-        lines += [f'| {r["cell"]} | {seeds(r)} | {r["psnr_roi"]:.1f} | {r["ratio"]:.2f} | {r["residual"]:+.2f} |'
-                  for r in result['others']]
+                  f'{head}| cell | seeds | ROI PSNR (dB) | Dice / clean | minus the fit |', '| --- ' * (5 + 2 * multi)
+                  + '|']
+        lines += [f'| {where(r)}{r["cell"]} | {seeds(r)} | {r["psnr_roi"]:.1f} | {r["ratio"]:.2f} | '
+                  f'{r["residual"]:+.2f} |' for r in result['others']]
     return '\n'.join(lines)
 
 
@@ -185,8 +241,16 @@ def figure(result: dict, png: Path) -> None:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0] + ' Fits Dice / clean against the code\'s ROI '
                                 'PSNR over the protection map\'s rows and extrapolates to the goal.')
-    p.add_argument('-o', '--out', type=Path, required=True, help='the protection map folder (its map.json)')
-    p.add_argument('--victim', default='stock', help='victim profile of the rows (default: stock)')
+    p.add_argument('-o', '--out', type=Path, required=True, help='the protection map folder (its map.json); the '
+                   'fit is written here')
+    p.add_argument('--map', type=Path, default=None, help='the protection map to read instead of -o/map.json (e.g. '
+                   'a committed benchmarks/results/protection_map_<date>.json)')
+    p.add_argument('--rows', nargs='*', type=Path, default=[], metavar='FILE',
+                   help="more rows: ACDC results files of benchmarks/acdc.py, voxshield_audit reports (their "
+                        "predictions files are read beside them) or other datasets' maps; fitted together")
+    p.add_argument('--victim', nargs='+', default=['stock'], help="victim profiles of the rows: PROFILE for every "
+                   "dataset not named otherwise, DATASET:PROFILE for one (default: stock; e.g. stock "
+                   "ACDC:stock-2d-20ep)")
     p.add_argument('--family', nargs='+', default=list(FAMILY), help='methods fitted (default: %(default)s)')
     p.add_argument('--others', nargs='*', default=list(OTHERS), help='methods listed with their residual')
     p.add_argument('--exclude', nargs='*', default=[], metavar='CELL',
@@ -194,19 +258,23 @@ def main():
     p.add_argument('--levels', nargs='+', type=float, default=list(LEVELS))
     p.add_argument('--boot', type=int, default=1000)
     a = p.parse_args()
-    path = a.out / 'map.json'
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        sys.exit(f'{path}: cannot read the protection map ({e})')
+    path = a.map or a.out / 'map.json'
+    rows = []
+    for source in [path] + a.rows:
+        try:
+            rows += rows_of(json.loads(source.read_text()), source.parent)
+        except (OSError, ValueError) as e:
+            sys.exit(f'{source}: cannot read ' + ('the protection map' if source == path else 'its rows') + f' ({e})')
     if any(not 0 < level < 1 for level in a.levels):
         sys.exit(f'--levels: each must lie in (0, 1) (got {a.levels})')
     if a.boot < 0:
         sys.exit(f'--boot: a number of bootstrap fits >= 0 (got {a.boot})')
     try:
-        result = analyse(map_rows(data), a.victim, a.family, a.others, a.levels, a.boot, a.exclude)
+        result = analyse(rows, a.victim[0] if len(a.victim) == 1 else a.victim, a.family, a.others, a.levels, a.boot,
+                         a.exclude)
     except ValueError as e:
-        sys.exit(f'{path}: {a.victim} rows of {", ".join(a.family)}: {e}')
+        sys.exit(f'{path}: {" / ".join(a.victim)} rows of {", ".join(a.family)}: {e}')
+    a.out.mkdir(parents=True, exist_ok=True)
     text = render(result)
     print(text)
     write_json_atomic(result, str(a.out / 'amplitude_rule.json'))

@@ -300,6 +300,79 @@ def map_rows(data: dict) -> list:
     return out
 
 
+def victim_profile(trainer: str, configuration: str, plans: str = hb.PLANS) -> str:
+    """The map's profile name of a victim trainer class ('nnUNetTrainerNoDA_20epochs', '2d' -> 'noda-2d-20ep');
+    a trainer no profile names keeps its class name (with the configuration suffix)."""
+    for victim, pattern in VICTIMS.items():
+        head, _, tail = pattern.partition('{e}')
+        if trainer.startswith(head) and trainer.endswith(tail) and trainer[len(head):len(trainer) - len(tail)].isdigit():
+            return profile_name(victim, plans, configuration, int(trainer[len(head):len(trainer) - len(tail)]))
+    return trainer if configuration == '3d_fullres' else f'{trainer}-{configuration}'
+
+
+def _external_row(dataset: str, victim: str, cell: str, seeds: list, dice: float, clean_dice: float,
+                  ratio: float, ratio_per_seed: list, psnr: Optional[float], psnr_roi: Optional[float],
+                  dice_per_label: Optional[dict] = None) -> dict:
+    method = cell.split('@')[0]
+    return {'dataset': dataset, 'victim': victim, 'cell': cell,
+            'method': 'conv' if method.startswith('conv:') else method,
+            'eps': cell.split('@')[1] if '@' in cell else None, 'seeds': list(seeds), 'dice': dice,
+            'clean_dice': clean_dice, 'ratio': ratio, 'ratio_per_seed': list(ratio_per_seed),
+            'dice_per_label': dice_per_label or {}, 'psnr': psnr, 'psnr_min': None, 'psnr_roi': psnr_roi,
+            'overlap': None}
+
+
+def _audit_cell(copy: dict, predictions: Optional[dict]) -> str:
+    """The cell of an audited copy: the predictions file's row with the copy's strength (conv) or eps, else the
+    copy's name."""
+    budget = (copy.get('quality') or {}).get('budget') or {}
+    for p in (predictions or {}).get('rows', []):
+        if budget.get('strength') is not None and p.get('strength') is not None:
+            if abs(p['strength'] - budget['strength']) < 1e-9:
+                return p['cell']
+        elif budget.get('eps') is not None and p.get('eps') and abs(float(Fraction(p['eps'])) - budget['eps']) < 1e-6:
+            return p['cell']
+    return copy['name']
+
+
+def rows_of(data: dict, folder: Optional[Path] = None) -> list:
+    """Map-format rows (``map_rows``' keys plus ``dataset``) of any results file: a protection map (Hippocampus
+    unless its settings name another dataset), an ACDC results file of benchmarks/acdc.py (each configuration's cells;
+    a configuration is '<configuration>' for the 5-epoch stock victim or '<configuration> <trainer>') or a
+    voxshield_audit report (each copy against each exploiter without a purification; its cells named by the
+    report's predictions file, read from ``folder``)."""
+    if 'eval' in data:
+        dataset = str((data.get('settings') or {}).get('dataset') or 'Dataset004_Hippocampus')
+        return [{'dataset': dataset.split('_', 1)[1], **r} for r in map_rows(data)]
+    rows = []
+    if 'configurations' in data:
+        for key, config in data['configurations'].items():
+            configuration, _, trainer = key.partition(' ')
+            victim = victim_profile(trainer or 'nnUNetTrainer_5epochs', configuration)
+            for c in config['cells']:
+                rows.append(_external_row('ACDC', victim, c['cell'], c['seeds'], c['dice'], c['clean_dice'],
+                                          c['ratio'], c['ratio_per_seed'], c.get('psnr_whole'), c.get('psnr_roi'),
+                                          c.get('dice_per_label')))
+        return rows
+    if 'copies' in data:
+        predictions = None
+        if data.get('predictions_file') and folder is not None and (folder / Path(data['predictions_file']).name).is_file():
+            predictions = json.loads((folder / Path(data['predictions_file']).name).read_text())
+        clean = Path((data.get('settings') or {}).get('clean', '')).name
+        dataset = clean.split('_', 1)[1] if '_' in clean else clean
+        for copy in data['copies']:
+            q = copy.get('quality') or {}
+            for e in copy.get('exploiters') or []:
+                if e.get('defence') or not e.get('ratio') or e.get('dice') is None or not e.get('trainer'):
+                    continue  # a purified copy, or a report without the victim's Dice: not a map row
+                rows.append(_external_row(dataset, victim_profile(e['trainer'], e['configuration'], e['plans']),
+                                          _audit_cell(copy, predictions), e['seeds'], e['dice'], e['clean_dice'],
+                                          e['ratio']['ratio'], [round(v, 3) for v in e['per_seed']],
+                                          q.get('psnr'), q.get('psnr_roi')))
+        return rows
+    raise ValueError('not a protection map, ACDC results file or audit report (no eval, configurations or copies)')
+
+
 def print_table(data: dict, out: Path) -> None:
     rows = map_rows(data)
     lines = ['| victim | cell | seeds | Dice | clean Dice | Dice / clean | per seed | per label | PSNR mean / min (dB) |'

@@ -419,6 +419,46 @@ def amplitude_rule(r: Results) -> Optional[str]:
     return '![amplitude rule](figures/amplitude_rule.png)\n\n' + render(data)
 
 
+@section('The amplitude rule on both datasets')
+def amplitude_rule_joint(r: Results) -> Optional[str]:
+    """The rule fitted over Hippocampus's and ACDC's class-coded codes at once (amplitude_rule_joint_*.json:
+    benchmarks/amplitude_rule.py with --rows), each dataset's RMSE against it, and the other codes' residuals."""
+    data = r.get('amplitude_rule_joint_*.json')
+    if data is None:
+        return None
+    from amplitude_rule import render
+    p = data['provenance']
+    return (render(data) + f'\n\nMade by `{p["command"]}` at {str(p["commit"])[:7]}, {p["date"]} '
+            f'(`benchmarks/results/{r.name("amplitude_rule_joint_*.json")}`).')
+
+
+@section('Protection map rows beyond the Hippocampus map')
+def external_map_rows(r: Results) -> Optional[str]:
+    """The map-format rows (``protection_map.rows_of``) of every ACDC results file and voxshield_audit report: the
+    rows the amplitude rule's joint fit reads beside the Hippocampus map."""
+    from protection_map import rows_of
+    files = acdc_measured(r) + [f for f in sorted(r.folder.glob('audit_*.json')) if not f.name.startswith(
+        'audit_engine')]
+    rows = []
+    for f in files:
+        try:
+            rows += [(f.name, x) for x in rows_of(json.loads(f.read_text()), r.folder)]
+        except ValueError:  # a results file of another shape (no eval, configurations or copies): no map rows
+            continue
+    if not rows:
+        return None
+    body = [[x['dataset'], x['victim'], x['cell'], ','.join(map(str, x['seeds'])), f'{x["dice"]:.3f}',
+             f'{x["clean_dice"]:.3f}', f'**{small(x["ratio"])}**', ' / '.join(small(v) for v in x['ratio_per_seed']),
+             f1(x['psnr']), f1(x['psnr_roi']), f'`{name}`']
+            for name, x in sorted(rows, key=lambda t: (t[1]['dataset'], t[1]['victim'], -(t[1]['psnr_roi'] or 0)))]
+    return ('Rows of the protection map measured outside `protection_map.py` (ACDC through `voxshield_evaluate`, '
+            'the Hippocampus convolution and sample-wise EM through `voxshield_audit`), in the map\'s format; '
+            'victims are the map\'s profiles (`stock-2d-20ep`: stock nnU-Net 2d, 20 epochs). Each is paired seed by '
+            'seed with its own clean victim.\n\n'
+            + table(['dataset', 'victim', 'cell', 'seeds', 'Dice', 'clean Dice', 'Dice / clean', 'per seed',
+                     'PSNR (dB)', 'ROI PSNR (dB)', 'file'], body))
+
+
 @block
 def amplitude_rule_summary(r: Results) -> Optional[str]:
     """One paragraph of the fit's numbers (findings.md)."""

@@ -82,3 +82,68 @@ def test_cli_fits_the_family_lists_the_others_and_reports_the_goal(tmp_path):
     none = subprocess.run([sys.executable, str(BENCH / 'amplitude_rule.py'), '-o', str(tmp_path), '--victim', 'adam'],
                           capture_output=True, text=True)
     assert none.returncode != 0 and 'adam rows of' in none.stderr and 'two PSNRs' in none.stderr
+
+
+def _acdc_cell(cell, psnr_roi, ratios):
+    return {'cell': cell, 'psnr_roi': psnr_roi, 'psnr_whole': psnr_roi + 14.0, 'seeds': list(range(len(ratios))),
+            'dice': 0.7 * sum(ratios) / len(ratios), 'clean_dice': 0.7, 'ratio': sum(ratios) / len(ratios),
+            'ratio_per_seed': ratios, 'dice_per_label': {'1': 0.5, '2': 0.6, '3': 0.8}}
+
+
+def test_rows_of_other_datasets_fit_with_the_map_and_report_each_dataset(tmp_path):
+    """--rows: an ACDC results file (benchmarks/acdc.py) and a voxshield_audit report join the map's rows; the
+    ``DATASET:PROFILE`` victim picks ACDC's own victim; each dataset gets its RMSE against the joint fit."""
+    from protection_map import rows_of
+    truth = lambda x: float(amp.logistic(x, 22.0, 3.0))  # noqa: E731
+    ev = {f'o{e}': _entry('stock', f'offset@{e}/255', x, [truth(x)]) for e, x in ((4, 44.0), (32, 25.0), (64, 19.0))}
+    (tmp_path / 'map.json').write_text(json.dumps({'eval': ev}))
+    acdc = {'configurations': {
+        '2d nnUNetTrainer_20epochs': {'cells': [_acdc_cell(f'offset:sign=levels@{e}/255', x, [truth(x) + 0.1])
+                                                for e, x in ((16, 29.0), (40, 21.5))]
+                                      + [_acdc_cell('conv:strength=1.99', 20.0, [0.95])]},
+        '3d_fullres': {'cells': [_acdc_cell('offset:sign=levels@40/255', 21.5, [0.1])]}}}   # another victim
+    (tmp_path / 'acdc_x.json').write_text(json.dumps(acdc))
+    rows = rows_of(acdc)
+    assert {(r['dataset'], r['victim']) for r in rows} == {('ACDC', 'stock-2d-20ep'), ('ACDC', 'stock')}
+    assert [r['method'] for r in rows][:3] == ['offset:sign=levels', 'offset:sign=levels', 'conv']
+    assert rows[2]['eps'] is None and rows[0]['eps'] == '16/255' and rows[0]['psnr'] == pytest.approx(43.0)
+    exploiter = lambda name, trainer, ratios: {  # noqa: E731
+        'name': name, 'trainer': trainer, 'configuration': '3d_fullres', 'plans': 'nnUNetPlans_cpu', 'defence': None,
+        'seeds': [0, 1], 'per_seed': ratios, 'dice': 0.7, 'clean_dice': 0.8, 'ratio': {'ratio': sum(ratios) / 2}}
+    audit = {'settings': {'clean': '/x/raw/Dataset004_Hippocampus'}, 'predictions_file': 'benchmarks/results/p.json',
+             'copies': [{'name': 'conv25dB', 'quality': {'psnr': 37.8, 'psnr_roi': 25.0, 'budget': {'strength': 1.4}},
+                         'exploiters': [exploiter('stock', 'nnUNetTrainer_5epochs', [0.9, 0.92]),
+                                        exploiter('noda', 'nnUNetTrainerNoDA_5epochs', [0.94, 0.93]),
+                                        {**exploiter('stock', 'nnUNetTrainer_5epochs', [0.99, 0.99]),
+                                         'defence': 'blur'}]}]}
+    (tmp_path / 'p.json').write_text(json.dumps({'rows': [{'cell': 'conv:strength=1.4', 'strength': 1.4}]}))
+    (tmp_path / 'audit_x.json').write_text(json.dumps(audit))
+    arows = rows_of(audit, tmp_path)
+    assert [(r['dataset'], r['victim'], r['cell'], r['ratio_per_seed']) for r in arows] == [
+        ('Hippocampus', 'stock', 'conv:strength=1.4', [0.9, 0.92]),
+        ('Hippocampus', 'noda', 'conv:strength=1.4', [0.94, 0.93])]          # the purified row is not a map row
+    assert rows_of(audit)[0]['cell'] == 'conv25dB'                           # no predictions file: the copy's name
+    with pytest.raises(ValueError, match='not a protection map'):
+        rows_of({'what': 'else'})
+    cmd = [sys.executable, str(BENCH / 'amplitude_rule.py'), '-o', str(tmp_path / 'fit'), '--map',
+           str(tmp_path / 'map.json'), '--rows', str(tmp_path / 'acdc_x.json'), str(tmp_path / 'audit_x.json'),
+           '--victim', 'stock', 'ACDC:stock-2d-20ep', '--family', 'offset', 'offset:sign=levels', '--others', 'conv',
+           '--boot', '20']
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    data = json.loads((tmp_path / 'fit' / 'amplitude_rule.json').read_text())
+    assert data['fit']['points'] == 5   # 3 Hippocampus + 2 ACDC: ACDC's 3d_fullres 'stock' is not its victim
+    assert [(r['dataset'], r['victim']) for r in data['rows']][-2:] == [('ACDC', 'stock-2d-20ep')] * 2
+    acdc_fit = data['datasets']['ACDC']
+    assert acdc_fit['points'] == 2 and acdc_fit['whole_minus_roi_db'] == pytest.approx(14.0)
+    assert acdc_fit['rmse_joint'] == pytest.approx(float(np.sqrt(np.mean(
+        [(float(amp.logistic(r['psnr_roi'], data['fit']['x50'], data['fit']['s'])) - r['ratio_per_seed'][0]) ** 2
+         for r in data['rows'][-2:]]))))
+    assert 'own_fit' in acdc_fit and data['datasets']['Hippocampus']['points'] == 3
+    assert {(o['dataset'], o['victim'], o['cell']) for o in data['others']} == {
+        ('Hippocampus', 'stock', 'conv:strength=1.4'), ('ACDC', 'stock-2d-20ep', 'conv:strength=1.99')}
+    assert '| ACDC | stock-2d-20ep | offset:sign=levels@16/255 |' in done.stdout
+    assert 'whole volume, ACDC (dB)' in done.stdout and 'ACDC: 2 points from 2 cells' in done.stdout
+    bad = subprocess.run(cmd[:5] + [str(tmp_path / 'map.json'), '--rows', str(tmp_path / 'nope.json')],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and 'nope.json: cannot read its rows' in bad.stderr
