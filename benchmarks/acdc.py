@@ -14,8 +14,9 @@ The refit (``--hippocampus-rule``, the Hippocampus fit's JSON) fits one logistic
 family's per-seed points plus the class-coded offsets' points of one ACDC victim (``--refit-config``; conv and random
 copies are shown against the rule, not fitted), and ACDC's points alone where there are two PSNRs.
 ``--keep`` an earlier results file: its configurations that the folders do not have are carried over (with their
-provenance); for those the folders do have, the earlier run's per-seed numbers are kept beside the new ones (a rerun
-of the same seed on the same code should reproduce them).
+provenance); in those the folders do have, its cells the folders lack are carried over (against their own clean
+victims), and the earlier run's per-seed numbers are kept beside the new ones (a rerun of the same seed on the same
+code should reproduce them).
 """
 import argparse
 import datetime
@@ -127,8 +128,10 @@ def refit(hippocampus_rule: dict, acdc_cells: list, config: Optional[str] = None
 
 
 def keep_earlier(configs: dict, earlier_file: str) -> dict:
-    """Carry over the earlier file's configurations the folders lack; beside the others, the earlier run's per-seed
-    clean Dice and ratios ('earlier': {'clean': {seed: dice}, cell: {seed: ratio}}) for the seeds both have."""
+    """Carry over the earlier file's configurations the folders lack; in the others, the earlier cells the folders
+    lack (each with ``carried_from``: its ratios stay paired with the earlier run's clean victims, whose seeds the
+    folders do not have are kept too, marked the same way), and beside the rest the earlier run's per-seed clean Dice
+    and ratios ('earlier': {'clean': {seed: dice}, cell: {seed: ratio}}) for the seeds both have."""
     earlier = json.loads(Path(earlier_file).read_text())
     name = os.path.basename(earlier_file)
     for config, v in earlier['configurations'].items():
@@ -146,6 +149,13 @@ def keep_earlier(configs: dict, earlier_file: str) -> dict:
                          if sn == s}
                 if pairs:
                     same[c['cell']] = pairs
+            else:
+                new['cells'].append({**c, 'carried_from': name, 'carried_commit': earlier['provenance']['commit']})
+        new['cells'].sort(key=lambda c: -c['psnr_roi'])
+        for s, c in v['clean'].items():
+            if s not in new['clean']:
+                new['clean'][s] = {**c, 'carried_from': name, 'carried_commit': earlier['provenance']['commit']}
+        new['clean'] = dict(sorted(new['clean'].items(), key=lambda kv: int(kv[0])))
         new['earlier'] = {'file': name, 'commit': earlier['provenance']['commit'], **same}
     return configs
 

@@ -548,7 +548,7 @@ def acdc_results(r: Results) -> Optional[str]:
                    f'{v["carried_provenance"]["date"]}; its folders are gone).' if v.get('carried_from') else '')
         out.append(f'**{config}.** Clean victim Dice (mean over labels; RV / MYO / LV): ' + '; '.join(
             f'seed {s} {f2(c["dice"])} ({" / ".join(f2(x) for x in c["dice_per_label"].values())})'
-            for s, c in clean.items()) + '.' + carried)
+            + (' †' if c.get('carried_from') else '') for s, c in clean.items()) + '.' + carried)
         if v.get('earlier'):
             e = v['earlier']
             pairs = [f'clean seed {s} Dice {x["earlier"]:.3f} -> {x["now"]:.3f}' for s, x in e['clean'].items()]
@@ -557,7 +557,7 @@ def acdc_results(r: Results) -> Optional[str]:
             out.append(f'Rerun of seeds measured before (`{e["file"]}`, commit {str(e["commit"])[:7]}; same code '
                        f'path, fresh folders): ' + '; '.join(pairs) + '.')
         if v['cells']:
-            body = [[c['cell'], f1(c['psnr_whole']), f1(c['psnr_roi']),
+            body = [[c['cell'] + (' †' if c.get('carried_from') else ''), f1(c['psnr_whole']), f1(c['psnr_roi']),
                      f'{small(c["predicted_ratio"])} [{small(c["predicted_ratio_range"][0])}-'
                      f'{small(c["predicted_ratio_range"][1])}]',
                      small(c['ratio']) + (f' [{small(c["ci95"][0])}, {small(c["ci95"][1])}]' if c.get('ci95') else ''),
@@ -565,6 +565,11 @@ def acdc_results(r: Results) -> Optional[str]:
                      ' / '.join(f2(x) for x in (c.get('dice_per_label') or {}).values())] for c in v['cells']]
             out += ['', table(['cell', 'PSNR (dB)', 'ROI PSNR (dB)', 'predicted [fit range]',
                                'measured [95% CI]', 'per seed', 'Dice RV / MYO / LV'], body)]
+            kept = sorted({(c['carried_from'], str(c.get('carried_commit', ''))[:7])
+                           for c in list(v['cells']) + list(clean.values()) if c.get('carried_from')})
+            if kept:
+                out += ['', '† carried over from ' + ', '.join(f'`{f}` (commit {c})' for f, c in kept)
+                        + ': measured in an earlier run, each ratio against that run\'s own clean victims.']
         out.append('')
     fit = data['refit']
     h = fit['hippocampus_fit']

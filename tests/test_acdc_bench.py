@@ -112,3 +112,23 @@ def test_keep_carries_over_missing_configurations_and_compares_shared_seeds(tmp_
     e = kept['3d_fullres']['earlier']
     assert e['clean'] == {'0': {'earlier': 0.81, 'now': pytest.approx(0.8)}}  # seed 5 was not rerun
     assert e['offset:sign=levels@16/255'] == {'0': {'earlier': 0.88, 'now': pytest.approx(0.9)}}
+
+
+def test_keep_carries_over_the_cells_a_rerun_lacks(tmp_path):
+    """A folder that reruns one configuration with a new cell keeps the earlier file's other cells of that
+    configuration (marked, with their own ratios) and its clean seeds the folder did not rerun."""
+    out = eval_folder(tmp_path, 'n', [({'method': 'offset', 'eps': 16 / 255}, 0.72)])
+    configs = acdc.collect([str(out)], PREDICTIONS)
+    earlier = {'provenance': {'commit': 'abc1234', 'command': 'x', 'date': 'd', 'machine': 'm'}, 'configurations': {
+        '3d_fullres': {'clean': {'0': {'dice': 0.81}, '7': {'dice': 0.79}},
+                       'cells': [{'cell': 'offset:sign=levels@112/255', 'psnr_roi': 14.2, 'seeds': [0, 1],
+                                  'ratio_per_seed': [0.01, 0.02], 'ratio': 0.015}]}}}
+    f = tmp_path / 'acdc_old.json'
+    f.write_text(json.dumps(earlier))
+    kept = acdc.keep_earlier(configs, str(f))['3d_fullres']
+    assert [c['cell'] for c in kept['cells']] == ['offset:sign=levels@16/255', 'offset:sign=levels@112/255']
+    carried = kept['cells'][1]
+    assert carried['carried_from'] == 'acdc_old.json' and carried['carried_commit'] == 'abc1234'
+    assert carried['ratio_per_seed'] == [0.01, 0.02] and 'carried_from' not in kept['cells'][0]
+    assert list(kept['clean'])[-1] == '7' and kept['clean']['7']['carried_from'] == 'acdc_old.json'
+    assert 'carried_from' not in kept['clean']['0'] and kept['clean']['0']['dice'] == pytest.approx(0.8)
