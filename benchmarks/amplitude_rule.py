@@ -21,8 +21,8 @@ checkerboards, the learned protectors) are listed with their residual against th
 
 Other datasets (issue 29): ``--rows`` adds the rows of ACDC results files (benchmarks/acdc.py), voxshield_audit
 reports or another dataset's map, in the map's format (``protection_map.rows_of``), and ``--victim`` names one profile
-per dataset (e.g. ``stock ACDC:stock-2d-20ep``: ACDC's stock victim is the 20-epoch 2d one); the family is fitted over all
-of them at once, and each dataset's RMSE against that one logistic and its own fit are reported beside it:
+per dataset (e.g. ``stock ACDC:stock-2d-20ep``: ACDC's stock victim is the 20-epoch 2d one); the family is fitted
+over all of them at once, and each dataset's RMSE against that one logistic and its own fit are reported beside it:
 
     python benchmarks/amplitude_rule.py --map benchmarks/results/protection_map_<date>.json \
         --rows benchmarks/results/acdc_<date>.json --victim stock ACDC:stock-2d-20ep \
@@ -187,8 +187,8 @@ def render(result: dict) -> str:
         lines.append(f'Hippocampus: the labels are {100 * result["label_fraction"]:.1f}% of the volume (whole-volume '
                      f'PSNR = ROI + {shift:.1f} dB).')
     whole_keys = [k for k in next(iter(fit['levels'].values()))['psnr_whole'] if k not in map(str, FRACTIONS)]
-    lines += ['', '| Dice / clean | ROI PSNR (dB) | ' + ''.join(f'whole volume, {k.capitalize() if k != "acdc" else "ACDC"}'
-                                                             f' (dB) | ' for k in whole_keys)
+    title = lambda k: 'ACDC' if k == 'acdc' else k.capitalize()  # noqa: E731
+    lines += ['', '| Dice / clean | ROI PSNR (dB) | ' + ''.join(f'whole volume, {title(k)} (dB) | ' for k in whole_keys)
               + 'whole volume, labels 1% (dB) | whole volume, labels 0.1% (dB) |',
               '| --- | --- | ' + '--- | ' * len(whole_keys) + '--- | --- |']
     for level, v in fit['levels'].items():

@@ -305,8 +305,9 @@ def victim_profile(trainer: str, configuration: str, plans: str = hb.PLANS) -> s
     a trainer no profile names keeps its class name (with the configuration suffix)."""
     for victim, pattern in VICTIMS.items():
         head, _, tail = pattern.partition('{e}')
-        if trainer.startswith(head) and trainer.endswith(tail) and trainer[len(head):len(trainer) - len(tail)].isdigit():
-            return profile_name(victim, plans, configuration, int(trainer[len(head):len(trainer) - len(tail)]))
+        epochs = trainer[len(head):len(trainer) - len(tail)]
+        if trainer.startswith(head) and trainer.endswith(tail) and epochs.isdigit():
+            return profile_name(victim, plans, configuration, int(epochs))
     return trainer if configuration == '3d_fullres' else f'{trainer}-{configuration}'
 
 
@@ -355,9 +356,9 @@ def rows_of(data: dict, folder: Optional[Path] = None) -> list:
                                           c.get('dice_per_label')))
         return rows
     if 'copies' in data:
-        predictions = None
-        if data.get('predictions_file') and folder is not None and (folder / Path(data['predictions_file']).name).is_file():
-            predictions = json.loads((folder / Path(data['predictions_file']).name).read_text())
+        predictions, name = None, Path(data.get('predictions_file') or '').name
+        if name and folder is not None and (folder / name).is_file():
+            predictions = json.loads((folder / name).read_text())
         clean = Path((data.get('settings') or {}).get('clean', '')).name
         dataset = clean.split('_', 1)[1] if '_' in clean else clean
         for copy in data['copies']:

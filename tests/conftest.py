@@ -295,3 +295,48 @@ def phantom_pair(nnunet_dirs):
     clean = Path(write_phantom_dataset(101, 'Clean', n_cases=6, n_test=2, raw_root=str(raw)))
     protected = perturbed_copy(clean, raw / 'Dataset102_Protected')
     return clean, protected
+
+
+# ------------------------------------------------------------------ the three-class phantom (conv, EM sample-wise)
+THREE_CLASS_SHAPE = (6, 20, 18)  # (z, y, x)
+SPACING = (0.8, 0.8, 3.0)  # (x, y, z) mm: thick slices
+
+
+def three_class_case(index: int):
+    """(image float64, seg) of a small three-class phantom: a right disc (1), a ring (2) around a left disc (3) on
+    the middle slices, over a smooth random background."""
+    rng = np.random.default_rng(index)
+    z, y, x = np.meshgrid(*[np.arange(n) for n in THREE_CLASS_SHAPE], indexing='ij')
+    seg = np.zeros(THREE_CLASS_SHAPE, dtype=np.uint8)
+    slices = (z >= 1) & (z <= 4)
+    r_left = np.hypot(y - 10, x - 6 - index % 2)
+    seg[slices & (np.hypot(y - 10, x - 14) <= 3)] = 1
+    seg[slices & (r_left <= 5)] = 2
+    seg[slices & (r_left <= 3)] = 3
+    image = 0.3 + 0.2 * rng.random(THREE_CLASS_SHAPE) + 0.1 * np.sin(x / 2.0) * np.cos(y / 3.0)
+    for label, level in ((1, 0.6), (2, 0.2), (3, 0.9)):
+        image[seg == label] += level
+    return image, seg
+
+
+def write_three_class_dataset(folder: Path, dtypes=('float32', 'uint8', 'float32')) -> list:
+    """One case of ``three_class_case`` per dtype (uint8 cases scaled by 100) in nnU-Net raw format at ``SPACING``,
+    with its dataset.json (labels a, b, c); returns the case ids."""
+    import json
+    for sub in ('imagesTr', 'labelsTr'):
+        (folder / sub).mkdir(parents=True)
+    cases = []
+    for i, dtype in enumerate(dtypes):
+        image, seg = three_class_case(i)
+        image = np.rint(image * 100) if dtype == 'uint8' else image
+        for array, path in ((image.astype(dtype), folder / 'imagesTr' / f'tc_{i:03d}_0000.nii.gz'),
+                            (seg, folder / 'labelsTr' / f'tc_{i:03d}.nii.gz')):
+            out = sitk.GetImageFromArray(array)
+            out.SetSpacing(SPACING)
+            out.SetOrigin((10.0, -4.0, 2.5))
+            sitk.WriteImage(out, str(path))
+        cases.append(f'tc_{i:03d}')
+    (folder / 'dataset.json').write_text(json.dumps({
+        'channel_names': {'0': 'MRI'}, 'labels': {'background': 0, 'a': 1, 'b': 2, 'c': 3},
+        'numTraining': len(cases), 'file_ending': '.nii.gz'}))
+    return cases

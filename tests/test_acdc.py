@@ -136,3 +136,18 @@ def test_conv_on_acdc(planned_acdc, monkeypatch):
         assert np.all(delta[label == 0] == 0) and np.abs(delta - expected).max() < 1e-6
         for k in (1, 2, 3):
             assert np.count_nonzero(delta[label == k]) > 0.9 * np.count_nonzero(label == k)
+
+
+@requires_acdc
+def test_em_samplewise_on_acdc(planned_acdc, tmp_path, monkeypatch):
+    """Sample-wise EM on two real ACDC cases (thick slices, three classes): stock nnUNetv2_train of the tiny trainer,
+    export, verify; each class carries a delta within budget (a fresh preprocessed / results folder: the module's
+    plans stay as the export-time tests read them)."""
+    from test_em_samplewise import em_train_export_verify
+    roots = {'nnUNet_raw': planned_acdc['nnUNet_raw'], 'nnUNet_preprocessed': tmp_path / 'pre',
+             'nnUNet_results': tmp_path / 'results'}
+    shutil.copytree(planned_acdc['nnUNet_preprocessed'], roots['nnUNet_preprocessed'])
+    for k, v in roots.items():
+        monkeypatch.setenv(k, str(v))
+    em_train_export_verify(roots, 27, planned_acdc['source'], 873)
+

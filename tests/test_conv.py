@@ -7,33 +7,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import private_nnunet_roots, run_cli
+from conftest import private_nnunet_roots, run_cli, three_class_case, write_three_class_dataset
 from nnunetv2_voxshield import export
 from nnunetv2_voxshield.conv_code import (MAX_STRENGTH, ConvSource, check_strength, class_kernel, conv_bound,
                                           prepare_cases, roi_psnr, strength_for_psnr)
 from nnunetv2_voxshield.dataset_io import InputError
 from nnunetv2_voxshield.verify import verify_entry
-
-SHAPE = (6, 20, 18)  # (z, y, x)
-SPACING = (0.8, 0.8, 3.0)  # (x, y, z) mm: thick slices
-
-
-def three_class_case(index: int):
-    """(image float64, seg) of a small three-class phantom: a right disc (1), a ring (2) around a left disc (3) on
-    the middle slices, over a smooth random background."""
-    rng = np.random.default_rng(index)
-    z, y, x = np.meshgrid(*[np.arange(n) for n in SHAPE], indexing='ij')
-    seg = np.zeros(SHAPE, dtype=np.uint8)
-    slices = (z >= 1) & (z <= 4)
-    r_left = np.hypot(y - 10, x - 6 - index % 2)
-    seg[slices & (np.hypot(y - 10, x - 14) <= 3)] = 1
-    seg[slices & (r_left <= 5)] = 2
-    seg[slices & (r_left <= 3)] = 3
-    image = 0.3 + 0.2 * rng.random(SHAPE) + 0.1 * np.sin(x / 2.0) * np.cos(y / 3.0)
-    for label, level in ((1, 0.6), (2, 0.2), (3, 0.9)):
-        image[seg == label] += level
-    return image, seg
-
 
 def _delta_by_hand(image: np.ndarray, seg: np.ndarray, strength: float, seed: int) -> np.ndarray:
     """s (k_c * x - x) on label c, the convolution written out: sum over offsets o of k[1 + o] x[i - o], borders
@@ -109,22 +88,7 @@ def phantom_env(tmp_path_factory):
     with stock nnU-Net (export-time methods read only the plans)."""
     with private_nnunet_roots(tmp_path_factory.mktemp('conv_phantom')) as (roots, mp):
         folder = roots['nnUNet_raw'] / 'Dataset931_ThreeClass'
-        for sub in ('imagesTr', 'labelsTr'):
-            (folder / sub).mkdir(parents=True)
-        cases = []
-        for i, dtype in enumerate((np.float32, np.uint8, np.float32)):
-            image, seg = three_class_case(i)
-            image = np.rint(image * 100) if dtype == np.uint8 else image
-            for array, path in ((image.astype(dtype), folder / 'imagesTr' / f'tc_{i:03d}_0000.nii.gz'),
-                                (seg, folder / 'labelsTr' / f'tc_{i:03d}.nii.gz')):
-                out = sitk.GetImageFromArray(array)
-                out.SetSpacing(SPACING)
-                out.SetOrigin((10.0, -4.0, 2.5))
-                sitk.WriteImage(out, str(path))
-            cases.append(f'tc_{i:03d}')
-        (folder / 'dataset.json').write_text(json.dumps({
-            'channel_names': {'0': 'MRI'}, 'labels': {'background': 0, 'a': 1, 'b': 2, 'c': 3},
-            'numTraining': len(cases), 'file_ending': '.nii.gz'}))
+        cases = write_three_class_dataset(folder)
         env = {**{k: str(v) for k, v in roots.items()}, 'nnUNet_n_proc_DA': None}
         run_cli(['nnUNetv2_extract_fingerprint', '-d', '931', '-np', '1'], env)
         run_cli(['nnUNetv2_plan_experiment', '-d', '931'], env)

@@ -308,3 +308,56 @@ def test_export_source_clamps_to_the_export_budget_and_names_a_missing_case():
         source.compute_delta(np.zeros((1, 4, 5, 6), np.float32), seg, np.array([0.1], np.float32), 'b')
     with pytest.raises(InputError, match='shape'):
         source.compute_delta(np.zeros((1, 4, 5, 7), np.float32), seg, np.array([0.1], np.float32), 'a')
+
+
+# ------------------------------------------------------------- several classes: the three-class phantom and ACDC
+def em_train_export_verify(roots: dict, dataset_id: int, source: Path, out_id: int, labels=(1, 2, 3),
+                           eps: str = '4/255') -> None:
+    """Preprocess a planned dataset (3d_fullres, the CPU preset's network), train ``nnUNetTrainerEMSampleWise_tiny``
+    with stock nnUNetv2_train, voxshield_export its deltas and check the copy: voxshield_verify passes at ``eps``,
+    labels byte-identical, dtype and spacing kept, nothing outside the labels (eps_bg = 0), |delta| within each
+    case's budget, and every class of ``labels`` carries a delta."""
+    env = {**{k: str(v) for k, v in roots.items() if k.startswith('nnUNet')}, 'nnUNet_n_proc_DA': '0',
+           'nnUNet_extTrainer': os.pathsep.join([str(TEST_TRAINERS)] + [
+               p for p in os.environ.get('nnUNet_extTrainer', '').split(os.pathsep) if p])}
+    run_cli(['nnUNetv2_preprocess', '-d', str(dataset_id), '-c', '3d_fullres', '-np', '1'], env)
+    use_cpu_preset_as_default_plans(roots['nnUNet_preprocessed'] / source.name)
+    run_cli(['nnUNetv2_train', str(dataset_id), '3d_fullres', 'all', '-tr', 'nnUNetTrainerEMSampleWise_tiny',
+             '-device', 'cpu'], env)
+    protected = roots['nnUNet_raw'] / f'Dataset{out_id}_{source.name.split("_", 1)[1]}Protected'
+    export_entry(['-d', str(dataset_id), '-o', str(out_id), '-tr', 'nnUNetTrainerEMSampleWise_tiny', '-f', 'all',
+                  '-device', 'cpu'])
+    try:
+        report = verify_datasets(str(source), str(protected), float(Fraction(eps)))
+        assert report['violations'] == [] and report['summary']['max_budget_use'] <= 1 + 1e-6
+        touched = set()
+        for label_file in sorted((source / 'labelsTr').glob('*.nii.gz')):
+            case = label_file.name[:-len('.nii.gz')]
+            assert (protected / 'labelsTr' / label_file.name).read_bytes() == label_file.read_bytes()
+            seg = sitk.GetArrayFromImage(sitk.ReadImage(str(label_file)))
+            clean = sitk.ReadImage(str(source / 'imagesTr' / f'{case}_0000.nii.gz'))
+            prot = sitk.ReadImage(str(protected / 'imagesTr' / f'{case}_0000.nii.gz'))
+            assert prot.GetPixelIDValue() == clean.GetPixelIDValue() and prot.GetSpacing() == clean.GetSpacing()
+            x = sitk.GetArrayFromImage(clean).astype(np.float64)
+            diff = sitk.GetArrayFromImage(prot).astype(np.float64) - x
+            assert np.all(diff[seg == 0] == 0)
+            assert np.abs(diff).max() <= float(Fraction(eps)) * np.subtract(*np.percentile(x, (99.5, 0.5))) * (1 + 1e-6)
+            touched |= {k for k in labels if np.count_nonzero(diff[seg == k]) > 0.5 * np.count_nonzero(seg == k) > 0}
+        assert touched == set(labels)
+    finally:
+        shutil.rmtree(protected, ignore_errors=True)
+
+
+def test_three_class_phantom_trains_exports_and_verifies(tmp_path, monkeypatch):
+    """The sample-wise trainer on the three-class phantom (float32 and uint8 cases, thick slices): a delta in each of
+    the three classes, within budget, verify passes."""
+    from conftest import write_three_class_dataset
+    roots = {name: tmp_path / name for name in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results')}
+    for name, folder in roots.items():
+        folder.mkdir()
+        monkeypatch.setenv(name, str(folder))
+    source = roots['nnUNet_raw'] / 'Dataset934_ThreeClassEM'
+    write_three_class_dataset(source)
+    run_cli(['nnUNetv2_plan_and_preprocess', '-d', '934', '-c', '3d_fullres', '-np', '1', '-npfp', '1'],
+            {**{k: str(v) for k, v in roots.items()}, 'nnUNet_n_proc_DA': None})
+    em_train_export_verify(roots, 934, source, 935)
