@@ -181,10 +181,11 @@ def main():
     refit_config = args.refit_config or next(c for c in ('2d nnUNetTrainer_20epochs', '3d_fullres') if c in configs)
     stock = (configs.get(refit_config) or {}).get('cells', [])
     commit = subprocess.check_output(['git', 'rev-parse', 'HEAD'], cwd=HERE, text=True).strip()
-    result = {'what': 'ACDC stock victims (nnUNetTrainer_<N>epochs as named per configuration, 5 if unnamed; '
-                      'nnUNetPlans_cpu, fold all, no TTA) on the clean training volumes of benchmarks/acdc_split.json '
-                      'and on class-coded offset, class-wise convolution and uniform random noise copies, scored on '
-                      'its 32 held-out volumes; each cell beside the prediction written before it ran.',
+    result = {'what': 'ACDC victims (stock nnUNetTrainer_<N>epochs, or the trainer named per configuration, e.g. '
+                      'the no-augmentation nnUNetTrainerNoDA_<N>epochs; 5 epochs if unnamed; nnUNetPlans_cpu, fold '
+                      'all, no TTA) on the clean training volumes of benchmarks/acdc_split.json and on class-coded '
+                      'offset and checkerboard, class-wise convolution and uniform random noise copies, scored on its '
+                      '32 held-out volumes; each cell beside the prediction written before it ran.',
               'predictions_file': os.path.relpath(args.predictions, HERE.parent),
               'configurations': configs,
               'refit': refit(json.loads(Path(args.hippocampus_rule).read_text()), stock, refit_config),
