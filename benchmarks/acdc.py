@@ -90,10 +90,12 @@ def collect(outs: list, predictions: dict) -> dict:
         per_case = lambda runs_: {s: {c['case']: c['mean_dice'] for c in v['cases']} for s, v in runs_.items()}  # noqa
         boot = bootstrap_ratio(per_case(seeds), per_case(clean))
         p = by_cell[key]
+        noda = p.get('predicted_noda') if 'NoDA' in config else None  # the rule is the stock victim's
         result.setdefault(config, {'clean': {}, 'cells': []})['cells'].append({
             'cell': key, 'psnr_roi': p['psnr_roi'], 'psnr_whole': p['psnr_whole'], **ratio,
-            'ci95': boot['ci'] if boot else None, 'predicted_ratio': p['predicted_ratio'],
-            'predicted_ratio_range': p['predicted_ratio_range']})
+            'ci95': boot['ci'] if boot else None, 'predicted_ratio': None if noda else p['predicted_ratio'],
+            'predicted_ratio_range': None if noda else p['predicted_ratio_range'],
+            **({'predicted_text': f'each seed below {noda["ratio_per_seed_below"]}'} if noda else {})})
     for v in result.values():
         v['cells'].sort(key=lambda c: -c['psnr_roi'])
     for (config, key), seeds in sorted(runs.items()):
@@ -197,7 +199,7 @@ def main():
         print(config, 'clean', {s: round(c['dice'], 3) for s, c in v['clean'].items()})
         for c in v['cells']:
             print(f"  {c['cell']:28s} ROI {c['psnr_roi']:.1f} dB  measured {c['ratio']:.3f} {c['ratio_per_seed']} "
-                  f"ci {c['ci95']}  predicted {c['predicted_ratio']:.3f}")
+                  f"ci {c['ci95']}  predicted {c.get('predicted_text') or round(c['predicted_ratio'], 3)}")
     print(json.dumps(result['refit'], indent=1))
 
 

@@ -558,8 +558,9 @@ def acdc_results(r: Results) -> Optional[str]:
                        f'path, fresh folders): ' + '; '.join(pairs) + '.')
         if v['cells']:
             body = [[c['cell'] + (' †' if c.get('carried_from') else ''), f1(c['psnr_whole']), f1(c['psnr_roi']),
-                     f'{small(c["predicted_ratio"])} [{small(c["predicted_ratio_range"][0])}-'
-                     f'{small(c["predicted_ratio_range"][1])}]',
+                     c.get('predicted_text') or (f'{small(c["predicted_ratio"])} '
+                                                f'[{small(c["predicted_ratio_range"][0])}-'
+                                                f'{small(c["predicted_ratio_range"][1])}]'),
                      small(c['ratio']) + (f' [{small(c["ci95"][0])}, {small(c["ci95"][1])}]' if c.get('ci95') else ''),
                      ' / '.join(small(x) for x in c['ratio_per_seed']),
                      ' / '.join(f2(x) for x in (c.get('dice_per_label') or {}).values())] for c in v['cells']]
@@ -1019,7 +1020,7 @@ def acdc_rule_png(r: Results, png: Path) -> None:
     if j:
         ax.plot(grid, 1 / (1 + np.exp((j['x50'] - grid) / j['s'])), 'k--', lw=1,
                 label=f'refit on both datasets: x50 {j["x50"]:.1f} dB, s {j["s"]:.2f} dB')
-    markers = {'offset': 'o', 'conv': 's', 'random': '^'}
+    markers = {'offset': 'o', 'conv': 's', 'random': '^', 'checkerboard': 'D'}
     for k, (config, v) in enumerate(data['configurations'].items()):
         if not v['cells']:
             continue
@@ -1034,7 +1035,7 @@ def acdc_rule_png(r: Results, png: Path) -> None:
                         capsize=3, color=colour, label=f'ACDC {config} (clean Dice {clean}): {method}')
     ax.axhline(0.05, color='k', lw=0.8, ls=':')
     ax.set_ylim(-0.05, 1.15)
-    save_rule_axes(fig, ax, png, 'ACDC against the Hippocampus rule (o offset, s conv, ^ random)',
+    save_rule_axes(fig, ax, png, 'ACDC against the Hippocampus rule (o offset, s conv, ^ random, D checkerboard)',
                    'victim Dice / clean', legend_size=9)
 
 
