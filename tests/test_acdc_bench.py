@@ -98,6 +98,26 @@ def test_another_victim_trainer_is_its_own_profile(tmp_path):
     assert list(acdc.collect([str(out)], PREDICTIONS)) == ['3d_fullres nnUNetTrainer_20epochs']
 
 
+def test_a_no_augmentation_victim_carries_its_own_prediction(tmp_path):
+    """The rule predicts the stock victim; a cell of a NoDA victim shows the prediction written for that victim
+    (``predicted_noda``) and no rule number; the stock victim of the same cell keeps the rule's."""
+    rows = [{'cell': 'checkerboard:sign=levels@16/255', 'eps': '16/255', 'psnr_roi': 29.0, 'psnr_whole': 43.0,
+             'predicted_ratio': 0.92, 'predicted_ratio_range': [0.89, 0.95],
+             'predicted_noda': {'ratio_per_seed_below': 0.1, 'seeds': [0, 1, 2]}}]
+    folders = {}
+    for trainer in ('nnUNetTrainerNoDA_20epochs', 'nnUNetTrainer_20epochs'):
+        out = eval_folder(tmp_path / trainer, 'n', [({'method': 'checkerboard', 'eps': 16 / 255}, 0.04)])
+        for f in out.glob('victims/*/*/seed_*/scores.json'):
+            f.write_text(json.dumps({**json.loads(f.read_text()), 'trainer': trainer}))
+        folders[trainer] = str(out)
+    result = acdc.collect(list(folders.values()), {'rows': rows})
+    noda = result['3d_fullres nnUNetTrainerNoDA_20epochs']['cells'][0]
+    assert noda['predicted_text'] == 'each seed below 0.1' and noda['predicted_ratio'] is None
+    assert noda['ratio'] == pytest.approx(0.05)
+    stock = result['3d_fullres nnUNetTrainer_20epochs']['cells'][0]
+    assert stock['predicted_ratio'] == 0.92 and 'predicted_text' not in stock
+
+
 def test_keep_carries_over_missing_configurations_and_compares_shared_seeds(tmp_path):
     out = eval_folder(tmp_path, 'k', [({'method': 'offset', 'eps': 16 / 255}, 0.72)])
     configs = acdc.collect([str(out)], PREDICTIONS)
