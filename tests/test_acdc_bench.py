@@ -106,6 +106,7 @@ def test_a_no_augmentation_victim_carries_its_own_prediction(tmp_path):
              'predicted_noda': {'ratio_per_seed_below': 0.1, 'seeds': [0, 1, 2]}}]
     folders = {}
     for trainer in ('nnUNetTrainerNoDA_20epochs', 'nnUNetTrainer_20epochs'):
+        (tmp_path / trainer).mkdir()
         out = eval_folder(tmp_path / trainer, 'n', [({'method': 'checkerboard', 'eps': 16 / 255}, 0.04)])
         for f in out.glob('victims/*/*/seed_*/scores.json'):
             f.write_text(json.dumps({**json.loads(f.read_text()), 'trainer': trainer}))
