@@ -7,8 +7,9 @@ exploiter.
 A cell is ``METHOD[:key=value]@EPS``: an export-time method (random, offset[:sign=S], checkerboard[:block=N],
 stripes[:block=N], diagonal[:block=N], smooth[:sigma=S], grow[:width=N], shrink[:width=N], edge[:width=N][:sign=S],
 lsp) exported at EPS, or a protector trained at EPS with nnU-Net's trainer API and exported at its own budget
-(VoxShield, VoxShield-EOT, VoxShield-LC: ``<trainer>[_eps<N>]_<E>epochs``; at 4/255 the plain trainer). Any method
-takes ``:clean=F``: its copy with a fixed share F of the training cases left clean.
+(VoxShield, VoxShield-EOT, VoxShield-LC, EM-samplewise, EM-samplewise-EOT: ``<trainer>[_eps<N>]_<E>epochs``; at
+4/255 the plain trainer). Any method takes ``:clean=F``: its copy with a fixed share F of the training cases left
+clean.
 ``--victim`` is an exploiter profile (stock: ``nnUNetTrainer_5epochs``; noda: ``nnUNetTrainerNoDA_5epochs``;
 adam, labelaware, noSpatial, noNoiseBlur, noIntensity, noLowRes, noMirror, intensityMirrorOnly, onlySpatial,
 onlyNoiseBlur, onlyLowRes: the profiles of ``trainers/victim_profiles.py``; or any trainer class with
@@ -53,7 +54,8 @@ TRAINED = {'VoxShield': 'nnUNetTrainerVoxShield', 'VoxShield-EOT': 'nnUNetTraine
            'VoxShield-LC-tile4-noDA-fastP': 'nnUNetTrainerVoxShieldLC_tile4_noDA_fastP',
            'VoxShield-LC-align': 'nnUNetTrainerVoxShieldLC_align',
            'VoxShield-LC-align-noDA': 'nnUNetTrainerVoxShieldLC_align_noDA',
-           'VoxShield-LC-align-noDA-smallInit': 'nnUNetTrainerVoxShieldLC_align_noDA_smallInit'}
+           'VoxShield-LC-align-noDA-smallInit': 'nnUNetTrainerVoxShieldLC_align_noDA_smallInit',
+           'EM-samplewise': 'nnUNetTrainerEMSampleWise', 'EM-samplewise-EOT': 'nnUNetTrainerEMSampleWiseEOT'}
 VICTIMS = {'stock': 'nnUNetTrainer_{e}epochs', 'noda': 'nnUNetTrainerNoDA_{e}epochs',
            'adam': 'nnUNetTrainerVanillaAdam5en4_{e}epochs', 'labelaware': 'nnUNetTrainerLabelAware_{e}epochs',
            **{f'no{f}': f'nnUNetTrainerDA_no{f}_{{e}}epochs'

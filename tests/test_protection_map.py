@@ -26,10 +26,13 @@ def test_parse_cell_and_names():
     for bad in ('waves@16/255', 'offset@abc', 'offset@0', 'offset@2'):
         with pytest.raises(SystemExit):
             pmap.parse_cell(bad)
-    from nnunetv2_voxshield.trainers import baselines, eot, lc, voxshield  # every trained method's trainer exists
-    shipped = {**vars(voxshield), **vars(eot), **vars(lc), **vars(baselines)}
+    from nnunetv2_voxshield.trainers import baselines, em_samplewise, eot, lc, voxshield  # each method's trainer
+    shipped = {**vars(voxshield), **vars(eot), **vars(lc), **vars(baselines), **vars(em_samplewise)}
     assert all(name in shipped for name in pmap.TRAINED.values())
     assert pmap.protector_trainer(pmap.parse_cell('VoxShield-LC-align-noDA@10/255'), 5) in shipped
+    assert pmap.protector_trainer(pmap.parse_cell('EM-samplewise@10/255'), 5) == \
+        'nnUNetTrainerEMSampleWise_eps10_5epochs' in shipped
+    assert pmap.protector_trainer(pmap.parse_cell('EM-samplewise-EOT@16/255'), 5) in shipped
     # a residual-encoder victim is its own profile: its rows never pool with the plain U-Net's
     assert pmap.plans_tag('nnUNetResEncUNetMPlans_cpu') == 'ResEncM_cpu'
     assert pmap.plans_tag('nnUNetResEncUNetLPlans') == 'ResEncL'
