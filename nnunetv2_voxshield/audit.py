@@ -78,7 +78,8 @@ def audit(clean: str, protected: Sequence[str], output_dir: str, test_images: Op
     rule = VD.load_rule(rule_file)
 
     out = os.path.abspath(output_dir)
-    pin_inputs(out, {'clean': clean_dir, 'protected': protected_dirs, 'train': tests['train'], 'test': tests['test']})
+    pin_inputs(out, {'clean': clean_dir, 'protected': protected_dirs, 'names': copies, 'train': tests['train'],
+                     'test': tests['test']})
     rows = {'clean': os.path.join(out, 'nnUNet_raw', f'Dataset{row_dataset_id(out, "clean"):03d}_clean')}
     link_cases(listing['cases'], tests['train'], clean_json, rows['clean'])
     for name, d in zip(copies, protected_dirs):
@@ -120,7 +121,9 @@ def audit_entry(argv=None):
                     'reports.')
     parser.add_argument('--clean', required=True, help='clean raw dataset: folder, id or DatasetXXX_Name')
     parser.add_argument('--protected', nargs='+', required=True, help='protected copies (any nnU-Net raw folder, id or DatasetXXX_Name)')
-    parser.add_argument('--name', nargs='+', default=None, help='names of the copies in the report')
+    parser.add_argument('--name', nargs='+', default=None, help='names of the copies in the report (default: '
+                        'protected, or protected1, protected2, ...); to add copies to an OUT, name the copies audited '
+                        'there as before')
     parser.add_argument('--test-images', default=None, help='held-out clean images. Default: imagesTs of --clean')
     parser.add_argument('--test-labels', default=None, help='their labels. Default: labelsTs of --clean')
     parser.add_argument('--split', default=None, help='split file {"train": [...], "test": [...]} over the clean '

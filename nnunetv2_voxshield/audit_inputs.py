@@ -263,13 +263,28 @@ def row_dataset_id(out: str, row: str) -> int:
 
 
 def pin_inputs(out: str, pinned: dict) -> None:
-    """audit.json: the inputs OUT was made for; another clean/protected/test set in the same OUT is refused."""
+    """audit.json: the inputs OUT was made for ('protected' and its 'names' aligned); another clean or test set in
+    the same OUT is refused. The protected copies may grow (a rerun that adds copies reuses the victims already
+    trained; audit.json then lists them all) or be a part of those pinned (a report on fewer copies), each copy
+    keeping the name it was audited under; a copy that replaces a pinned one is refused."""
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, 'audit.json')
-    if os.path.isfile(path):
-        old = json.load(open(path))
-        for k, v in pinned.items():
-            if old.get(k) != v:
-                raise AuditError(f'{path}: OUT was made for another {k} ({str(old.get(k))[:80]}); use another -o')
+    if not os.path.isfile(path):
+        write_json_atomic(pinned, path)
         return
-    write_json_atomic(pinned, path)
+    old = json.load(open(path))
+    for k, v in pinned.items():
+        if k not in ('protected', 'names') and old.get(k) != v:
+            raise AuditError(f'{path}: OUT was made for another {k} ({str(old.get(k))[:80]}); use another -o')
+    before, now = list(old.get('protected') or []), list(pinned['protected'])
+    if not (set(before) <= set(now) or set(now) <= set(before)):
+        raise AuditError(f'{path}: OUT was made for another protected ({str(before)[:80]}); use another -o')
+    named = dict(zip(before, old.get('names') or []))
+    names = dict(zip(now, pinned.get('names') or []))
+    for d, n in names.items():
+        if d in named and named[d] != n:
+            raise AuditError(f'{path}: {d} was audited as {named[d]!r} in this OUT; give it that name again (--name) '
+                             f'or use another -o')
+    if set(before) < set(now):
+        grown = before + [d for d in now if d not in before]
+        write_json_atomic({**old, 'protected': grown, 'names': [named.get(d) or names.get(d) for d in grown]}, path)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from conftest import perturbed_copy
 from nnunetv2_voxshield.audit import audit_entry, check_no_overlap, patient_of, AuditError, parse_slurm
 from nnunetv2_voxshield.panel import PanelError, build_panel, parse_exploiter
 from nnunetv2_voxshield.verdict import bootstrap_ratio, classify, rule_ratio, seed_ratio, verdict_line
@@ -258,6 +259,22 @@ def test_audit_dag_end_to_end_on_the_phantom(phantom_pair, tmp_path, test_traine
     n_jobs = len(list((out / 'jobs').iterdir()))
     assert f'{n_jobs} jobs ({n_jobs} done earlier)' in err
     assert json.loads((out / 'report.json').read_text())['copies'] == report['copies']
+    # a second copy in the same OUT (the first keeps its name): the clean victim is reused, only the new copy's 5 jobs
+    # run; a copy renamed or replacing a pinned one is refused
+    second = perturbed_copy(clean, tmp_path / 'Dataset103_Second', amplitude=60.0, seed=1)
+    _refused(argv[:3] + [str(protected), str(second), '--name', 'first', 'second'] + argv[4:], capsys,
+             "was audited as 'protected' in this OUT")
+    audit_entry(argv[:3] + [str(protected), str(second), '--name', 'protected', 'second'] + argv[4:])
+    assert f'{n_jobs + 5} jobs ({n_jobs} done earlier)' in capsys.readouterr().err
+    names = sorted(p.name for p in (out / 'jobs').iterdir())
+    assert len(names) == n_jobs + 5 and sum('second' in n for n in names) == 5
+    grown = json.loads((out / 'report.json').read_text())
+    assert [c['name'] for c in grown['copies']] == ['protected', 'second']
+    assert grown['copies'][0]['exploiters'][0]['per_seed'] == e['per_seed']
+    pinned = json.loads((out / 'audit.json').read_text())
+    assert pinned['protected'] == [str(protected), str(second)] and pinned['names'] == ['protected', 'second']
+    other = perturbed_copy(clean, tmp_path / 'Dataset104_Other', amplitude=20.0, seed=2)
+    _refused(argv[:3] + [str(other)] + argv[4:], capsys, 'OUT was made for another protected')
 
 
 def test_report_from_job_records_holds_the_numbers(tmp_path):
