@@ -137,8 +137,9 @@ def keep_earlier(configs: dict, earlier_file: str) -> dict:
     earlier = json.loads(Path(earlier_file).read_text())
     name = os.path.basename(earlier_file)
     for config, v in earlier['configurations'].items():
-        if config not in configs:
-            configs[config] = {**v, 'carried_from': name, 'carried_provenance': earlier['provenance']}
+        if config not in configs:  # carried once: where it was measured stays named
+            configs[config] = v if v.get('carried_from') else {**v, 'carried_from': name,
+                                                                'carried_provenance': earlier['provenance']}
             continue
         new = configs[config]
         same = {'clean': {s: {'earlier': c['dice'], 'now': new['clean'][s]['dice']}

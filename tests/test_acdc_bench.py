@@ -130,6 +130,10 @@ def test_keep_carries_over_missing_configurations_and_compares_shared_seeds(tmp_
     f.write_text(json.dumps(earlier))
     kept = acdc.keep_earlier(configs, str(f))
     assert kept['2d']['carried_from'] == 'acdc_old.json' and kept['2d']['clean'] == {'0': {'dice': 0.3}}
+    f.write_text(json.dumps({**earlier, 'configurations': {'2d': kept['2d']}}))  # carried again: still named
+    (tmp_path / 'acdc_newer.json').write_text(f.read_text())
+    again = acdc.keep_earlier(acdc.collect([str(out)], PREDICTIONS), str(tmp_path / 'acdc_newer.json'))
+    assert again['2d']['carried_from'] == 'acdc_old.json'
     e = kept['3d_fullres']['earlier']
     assert e['clean'] == {'0': {'earlier': 0.81, 'now': pytest.approx(0.8)}}  # seed 5 was not rerun
     assert e['offset:sign=levels@16/255'] == {'0': {'earlier': 0.88, 'now': pytest.approx(0.9)}}
