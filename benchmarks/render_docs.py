@@ -218,9 +218,21 @@ def frontier_points(r: Results, victim: Optional[str], purification: Optional[st
 
 
 # ------------------------------------------------------------------------------------------------------ sections
+def audit_reports(r: Results) -> list:
+    """Every committed voxshield_audit report (audit_<name>_<date>.json, not the engine's audit_engine_*.json), oldest
+    name first, as (file name, report)."""
+    return [(f.name, json.loads(f.read_text())) for f in sorted(r.folder.glob('audit_*.json'))
+            if not f.name.startswith('audit_engine')]
+
+
 def audit_report(r: Results) -> Optional[dict]:
-    """The newest committed voxshield_audit report (audit_<name>_<date>.json), not the engine's audit_engine_*.json."""
-    return r.get('audit_[!e]*.json') or r.get('audit_e[!n]*.json')
+    """The committed audit reports as one: their verdict lines and copies in file order, the first one's settings
+    (thresholds and rule; None without any report)."""
+    reports = [data for _, data in audit_reports(r)]
+    if not reports:
+        return None
+    return {'verdict': [v for d in reports for v in d.get('verdict') or []], 'settings': reports[0].get('settings') or {},
+            'copies': [c for d in reports for c in d.get('copies') or []]}
 
 
 def cell_name(cell: str) -> str:
@@ -798,41 +810,48 @@ def timing(r: Results) -> Optional[str]:
 
 @section('Audit')
 def audit(r: Results) -> Optional[str]:
-    """The audit's verdict lines and Dice / clean per exploiter, once a voxshield_audit report.json is committed as
-    benchmarks/results/audit_<name>_<date>.json ({'verdict': [...], 'copies': [{'name', 'exploiters': [{'name',
-    'ratio': {'ratio', 'ci', 'per_seed'}, 'cost', 'status'}]}]})."""
-    data = audit_report(r)
-    if data is None:
+    """The audits' verdict lines and Dice / clean per exploiter, one block per voxshield_audit report.json committed
+    as benchmarks/results/audit_<name>_<date>.json ({'verdict': [...], 'copies': [{'name', 'exploiters': [{'name',
+    'ratio': {'ratio', 'ci', 'per_seed'}, 'cost', 'status'}]}]}); one figure of every copy."""
+    reports = audit_reports(r)
+    if not reports:
         return None
-    lines = [f'**{v}**' for v in data.get('verdict') or []] + ['', '![audit](figures/audit.png)', '']
-    body = []
+    out = ['![audit](figures/audit.png)', '']
     ci = lambda b: '–' if not b else small(b['ratio']) + (  # noqa: E731
         f' [{small(b["ci"][0])}, {small(b["ci"][1])}]' if b.get('ci') else '')
-    for copy in data.get('copies') or []:
-        for e in copy.get('exploiters') or []:
-            if e.get('failed'):
-                body.append([copy['name'], e['name'], f'failed: {e["failed"]}', '–', '–', '–'])
-                continue
-            body.append([copy['name'], e['name'], ci(e['ratio']),
-                         ' / '.join(map(small, e['ratio'].get('per_seed') or [])), e.get('status', '–'),
-                         ci(e.get('cost'))])
-    copies = []
-    for copy in data.get('copies') or []:
-        q, rule = copy.get('quality') or {}, copy.get('rule') or {}
-        text = f'`{copy["name"]}`: PSNR {f1(q.get("psnr"))} dB, inside the labels {f1(q.get("psnr_roi"))} dB'
-        if rule.get('predicted') is not None:
-            text += (f'; the amplitude rule predicts {small(rule["predicted"])} of clean for the {rule["victim"]} '
-                     f'victim' + (f', measured {small(rule["measured"])}' if rule.get('measured') is not None else ''))
-        copies.append(f'- {text}.')
-    if data.get('predictions_file'):
-        pred = json.loads((ROOT / data['predictions_file']).read_text())
-        copies.append(f'- Predictions written before the runs (`{Path(data["predictions_file"]).name}`): ' + '; '.join(
-            f'{x["cell"]} at {x["psnr_roi"]:.1f} dB ROI: stock {small(x["predicted_ratio"]["stock"])} (written '
-            f'{x["written"]})' for x in pred['rows']) + '.')
-    p = data.get('provenance')
-    made = [f'Made by `{p["command"]}` at {str(p["commit"])[:7]}, {p["date"]}.'] if p else []
-    return '\n'.join(lines + [table(['copy', 'exploiter', 'Dice / clean [95% CI]', 'per seed', 'verdict',
-                                      'cost of the purification alone'], body), ''] + copies + [''] + made)
+    for name, data in reports:
+        lines = [f'### `{name}`', ''] + [f'**{v}**' for v in data.get('verdict') or []] + ['']
+        body = []
+        for copy in data.get('copies') or []:
+            for e in copy.get('exploiters') or []:
+                if e.get('failed'):
+                    body.append([copy['name'], e['name'], f'failed: {e["failed"]}', '–', '–', '–'])
+                    continue
+                body.append([copy['name'], e['name'], ci(e['ratio']),
+                             ' / '.join(map(small, e['ratio'].get('per_seed') or [])), e.get('status', '–'),
+                             ci(e.get('cost'))])
+        copies = []
+        for copy in data.get('copies') or []:
+            q, rule = copy.get('quality') or {}, copy.get('rule') or {}
+            text = f'`{copy["name"]}`: PSNR {f1(q.get("psnr"))} dB, inside the labels {f1(q.get("psnr_roi"))} dB'
+            if rule.get('predicted') is not None:
+                text += (f'; the amplitude rule predicts {small(rule["predicted"])} of clean for the {rule["victim"]} '
+                         f'victim' + (f', measured {small(rule["measured"])}' if rule.get('measured') is not None
+                                      else ''))
+            copies.append(f'- {text}.')
+        if data.get('predictions_file'):
+            pred = json.loads((ROOT / data['predictions_file']).read_text())
+            copies.append(f'- Predictions written before the runs (`{Path(data["predictions_file"]).name}`): '
+                          + '; '.join(f'{x["cell"]} at {x["psnr_roi"]:.1f} dB ROI: stock '
+                                      f'{small(x["predicted_ratio"]["stock"])}'
+                                      + (f', no augmentation {x["expected_noda"].split(" (")[0]}'
+                                         if x.get('expected_noda') and x['expected_noda'][0].isdigit() else '')
+                                      + f' (written {x["written"]})' for x in pred['rows']) + '.')
+        p = data.get('provenance')
+        made = [f'Made by `{p["command"]}` at {str(p["commit"])[:7]}, {p["date"]}.'] if p else []
+        out += lines + [table(['copy', 'exploiter', 'Dice / clean [95% CI]', 'per seed', 'verdict',
+                               'cost of the purification alone'], body), ''] + copies + [''] + made + ['']
+    return '\n'.join(out).rstrip('\n')
 
 
 @section('The audit engine: parallel efficiency, overhead, kill and resume')
