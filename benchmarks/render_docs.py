@@ -231,8 +231,8 @@ def audit_report(r: Results) -> Optional[dict]:
     reports = [data for _, data in audit_reports(r)]
     if not reports:
         return None
-    return {'verdict': [v for d in reports for v in d.get('verdict') or []], 'settings': reports[0].get('settings') or {},
-            'copies': [c for d in reports for c in d.get('copies') or []]}
+    return {'verdict': [v for d in reports for v in d.get('verdict') or []],
+            'settings': reports[0].get('settings') or {}, 'copies': [c for d in reports for c in d.get('copies') or []]}
 
 
 def cell_name(cell: str) -> str:
