@@ -279,17 +279,30 @@ def status(r: Results) -> Optional[str]:
         clean = ' / '.join(f2(c['dice']) for c in v['clean'].values())
         pending = (f'. On ACDC, against a {config} victim (clean Dice {clean} by seed), measured Dice / clean at each '
                    f'copy\'s ROI PSNR beside the rule\'s prediction written before the run: {"; ".join(cells)}')
+    from protection_map import rows_of
+    em = [x for _, d in audit_reports(r) for x in rows_of(d, r.folder) if x['method'].startswith('EM-samplewise')]
+    em_text = ''
+    if em:
+        budgets = sorted({x['eps'] for x in em}, key=Fraction)
+        em_text = (f' Sample-wise error-minimising noise (Huang et al.) at {" and ".join(budgets)} keeps '
+                   f'{min(x["ratio"] for x in em):.2f}-{max(x["ratio"] for x in em):.2f} against the stock and the '
+                   f'no-augmentation victims ({len(em)} cells, {"-".join(sorted({str(len(x["seeds"])) for x in em}))} '
+                   f'seeds each).')
+    acdc_cb = next((c for c in ((acdc or {}).get('configurations', {}).get('2d nnUNetTrainerNoDA_20epochs') or {})
+                    .get('cells', []) if c['cell'].startswith('checkerboard')), None)
+    acdc_cb_text = (f'; on ACDC the same class-coded checkerboard protects the 20-epoch no-augmentation 2d victim: '
+                    f'{ratio_text(acdc_cb)} of clean' if acdc_cb else '')
     return '\n'.join([
         f'- **Against stock nnU-Net, nothing protects at a usable budget.** Up to 16/255 every trained method '
         f'(VoxShield, -EOT, -LC) keeps >= {math.floor(low["ratio"] * 100) / 100:.2f} of the clean victim\'s Dice '
-        f'({len(stock_trained)} cells, 1-2 seeds each).',
+        f'({len(stock_trained)} cells, 1-2 seeds each).' + em_text,
         f'- At 64/255 they cost a stock victim what uniform noise costs: '
         f'{min(x["ratio"] for x in at64):.2f}-{max(x["ratio"] for x in at64):.2f} of clean, noise '
         f'{rnd64["ratio"]:.2f}.',
         f'- **Against the paper\'s victim (no augmentation)** a fixed checkerboard in the labels at 16/255 '
         f'({cb16["psnr"]:.1f} dB) protects: {ratio_text(cb16)} of clean; '
         f'{", ".join(PURIFICATION_NAMES[p] for p in undone) or "no purification"} undo it, '
-        f'{", ".join(PURIFICATION_NAMES[p] for p in kept) or "none"} does not.',
+        f'{", ".join(PURIFICATION_NAMES[p] for p in kept) or "none"} does not{acdc_cb_text}.',
         f'- **The amplitude rule:** against stock, a code\'s effect follows its amplitude in the labels; 0.05 of clean '
         f'needs {lvl["psnr_whole"]["hippocampus"]:.1f} dB over the whole volume (50 dB is the goal); measured '
         f'{o128["ratio"]:.3f} at {o128["psnr"]:.1f} dB, where the labels are plain to see.',
