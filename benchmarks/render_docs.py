@@ -485,6 +485,48 @@ def external_map_rows(r: Results) -> Optional[str]:
 
 
 @block
+def amplitude_rule_joint_summary(r: Results) -> Optional[str]:
+    """One paragraph of the joint fit over both datasets (findings.md)."""
+    data = r.get('amplitude_rule_joint_*.json')
+    if data is None:
+        return None
+    fit, ds = data['fit'], data['datasets']
+    own = lambda o: f' (its own fit x50 {o["x50"]:.1f} dB, s {o["s"]:.2f} dB, RMSE {o["rmse"]:.3f})'  # noqa: E731
+    parts = [f'{d}: {v["points"]} points, RMSE {v["rmse_joint"]:.3f}' + (own(v['own_fit']) if v.get('own_fit') else '')
+             for d, v in ds.items()]
+    others = [f'{o["dataset"]} {o["victim"]} {o["cell"]} {small(o["ratio"])} ({o["residual"]:+.2f})'
+              for o in data['others']]
+    return (f'One logistic over both datasets\' class-coded codes ({fit["points"]} per-seed points, victims '
+            f'{" / ".join(data["victim"]) if isinstance(data["victim"], list) else data["victim"]}): x50 = '
+            f'{fit["x50"]:.1f} dB ({fit["x50_ci"][0]:.1f}-{fit["x50_ci"][1]:.1f}), s = {fit["s"]:.2f} dB, RMSE '
+            f'{fit["rmse"]:.3f}; ' + '; '.join(parts) + '. Other perturbations against it (Dice / clean, minus the '
+            'fit): ' + '; '.join(others) + f' (`benchmarks/results/{r.name("amplitude_rule_joint_*.json")}`).')
+
+
+@block
+def em_samplewise(r: Results) -> Optional[str]:
+    """Sample-wise EM's audit rows beside the predictions written before them (findings.md)."""
+    from protection_map import rows_of
+    rows, preds = [], {}
+    for name, data in audit_reports(r):
+        em = [x for x in rows_of(data, r.folder) if x['method'].startswith('EM-samplewise')]
+        if em and data.get('predictions_file'):
+            preds.update({p['cell']: p for p in json.loads((ROOT / data['predictions_file']).read_text())['rows']})
+        rows += [(name, x) for x in em]
+    if not rows:
+        return None
+    body = []
+    for name, x in sorted(rows, key=lambda t: (Fraction(t[1]['eps']), t[1]['victim'] != 'stock')):
+        p = preds.get(x['cell']) or {}
+        predicted = (small(p['predicted_ratio']['stock']) + ' (the rule)' if x['victim'] == 'stock' and p
+                     else (p.get('expected_noda') or '–').split(' (')[0])
+        body.append([x['cell'], f1(x['psnr_roi']), x['victim'], predicted, f'**{small(x["ratio"])}**',
+                     ' / '.join(small(v) for v in x['ratio_per_seed']), f'`{name}`'])
+    return table(['cell', 'ROI PSNR (dB)', 'victim', 'predicted before the run', 'Dice / clean', 'per seed',
+                  'report'], body)
+
+
+@block
 def amplitude_rule_summary(r: Results) -> Optional[str]:
     """One paragraph of the fit's numbers (findings.md)."""
     data = r.get('amplitude_rule_20*.json')
