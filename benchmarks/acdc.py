@@ -56,10 +56,11 @@ def victims(out: Path) -> list:
 
 
 def cell_of(dataset: str, predictions: list) -> str:
-    """The prediction row whose method and eps are the protected copy's (its dataset.json)."""
+    """The prediction row whose method and eps are the protected copy's (its dataset.json). A row's method is its
+    ``method`` field, else its cell's name (a trained export's method, e.g. em_samplewise, is not the cell's name)."""
     meta = json.loads((Path(dataset) / 'dataset.json').read_text()).get('voxshield') or {}
     for p in predictions:
-        method = p['cell'].split(':')[0].split('@')[0]
+        method = p.get('method') or p['cell'].split(':')[0].split('@')[0]
         same = (math.isclose(float(Fraction(p['eps'])), meta.get('eps') or -1) if p.get('eps')
                 else math.isclose(p.get('strength', -1), meta.get('strength') or -2))
         if method == meta.get('method') and same:

@@ -64,6 +64,21 @@ def test_collect_pairs_each_copy_with_its_prediction_and_the_clean_victims(tmp_p
     assert cells['offset:sign=levels@112/255']['predicted_ratio'] == 0.05
 
 
+def test_a_trained_copy_finds_its_row_by_the_rows_method(tmp_path):
+    """A sample-wise EM copy (dataset.json method em_samplewise) is the row named EM-samplewise@10/255."""
+    rows = {'rows': PREDICTIONS['rows'] + [
+        {'cell': 'EM-samplewise@10/255', 'method': 'em_samplewise', 'eps': '10/255', 'psnr_roi': 33.0,
+         'psnr_whole': 47.0, 'predicted_ratio': 0.98, 'predicted_ratio_range': [0.97, 0.99]}]}
+    out = eval_folder(tmp_path, 'e', [({'method': 'em_samplewise', 'eps': 10 / 255}, 0.76),
+                                      ({'method': 'offset', 'eps': 16 / 255}, 0.72)])
+    cells = {c['cell']: c for c in acdc.collect([str(out)], rows)['3d_fullres']['cells']}
+    assert set(cells) == {'EM-samplewise@10/255', 'offset:sign=levels@16/255'}
+    assert cells['EM-samplewise@10/255']['ratio'] == pytest.approx(0.95)
+    assert cells['EM-samplewise@10/255']['predicted_ratio'] == 0.98
+    with pytest.raises(SystemExit, match='no prediction row for method em_samplewise'):
+        acdc.collect([str(eval_folder(tmp_path, 'f', [({'method': 'em_samplewise', 'eps': 16 / 255}, 0.7)]))], rows)
+
+
 def test_a_copy_without_a_prediction_is_refused(tmp_path):
     out = eval_folder(tmp_path, 'b', [({'method': 'offset', 'eps': 40 / 255}, 0.5)])
     with pytest.raises(SystemExit, match='no prediction row for method offset'):
