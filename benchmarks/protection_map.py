@@ -326,9 +326,14 @@ def _external_row(dataset: str, victim: str, cell: str, seeds: list, dice: float
 
 
 def _audit_cell(copy: dict, predictions: Optional[dict]) -> str:
-    """The cell of an audited copy: the predictions file's row with the copy's strength (conv) or eps, else the
-    copy's name."""
+    """The cell of an audited copy: the predictions file's row naming the copy's dataset folder, else its row with
+    the copy's strength (conv) or eps, else the copy's name. (Two copies at one eps, e.g. sample-wise EM from a
+    5-epoch and from a longer protector, are told apart by their rows' ``dataset``.)"""
     budget = (copy.get('quality') or {}).get('budget') or {}
+    folder = os.path.basename(str(copy.get('dataset') or '').rstrip('/'))
+    for p in (predictions or {}).get('rows', []):
+        if folder and p.get('dataset') == folder:
+            return p['cell']
     for p in (predictions or {}).get('rows', []):
         if budget.get('strength') is not None and p.get('strength') is not None:
             if abs(p['strength'] - budget['strength']) < 1e-9:

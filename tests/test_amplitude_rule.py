@@ -90,6 +90,25 @@ def _acdc_cell(cell, psnr_roi, ratios):
             'ratio_per_seed': ratios, 'dice_per_label': {'1': 0.5, '2': 0.6, '3': 0.8}}
 
 
+def test_audit_copies_at_one_eps_are_told_apart_by_their_prediction_rows_dataset(tmp_path):
+    """Two sample-wise EM copies at 10/255 (a 5-epoch and a 20-epoch protector) in one audit report: each copy's
+    cell is the predictions row naming its dataset folder; a copy no row names falls back to the eps match."""
+    from protection_map import rows_of
+    exploiter = {'name': 'stock', 'trainer': 'nnUNetTrainer_5epochs', 'configuration': '3d_fullres',
+                 'plans': 'nnUNetPlans_cpu', 'defence': None, 'seeds': [0], 'per_seed': [1.0], 'dice': 0.8,
+                 'clean_dice': 0.8, 'ratio': {'ratio': 1.0}}
+    copy = lambda name, folder: {'name': name, 'dataset': f'/raw/{folder}', 'exploiters': [exploiter],  # noqa: E731
+                                 'quality': {'psnr': 49.0, 'psnr_roi': 36.0, 'budget': {'eps': 10 / 255}}}
+    audit = {'settings': {'clean': '/raw/Dataset004_Hippocampus'}, 'predictions_file': 'benchmarks/results/p.json',
+             'copies': [copy('em10', 'Dataset610_H_EM10'), copy('em10c', 'Dataset611_H_EM10_20ep'),
+                        copy('other', 'Dataset612_H_EM10_x')]}
+    (tmp_path / 'p.json').write_text(json.dumps({'rows': [
+        {'cell': 'EM-samplewise@10/255', 'eps': '10/255', 'dataset': 'Dataset610_H_EM10'},
+        {'cell': 'EM-samplewise:epochs=20@10/255', 'eps': '10/255', 'dataset': 'Dataset611_H_EM10_20ep'}]}))
+    assert [r['cell'] for r in rows_of(audit, tmp_path)] == [
+        'EM-samplewise@10/255', 'EM-samplewise:epochs=20@10/255', 'EM-samplewise@10/255']
+
+
 def test_rows_of_other_datasets_fit_with_the_map_and_report_each_dataset(tmp_path):
     """--rows: an ACDC results file (benchmarks/acdc.py) and a voxshield_audit report join the map's rows; the
     ``DATASET:PROFILE`` victim picks ACDC's own victim; each dataset gets its RMSE against the joint fit."""
