@@ -96,7 +96,8 @@ def collect(outs: list, predictions: dict) -> dict:
             'cell': key, 'psnr_roi': p['psnr_roi'], 'psnr_whole': p['psnr_whole'], **ratio,
             'ci95': boot['ci'] if boot else None, 'predicted_ratio': None if noda else p['predicted_ratio'],
             'predicted_ratio_range': None if noda else p['predicted_ratio_range'],
-            **({'predicted_text': f'each seed below {noda["ratio_per_seed_below"]}'} if noda else {})})
+            **({'predicted_text': noda.get('text') or f'each seed below {noda["ratio_per_seed_below"]}'}
+               if noda else {})})
     for v in result.values():
         v['cells'].sort(key=lambda c: -c['psnr_roi'])
     for (config, key), seeds in sorted(runs.items()):

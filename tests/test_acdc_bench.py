@@ -132,6 +132,9 @@ def test_a_no_augmentation_victim_carries_its_own_prediction(tmp_path):
     assert noda['ratio'] == pytest.approx(0.05)
     stock = result['3d_fullres nnUNetTrainer_20epochs']['cells'][0]
     assert stock['predicted_ratio'] == 0.92 and 'predicted_text' not in stock
+    rows[0]['predicted_noda'] = {'text': '0.8-1.0 (does not protect)'}     # a written range, not a bound
+    noda = acdc.collect(list(folders.values()), {'rows': rows})['3d_fullres nnUNetTrainerNoDA_20epochs']['cells'][0]
+    assert noda['predicted_text'] == '0.8-1.0 (does not protect)' and noda['predicted_ratio'] is None
 
 
 def test_keep_carries_over_missing_configurations_and_compares_shared_seeds(tmp_path):
