@@ -1060,15 +1060,19 @@ def amplitude_rule_png(r: Results, png: Path) -> None:
                    'stock victim Dice / clean', legend_size=10)
 
 
-def save_rule_axes(fig, ax, png: Path, title: str, ylabel: str, legend_size: int) -> None:
-    """Label a Dice / clean against ROI PSNR panel the one way the rule's figures share, and save it."""
+def save_rule_axes(fig, ax, png: Path, title: str, ylabel: str, legend_size: int, outside: bool = False) -> None:
+    """Label a Dice / clean against ROI PSNR panel the one way the rule's figures share, and save it (``outside``:
+    the legend right of the axes, for panels whose points fill the corner)."""
     import matplotlib.pyplot as plt
     ax.set_xlabel("the code's PSNR inside the labels (dB)", fontsize=12)
     ax.set_ylabel(ylabel, fontsize=12)
     ax.set_title(title, fontsize=13)
     ax.tick_params(labelsize=11)
     ax.grid(alpha=0.25)
-    ax.legend(fontsize=legend_size, loc='lower right')
+    if outside:
+        ax.legend(fontsize=legend_size, loc='upper left', bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=legend_size, loc='lower right')
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
@@ -1085,7 +1089,7 @@ def acdc_rule_png(r: Results, png: Path) -> None:
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     import numpy as np
-    fig, ax = plt.subplots(figsize=(9, 5))
+    fig, ax = plt.subplots(figsize=(14, 5.5))
     grid = np.linspace(5, 45, 200)
     h = rule['fit']
     ax.plot(grid, 1 / (1 + np.exp((h['x50'] - grid) / h['s'])), 'k-', lw=1.5,
@@ -1094,7 +1098,7 @@ def acdc_rule_png(r: Results, png: Path) -> None:
     if j:
         ax.plot(grid, 1 / (1 + np.exp((j['x50'] - grid) / j['s'])), 'k--', lw=1,
                 label=f'refit on both datasets: x50 {j["x50"]:.1f} dB, s {j["s"]:.2f} dB')
-    markers = {'offset': 'o', 'conv': 's', 'random': '^', 'checkerboard': 'D'}
+    markers = {'offset': 'o', 'conv': 's', 'random': '^', 'checkerboard': 'D', 'EM-samplewise': 'v'}
     for k, (config, v) in enumerate(data['configurations'].items()):
         if not v['cells']:
             continue
@@ -1109,8 +1113,8 @@ def acdc_rule_png(r: Results, png: Path) -> None:
                         capsize=3, color=colour, label=f'ACDC {config} (clean Dice {clean}): {method}')
     ax.axhline(0.05, color='k', lw=0.8, ls=':')
     ax.set_ylim(-0.05, 1.15)
-    save_rule_axes(fig, ax, png, 'ACDC against the Hippocampus rule (o offset, s conv, ^ random, D checkerboard)',
-                   'victim Dice / clean', legend_size=9)
+    save_rule_axes(fig, ax, png, 'ACDC against the Hippocampus rule (markers: the method, colours: the victim)',
+                   'victim Dice / clean', legend_size=9, outside=True)
 
 
 @figure
