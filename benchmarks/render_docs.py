@@ -280,14 +280,20 @@ def status(r: Results) -> Optional[str]:
         pending = (f'. On ACDC, against a {config} victim (clean Dice {clean} by seed), measured Dice / clean at each '
                    f'copy\'s ROI PSNR beside the rule\'s prediction written before the run: {"; ".join(cells)}')
     from protection_map import rows_of
-    em = [x for _, d in audit_reports(r) for x in rows_of(d, r.folder) if x['method'].startswith('EM-samplewise')]
+    em = [x for _, d in audit_reports(r) + ([('acdc', acdc)] if acdc else []) for x in rows_of(d, r.folder)
+          if x['method'].startswith('EM-samplewise')]
     em_text = ''
     if em:
-        budgets = sorted({x['eps'] for x in em}, key=Fraction)
-        em_text = (f' Sample-wise error-minimising noise (Huang et al.) at {" and ".join(budgets)} keeps '
-                   f'{min(x["ratio"] for x in em):.2f}-{max(x["ratio"] for x in em):.2f} against the stock and the '
-                   f'no-augmentation victims ({len(em)} cells, {"-".join(sorted({str(len(x["seeds"])) for x in em}))} '
-                   f'seeds each).')
+        parts = []
+        for dataset in sorted({x['dataset'] for x in em}, key=lambda d: d != 'Hippocampus'):
+            rows = [x for x in em if x['dataset'] == dataset]
+            lo, hi = small(min(x['ratio'] for x in rows)), small(max(x['ratio'] for x in rows))
+            parts.append(f'on {dataset} at {" and ".join(sorted({x["eps"] for x in rows}, key=Fraction))} it keeps '
+                         f'{lo if lo == hi else f"{lo}-{hi}"} ({len(rows)} cell{"s" if len(rows) > 1 else ""}: '
+                         f'{", ".join(sorted({x["victim"] for x in rows}))}; '
+                         f'{"-".join(sorted({str(len(x["seeds"])) for x in rows}))} seeds each)')
+        em_text = (' Sample-wise error-minimising noise (Huang et al.; short CPU protectors, see the findings): '
+                   + '; '.join(parts) + '.')
     acdc_cb = next((c for c in ((acdc or {}).get('configurations', {}).get('2d nnUNetTrainerNoDA_20epochs') or {})
                     .get('cells', []) if c['cell'].startswith('checkerboard')), None)
     acdc_cb_text = (f'; on ACDC the same class-coded checkerboard protects the 20-epoch no-augmentation 2d victim: '
