@@ -41,63 +41,80 @@ DEFAULT_VICTIM = 'nnUNetTrainer_5epochs'  # the map's victim; others are keyed '
 
 
 def victims(out: Path) -> list:
-    """Every finished victim of one evaluation folder: (dataset folder, configuration, seed, scores)."""
+    """Every finished victim of one evaluation folder: (dataset folder, configuration, seed, scores, defence); the
+    defence is None, or the purification its row applied first (rows '<row>+<defence>')."""
     state = json.loads((out / 'state.json').read_text())
     protected = state['protected'] if isinstance(state['protected'], list) else [state['protected']]
     rows = {'clean': state['clean'], 'protected': protected[0] if len(protected) == 1 else None,
             **{f'protected{i + 1}': p for i, p in enumerate(protected)}}
     found = []
     for scores in sorted(out.glob('victims/*/*/seed_*/scores.json')):
-        row, config = scores.parts[-4], scores.parts[-3]
-        if '+' in row or rows.get(row) is None:
+        (row, _, defence), config = scores.parts[-4].partition('+'), scores.parts[-3]
+        if rows.get(row) is None:
             continue
-        found.append((rows[row], config, int(scores.parts[-2].split('_')[1]), json.loads(scores.read_text())))
+        found.append((rows[row], config, int(scores.parts[-2].split('_')[1]), json.loads(scores.read_text()),
+                      defence or None))
     return found
 
 
-def cell_of(dataset: str, predictions: list) -> str:
-    """The prediction row whose method and eps are the protected copy's (its dataset.json). A row's method is its
-    ``method`` field, else its cell's name (a trained export's method, e.g. em_samplewise, is not the cell's name)."""
+def cell_of(dataset: str, predictions: list, defence: Optional[str] = None) -> str:
+    """The prediction row whose method and eps are the protected copy's (its dataset.json) and whose ``defence`` is
+    the victim's purification (None: unpurified). A row's method is its ``method`` field, else its cell's name (a
+    trained export's method, e.g. em_samplewise, is not the cell's name)."""
     meta = json.loads((Path(dataset) / 'dataset.json').read_text()).get('voxshield') or {}
     for p in predictions:
+        if p.get('defence') != defence:
+            continue
         method = p.get('method') or p['cell'].split(':')[0].split('@')[0]
         same = (math.isclose(float(Fraction(p['eps'])), meta.get('eps') or -1) if p.get('eps')
                 else math.isclose(p.get('strength', -1), meta.get('strength') or -2))
         if method == meta.get('method') and same:
             return p['cell']
     raise SystemExit(f'{dataset}: no prediction row for method {meta.get("method")} at eps {meta.get("eps")} '
-                     f'(strength {meta.get("strength")})')
+                     f'(strength {meta.get("strength")})' + (f' purified by {defence}' if defence else ''))
 
 
 def collect(outs: list, predictions: dict) -> dict:
-    """Per configuration: the clean victims and, per cell, the ratio against them beside the prediction."""
+    """Per configuration: the clean victims and, per cell, the ratio against them beside the prediction. A purified
+    cell (its victim trained on the copy after a defence) is against the same victim on the purified clean data, and
+    carries what the purification alone costs (``purification_cost``: purified clean / clean) and its ratio to the
+    unpurified clean victim (``ratio_to_clean``)."""
     by_cell = {p['cell']: p for p in predictions['rows']}
-    runs = {}  # (config, cell or 'clean') -> {seed: scores}
+    runs = {}  # (config, cell, 'clean' or 'clean+<defence>') -> {seed: scores}
     for out in outs:
-        for dataset, config, seed, scores in victims(Path(out)):
+        for dataset, config, seed, scores, defence in victims(Path(out)):
             if scores.get('trainer') not in (None, DEFAULT_VICTIM):  # another victim is its own profile
                 config = f'{config} {scores["trainer"]}'
-            key = 'clean' if dataset == json.loads((Path(out) / 'state.json').read_text())['clean'] \
-                else cell_of(dataset, predictions['rows'])
+            key = ('clean' + (f'+{defence}' if defence else '')
+                   if dataset == json.loads((Path(out) / 'state.json').read_text())['clean']
+                   else cell_of(dataset, predictions['rows'], defence))
             runs.setdefault((config, key), {})[seed] = scores
+    summaries = lambda runs_: {s: v['summary'] for s, v in runs_.items()}  # noqa: E731
+    per_case = lambda runs_: {s: {c['case']: c['mean_dice'] for c in v['cases']} for s, v in runs_.items()}  # noqa
     result = {}
     for (config, key), seeds in sorted(runs.items()):
-        if key == 'clean':
+        if key.split('+')[0] == 'clean':
             continue
-        clean = runs.get((config, 'clean'), {})
-        ratio = seed_ratio({s: v['summary'] for s, v in seeds.items()}, {s: v['summary'] for s, v in clean.items()})
+        p = by_cell[key]
+        clean = runs.get((config, 'clean' + (f'+{p["defence"]}' if p.get('defence') else '')), {})
+        ratio = seed_ratio(summaries(seeds), summaries(clean))
         if ratio is None:
             continue
-        per_case = lambda runs_: {s: {c['case']: c['mean_dice'] for c in v['cases']} for s, v in runs_.items()}  # noqa
         boot = bootstrap_ratio(per_case(seeds), per_case(clean))
-        p = by_cell[key]
         noda = p.get('predicted_noda') if 'NoDA' in config else None  # the rule is the stock victim's
+        purified = {}
+        if p.get('defence'):
+            unpurified = runs.get((config, 'clean'), {})
+            cost, to_clean = seed_ratio(summaries(clean), summaries(unpurified)), \
+                seed_ratio(summaries(seeds), summaries(unpurified))
+            purified = {'defence': p['defence'], 'purification_cost': cost and cost['ratio'],
+                        'ratio_to_clean': to_clean and to_clean['ratio']}
         result.setdefault(config, {'clean': {}, 'cells': []})['cells'].append({
             'cell': key, 'psnr_roi': p['psnr_roi'], 'psnr_whole': p['psnr_whole'], **ratio,
             'ci95': boot['ci'] if boot else None, 'predicted_ratio': None if noda else p['predicted_ratio'],
             'predicted_ratio_range': None if noda else p['predicted_ratio_range'],
             **({'predicted_text': noda.get('text') or f'each seed below {noda["ratio_per_seed_below"]}'}
-               if noda else {})})
+               if noda else {}), **purified})
     for v in result.values():
         v['cells'].sort(key=lambda c: -c['psnr_roi'])
     for (config, key), seeds in sorted(runs.items()):

@@ -358,6 +358,8 @@ def rows_of(data: dict, folder: Optional[Path] = None) -> list:
             configuration, _, trainer = key.partition(' ')
             victim = victim_profile(trainer or 'nnUNetTrainer_5epochs', configuration)
             for c in config['cells']:
+                if c.get('defence'):   # a purified cell is not a map row (as an audit's purified rows)
+                    continue
                 rows.append(_external_row('ACDC', victim, c['cell'], c['seeds'], c['dice'], c['clean_dice'],
                                           c['ratio'], c['ratio_per_seed'], c.get('psnr_whole'), c.get('psnr_roi'),
                                           c.get('dice_per_label')))

@@ -126,6 +126,11 @@ def f1(x) -> str:
     return '–' if x is None else f'{x:.1f}'
 
 
+def opt_small(v: Optional[float]) -> str:
+    """``small`` or '–' for a value not measured."""
+    return '–' if v is None else small(v)
+
+
 def small(v: float) -> str:
     """Two decimals, three below 0.1 (where protection is decided)."""
     return f'{v:.3f}' if abs(v) < 0.1 else f'{v:.2f}'
@@ -275,7 +280,7 @@ def status(r: Results) -> Optional[str]:
         v = acdc['configurations'][config]
         seeds = lambda c: f'{len(c["seeds"])} seed{"s" if len(c["seeds"]) > 1 else ""}'  # noqa: E731
         cells = [f'{cell_name(c["cell"])} at {c["psnr_roi"]:.1f} dB {small(c["ratio"])} '
-                 f'({seeds(c)}; predicted {small(c["predicted_ratio"])})' for c in v['cells']]
+                 f'({seeds(c)}; predicted {small(c["predicted_ratio"])})' for c in v['cells'] if not c.get('defence')]
         clean = ' / '.join(f2(c['dice']) for c in v['clean'].values())
         pending = (f'. On ACDC, against a {config} victim (clean Dice {clean} by seed), measured Dice / clean at each '
                    f'copy\'s ROI PSNR beside the rule\'s prediction written before the run: {"; ".join(cells)}')
@@ -295,7 +300,7 @@ def status(r: Results) -> Optional[str]:
         em_text = (' Sample-wise error-minimising noise (Huang et al.; short CPU protectors, see the findings): '
                    + '; '.join(parts) + '.')
     acdc_cb = next((c for c in ((acdc or {}).get('configurations', {}).get('2d nnUNetTrainerNoDA_20epochs') or {})
-                    .get('cells', []) if c['cell'].startswith('checkerboard')), None)
+                    .get('cells', []) if c['cell'].startswith('checkerboard') and not c.get('defence')), None)
     acdc_cb_text = (f'; on ACDC the same class-coded checkerboard protects the 20-epoch no-augmentation 2d victim: '
                     f'{ratio_text(acdc_cb)} of clean' if acdc_cb else '')
     return '\n'.join([
@@ -596,15 +601,21 @@ def acdc_predictions(r: Results) -> Optional[str]:
     data = r.get('acdc_predictions_*.json')
     if data is None:
         return None
+    def noda(x: dict) -> str:
+        n = x.get('predicted_noda')
+        return '–' if not n else n.get('text') or f'each seed below {n["ratio_per_seed_below"]}'
     body = [[x['cell'], f1(x['psnr_whole']), f'{x["psnr_roi"]:.1f} ± {x["psnr_roi_std"]:.1f}',
-             small(x['predicted_ratio']),
-             f'{small(x["predicted_ratio_range"][0])}-{small(x["predicted_ratio_range"][1])}',
+             '–' if x.get('predicted_ratio') is None else small(x['predicted_ratio']),
+             '–' if not x.get('predicted_ratio_range') else
+             f'{small(x["predicted_ratio_range"][0])}-{small(x["predicted_ratio_range"][1])}', noda(x),
              '; '.join(x.get('victims') or [])] for x in data['rows']]
     return (f'Predicted Dice / clean of the stock victim from the Hippocampus fit (x50 {data["rule"]["x50"]:.1f} dB, '
             f's {data["rule"]["s"]:.2f} dB) at each copy\'s ROI PSNR (measured on the exported copies; range: the '
-            'fit\'s 90% parameter intervals, not the seed spread).\n\n'
-            + table(['cell', 'PSNR (dB)', 'ROI PSNR (dB, mean ± sd)', 'predicted', 'range', 'victims to train'],
-                    body))
+            'fit\'s 90% parameter intervals, not the seed spread), and what was written for the no-augmentation victim '
+            '(a purified cell, `+defence`: its victim on the purified copy against the same victim on the purified clean '
+            'data).\n\n'
+            + table(['cell', 'PSNR (dB)', 'ROI PSNR (dB, mean ± sd)', 'predicted (stock)', 'range',
+                     'written for the no-augmentation victim', 'victims to train'], body))
 
 
 @section('ACDC: stock victims and the amplitude rule out of sample')
@@ -644,6 +655,13 @@ def acdc_results(r: Results) -> Optional[str]:
             if kept:
                 out += ['', '† carried over from ' + ', '.join(f'`{f}` (commit {c})' for f, c in kept)
                         + ': measured in an earlier run, each ratio against that run\'s own clean victims.']
+            purified = [c for c in v['cells'] if c.get('defence')]
+            if purified:
+                out += ['', 'A `+defence` cell: the victim trained on the copy after that purification, against the '
+                        'same victim on the purified clean data; ' + '; '.join(
+                            f'{c["defence"]}: the purification alone costs {opt_small(c.get("purification_cost"))} '
+                            f'of clean, the purified copy\'s victim reaches {opt_small(c.get("ratio_to_clean"))} of the '
+                            f'unpurified clean victim' for c in purified) + '.']
         out.append('')
     fit = data['refit']
     h = fit['hippocampus_fit']
@@ -1111,7 +1129,7 @@ def acdc_rule_png(r: Results, png: Path) -> None:
         clean = ' / '.join(f'{c["dice"]:.2f}' for c in v['clean'].values())
         colour = plt.get_cmap('tab10').colors[k]
         for method, marker in markers.items():
-            cells = [c for c in v['cells'] if c['cell'].split(':')[0].split('@')[0] == method]
+            cells = [c for c in v['cells'] if c['cell'].split(':')[0].split('@')[0] == method and not c.get('defence')]
             if not cells:
                 continue
             err = [[c['ratio'] - c['ci95'][0] for c in cells], [c['ci95'][1] - c['ratio'] for c in cells]]

@@ -137,6 +137,34 @@ def test_a_no_augmentation_victim_carries_its_own_prediction(tmp_path):
     assert noda['predicted_text'] == '0.8-1.0 (does not protect)' and noda['predicted_ratio'] is None
 
 
+def test_a_purified_cell_is_against_the_purified_clean_victim(tmp_path):
+    """Rows '<row>+blur' of an evaluation folder: the copy's purified victim is a cell of its own (the prediction row
+    with that defence), its ratio against the victim on blurred clean data, with what the blur alone costs and its
+    ratio to the unpurified clean victim; such a cell is not a protection-map row."""
+    from protection_map import rows_of
+    out = eval_folder(tmp_path, 'p', [({'method': 'checkerboard', 'eps': 16 / 255}, 0.04)])
+    for row, dice in (('clean+blur', 0.6), ('protected+blur', 0.54)):
+        for seed in (0, 1):
+            f = out / 'victims' / row / '3d_fullres' / f'seed_{seed}' / 'scores.json'
+            f.parent.mkdir(parents=True)
+            f.write_text(json.dumps(scores([dice, dice])))
+    base = {'cell': 'checkerboard:sign=levels@16/255', 'eps': '16/255', 'psnr_roi': 29.0, 'psnr_whole': 43.0,
+            'predicted_ratio': 0.92, 'predicted_ratio_range': [0.89, 0.95]}
+    rows = [base, {**base, 'cell': 'checkerboard:sign=levels@16/255+blur', 'method': 'checkerboard',
+                   'defence': 'blur', 'predicted_ratio': None, 'predicted_ratio_range': None}]
+    result = acdc.collect([str(out)], {'rows': rows})
+    cells = {c['cell']: c for c in result['3d_fullres']['cells']}
+    assert cells['checkerboard:sign=levels@16/255']['ratio'] == pytest.approx(0.05)
+    blur = cells['checkerboard:sign=levels@16/255+blur']
+    assert blur['ratio'] == pytest.approx(0.9) and blur['defence'] == 'blur'
+    assert blur['purification_cost'] == pytest.approx(0.75) and blur['ratio_to_clean'] == pytest.approx(0.675)
+    assert set(result['3d_fullres']['clean']) == {'0', '1'}
+    assert result['3d_fullres']['clean']['0']['dice'] == pytest.approx(0.8)     # the unpurified clean victims
+    assert [r['cell'] for r in rows_of({'configurations': result})] == ['checkerboard:sign=levels@16/255']
+    with pytest.raises(SystemExit, match='purified by blur'):
+        acdc.collect([str(out)], {'rows': [base]})
+
+
 def test_keep_carries_over_missing_configurations_and_compares_shared_seeds(tmp_path):
     out = eval_folder(tmp_path, 'k', [({'method': 'offset', 'eps': 16 / 255}, 0.72)])
     configs = acdc.collect([str(out)], PREDICTIONS)
