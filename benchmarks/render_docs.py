@@ -612,8 +612,8 @@ def acdc_predictions(r: Results) -> Optional[str]:
     return (f'Predicted Dice / clean of the stock victim from the Hippocampus fit (x50 {data["rule"]["x50"]:.1f} dB, '
             f's {data["rule"]["s"]:.2f} dB) at each copy\'s ROI PSNR (measured on the exported copies; range: the '
             'fit\'s 90% parameter intervals, not the seed spread), and what was written for the no-augmentation victim '
-            '(a purified cell, `+defence`: its victim on the purified copy against the same victim on the purified clean '
-            'data).\n\n'
+            '(a purified cell, `+defence`: its victim on the purified copy against the same victim on the purified '
+            'clean data).\n\n'
             + table(['cell', 'PSNR (dB)', 'ROI PSNR (dB, mean ± sd)', 'predicted (stock)', 'range',
                      'written for the no-augmentation victim', 'victims to train'], body))
 
@@ -660,8 +660,8 @@ def acdc_results(r: Results) -> Optional[str]:
                 out += ['', 'A `+defence` cell: the victim trained on the copy after that purification, against the '
                         'same victim on the purified clean data; ' + '; '.join(
                             f'{c["defence"]}: the purification alone costs {opt_small(c.get("purification_cost"))} '
-                            f'of clean, the purified copy\'s victim reaches {opt_small(c.get("ratio_to_clean"))} of the '
-                            f'unpurified clean victim' for c in purified) + '.']
+                            f'of clean, the purified copy\'s victim reaches {opt_small(c.get("ratio_to_clean"))} of '
+                            f'the unpurified clean victim' for c in purified) + '.']
         out.append('')
     fit = data['refit']
     h = fit['hippocampus_fit']
