@@ -19,6 +19,7 @@ victims), and the earlier run's per-seed numbers are kept beside the new ones (a
 code should reproduce them).
 """
 import argparse
+import hashlib
 import datetime
 import json
 import math
@@ -38,6 +39,13 @@ from nnunetv2_voxshield.dataset_io import write_json_atomic  # noqa: E402
 from nnunetv2_voxshield.verdict import bootstrap_ratio, seed_ratio  # noqa: E402
 
 DEFAULT_VICTIM = 'nnUNetTrainer_5epochs'  # the map's victim; others are keyed '<configuration> <trainer>'
+
+
+def victim_id(scores: dict) -> str:
+    """A victim's fingerprint: its per-case Dice (a victim reused by another folder has the same, a retrained one,
+    even with the same seed, does not on CPU)."""
+    cases = sorted((c['case'], c['mean_dice']) for c in scores.get('cases', []))
+    return hashlib.sha1(json.dumps(cases).encode()).hexdigest()[:12]
 
 
 def victims(out: Path) -> list:
@@ -114,14 +122,15 @@ def collect(outs: list, predictions: dict) -> dict:
             'ci95': boot['ci'] if boot else None, 'predicted_ratio': None if noda else p['predicted_ratio'],
             'predicted_ratio_range': None if noda else p['predicted_ratio_range'],
             **({'predicted_text': noda.get('text') or f'each seed below {noda["ratio_per_seed_below"]}'}
-               if noda else {}), **purified})
+               if noda else {}), **purified, 'victim_ids': {str(s): victim_id(v) for s, v in sorted(seeds.items())}})
     for v in result.values():
         v['cells'].sort(key=lambda c: -c['psnr_roi'])
     for (config, key), seeds in sorted(runs.items()):
         if key == 'clean':
             result.setdefault(config, {'clean': {}, 'cells': []})['clean'] = {
                 str(s): {'dice': v['summary']['dice'], 'dice_per_label': v['summary']['dice_per_label'],
-                         'trainer': v.get('trainer'), 'plans': v.get('plans'), 'n_cases': v['summary']['n_cases']}
+                         'trainer': v.get('trainer'), 'plans': v.get('plans'), 'n_cases': v['summary']['n_cases'],
+                         'victim_id': victim_id(v)}
                 for s, v in sorted(seeds.items())}
     return result
 
@@ -152,7 +161,9 @@ def keep_earlier(configs: dict, earlier_file: str) -> dict:
     """Carry over the earlier file's configurations the folders lack; in the others, the earlier cells the folders
     lack (each with ``carried_from``: its ratios stay paired with the earlier run's clean victims, whose seeds the
     folders do not have are kept too, marked the same way), and beside the rest the earlier run's per-seed clean Dice
-    and ratios ('earlier': {'clean': {seed: dice}, cell: {seed: ratio}}) for the seeds both have."""
+    and ratios ('earlier': {'clean': {seed: dice}, cell: {seed: ratio}}) for the seeds both have and retrained: a
+    seed whose victim is the same (same ``victim_id``; for an earlier file without ids, the same value) is the same
+    run read again, not a rerun."""
     earlier = json.loads(Path(earlier_file).read_text())
     name = os.path.basename(earlier_file)
     for config, v in earlier['configurations'].items():
@@ -161,14 +172,20 @@ def keep_earlier(configs: dict, earlier_file: str) -> dict:
                                                                 'carried_provenance': earlier['provenance']}
             continue
         new = configs[config]
+        def retrained(then_id, now_id, then_value, now_value) -> bool:
+            return then_id != now_id if then_id and now_id else then_value != now_value
         same = {'clean': {s: {'earlier': c['dice'], 'now': new['clean'][s]['dice']}
-                          for s, c in v['clean'].items() if s in new['clean']}}
+                          for s, c in v['clean'].items() if s in new['clean']
+                          and retrained(c.get('victim_id'), new['clean'][s].get('victim_id'), c['dice'],
+                                        new['clean'][s]['dice'])}}
         now_cells = {c['cell']: c for c in new['cells']}
         for c in v['cells']:
             if c['cell'] in now_cells:
+                n = now_cells[c['cell']]
                 pairs = {str(s): {'earlier': r, 'now': rn} for s, r in zip(c['seeds'], c['ratio_per_seed'])
-                         for sn, rn in zip(now_cells[c['cell']]['seeds'], now_cells[c['cell']]['ratio_per_seed'])
-                         if sn == s}
+                         for sn, rn in zip(n['seeds'], n['ratio_per_seed'])
+                         if sn == s and retrained((c.get('victim_ids') or {}).get(str(s)),
+                                                  (n.get('victim_ids') or {}).get(str(s)), r, rn)}
                 if pairs:
                     same[c['cell']] = pairs
             else:
@@ -178,7 +195,8 @@ def keep_earlier(configs: dict, earlier_file: str) -> dict:
             if s not in new['clean']:
                 new['clean'][s] = {**c, 'carried_from': name, 'carried_commit': earlier['provenance']['commit']}
         new['clean'] = dict(sorted(new['clean'].items(), key=lambda kv: int(kv[0])))
-        new['earlier'] = {'file': name, 'commit': earlier['provenance']['commit'], **same}
+        if same['clean'] or len(same) > 1:
+            new['earlier'] = {'file': name, 'commit': earlier['provenance']['commit'], **same}
     return configs
 
 

@@ -185,6 +185,30 @@ def test_keep_carries_over_missing_configurations_and_compares_shared_seeds(tmp_
     assert e['offset:sign=levels@16/255'] == {'0': {'earlier': 0.88, 'now': pytest.approx(0.9)}}
 
 
+def test_keep_lists_only_retrained_seeds_as_reruns(tmp_path):
+    """A victim read again (another folder reusing it, or the same folder) is not a rerun: same fingerprint, no
+    'earlier' line; a retrained victim of the same seed is listed even at the same value; an earlier file without
+    fingerprints falls back to the values."""
+    out = eval_folder(tmp_path, 'r', [({'method': 'offset', 'eps': 16 / 255}, 0.72)])
+    f = tmp_path / 'acdc_old.json'
+    f.write_text(json.dumps({'provenance': {'commit': 'abc'}, 'configurations': acdc.collect([str(out)], PREDICTIONS)}))
+    again = acdc.keep_earlier(acdc.collect([str(out)], PREDICTIONS), str(f))['3d_fullres']
+    assert 'earlier' not in again and again['clean']['0']['victim_id'] == acdc.victim_id(scores([0.8, 0.8]))
+    retrained = eval_folder(tmp_path, 's', [({'method': 'offset', 'eps': 16 / 255}, 0.72)])
+    for g in retrained.glob('victims/*/*/seed_0/scores.json'):      # seed 0 retrained: other cases, same mean
+        g.write_text(json.dumps(scores([0.6, 1.0] if 'clean' in str(g) else [0.62, 0.82])))
+    e = acdc.keep_earlier(acdc.collect([str(retrained)], PREDICTIONS), str(f))['3d_fullres']['earlier']
+    assert e['clean'] == {'0': {'earlier': pytest.approx(0.8), 'now': pytest.approx(0.8)}}
+    assert list(e['offset:sign=levels@16/255']) == ['0']
+    old = json.loads(f.read_text())
+    for c in old['configurations'].values():
+        [x.pop('victim_id') for x in c['clean'].values()] + [x.pop('victim_ids') for x in c['cells']]
+    old['configurations']['3d_fullres']['clean']['1']['dice'] = 0.7
+    f.write_text(json.dumps(old))
+    e = acdc.keep_earlier(acdc.collect([str(out)], PREDICTIONS), str(f))['3d_fullres']['earlier']
+    assert e['clean'] == {'1': {'earlier': 0.7, 'now': pytest.approx(0.8)}} and len(e) == 3   # file, commit, clean
+
+
 def test_keep_carries_over_the_cells_a_rerun_lacks(tmp_path):
     """A folder that reruns one configuration with a new cell keeps the earlier file's other cells of that
     configuration (marked, with their own ratios) and its clean seeds the folder did not rerun."""
