@@ -161,9 +161,10 @@ def keep_earlier(configs: dict, earlier_file: str) -> dict:
     """Carry over the earlier file's configurations the folders lack; in the others, the earlier cells the folders
     lack (each with ``carried_from``: its ratios stay paired with the earlier run's clean victims, whose seeds the
     folders do not have are kept too, marked the same way), and beside the rest the earlier run's per-seed clean Dice
-    and ratios ('earlier': {'clean': {seed: dice}, cell: {seed: ratio}}) for the seeds both have and retrained: a
-    seed whose victim is the same (same ``victim_id``; for an earlier file without ids, the same value) is the same
-    run read again, not a rerun."""
+    and ratios for the seeds both have and retrained, appended to the earlier file's ``reruns`` (a list of {'file',
+    'commit', 'clean': {seed: {'earlier', 'now'}}, cell: {seed: {'earlier', 'now'}}}): a seed whose victim is the same
+    (same ``victim_id``; for an earlier file without ids, the same value) is the same run read again, not a rerun,
+    and a retraining that reproduces a victim bit for bit cannot be told from it."""
     earlier = json.loads(Path(earlier_file).read_text())
     name = os.path.basename(earlier_file)
     for config, v in earlier['configurations'].items():
@@ -195,8 +196,11 @@ def keep_earlier(configs: dict, earlier_file: str) -> dict:
             if s not in new['clean']:
                 new['clean'][s] = {**c, 'carried_from': name, 'carried_commit': earlier['provenance']['commit']}
         new['clean'] = dict(sorted(new['clean'].items(), key=lambda kv: int(kv[0])))
+        reruns = list(v.get('reruns') or [])   # every rerun recorded so far stays
         if same['clean'] or len(same) > 1:
-            new['earlier'] = {'file': name, 'commit': earlier['provenance']['commit'], **same}
+            reruns.append({'file': name, 'commit': earlier['provenance']['commit'], **same})
+        if reruns:
+            new['reruns'] = reruns
     return configs
 
 

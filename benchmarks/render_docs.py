@@ -633,8 +633,7 @@ def acdc_results(r: Results) -> Optional[str]:
         out.append(f'**{config}.** Clean victim Dice (mean over labels; RV / MYO / LV): ' + '; '.join(
             f'seed {s} {f2(c["dice"])} ({" / ".join(f2(x) for x in c["dice_per_label"].values())})'
             + (' †' if c.get('carried_from') else '') for s, c in clean.items()) + '.' + carried)
-        if v.get('earlier'):
-            e = v['earlier']
+        for e in v.get('reruns') or []:
             pairs = [f'clean seed {s} Dice {x["earlier"]:.3f} -> {x["now"]:.3f}' for s, x in e['clean'].items()]
             pairs += [f'{cell} seed {s} {small(x["earlier"])} -> {small(x["now"])}'
                       for cell, seeds in e.items() if cell not in ('file', 'commit', 'clean') for s, x in seeds.items()]

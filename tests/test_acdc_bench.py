@@ -180,7 +180,7 @@ def test_keep_carries_over_missing_configurations_and_compares_shared_seeds(tmp_
     (tmp_path / 'acdc_newer.json').write_text(f.read_text())
     again = acdc.keep_earlier(acdc.collect([str(out)], PREDICTIONS), str(tmp_path / 'acdc_newer.json'))
     assert again['2d']['carried_from'] == 'acdc_old.json'
-    e = kept['3d_fullres']['earlier']
+    [e] = kept['3d_fullres']['reruns']
     assert e['clean'] == {'0': {'earlier': 0.81, 'now': pytest.approx(0.8)}}  # seed 5 was not rerun
     assert e['offset:sign=levels@16/255'] == {'0': {'earlier': 0.88, 'now': pytest.approx(0.9)}}
 
@@ -193,19 +193,23 @@ def test_keep_lists_only_retrained_seeds_as_reruns(tmp_path):
     f = tmp_path / 'acdc_old.json'
     f.write_text(json.dumps({'provenance': {'commit': 'abc'}, 'configurations': acdc.collect([str(out)], PREDICTIONS)}))
     again = acdc.keep_earlier(acdc.collect([str(out)], PREDICTIONS), str(f))['3d_fullres']
-    assert 'earlier' not in again and again['clean']['0']['victim_id'] == acdc.victim_id(scores([0.8, 0.8]))
+    assert 'reruns' not in again and again['clean']['0']['victim_id'] == acdc.victim_id(scores([0.8, 0.8]))
     retrained = eval_folder(tmp_path, 's', [({'method': 'offset', 'eps': 16 / 255}, 0.72)])
     for g in retrained.glob('victims/*/*/seed_0/scores.json'):      # seed 0 retrained: other cases, same mean
         g.write_text(json.dumps(scores([0.6, 1.0] if 'clean' in str(g) else [0.62, 0.82])))
-    e = acdc.keep_earlier(acdc.collect([str(retrained)], PREDICTIONS), str(f))['3d_fullres']['earlier']
+    newer = acdc.keep_earlier(acdc.collect([str(retrained)], PREDICTIONS), str(f))
+    [e] = newer['3d_fullres']['reruns']
     assert e['clean'] == {'0': {'earlier': pytest.approx(0.8), 'now': pytest.approx(0.8)}}
     assert list(e['offset:sign=levels@16/255']) == ['0']
+    g = tmp_path / 'acdc_newer.json'                              # read again later: the rerun stays recorded
+    g.write_text(json.dumps({'provenance': {'commit': 'def'}, 'configurations': newer}))
+    assert acdc.keep_earlier(acdc.collect([str(retrained)], PREDICTIONS), str(g))['3d_fullres']['reruns'] == [e]
     old = json.loads(f.read_text())
     for c in old['configurations'].values():
         [x.pop('victim_id') for x in c['clean'].values()] + [x.pop('victim_ids') for x in c['cells']]
     old['configurations']['3d_fullres']['clean']['1']['dice'] = 0.7
     f.write_text(json.dumps(old))
-    e = acdc.keep_earlier(acdc.collect([str(out)], PREDICTIONS), str(f))['3d_fullres']['earlier']
+    [e] = acdc.keep_earlier(acdc.collect([str(out)], PREDICTIONS), str(f))['3d_fullres']['reruns']
     assert e['clean'] == {'1': {'earlier': 0.7, 'now': pytest.approx(0.8)}} and len(e) == 3   # file, commit, clean
 
 
