@@ -228,8 +228,10 @@ def main():
     result = {'what': 'ACDC victims (stock nnUNetTrainer_<N>epochs, or the trainer named per configuration, e.g. '
                       'the no-augmentation nnUNetTrainerNoDA_<N>epochs; 5 epochs if unnamed; nnUNetPlans_cpu, fold '
                       'all, no TTA) on the clean training volumes of benchmarks/acdc_split.json and on class-coded '
-                      'offset and checkerboard, class-wise convolution and uniform random noise copies, scored on its '
-                      '32 held-out volumes; each cell beside the prediction written before it ran.',
+                      'offset and checkerboard, class-wise convolution, uniform random noise and sample-wise '
+                      'error-minimising noise copies (a `+defence` cell: purified before training, against the same '
+                      'victim on the purified clean volumes), scored on its 32 held-out volumes; each cell beside the '
+                      'prediction written before it ran.',
               'predictions_file': os.path.relpath(args.predictions, HERE.parent),
               'configurations': configs,
               'refit': refit(json.loads(Path(args.hippocampus_rule).read_text()), stock, refit_config),
