@@ -292,11 +292,15 @@ def status(r: Results) -> Optional[str]:
         parts = []
         for dataset in sorted({x['dataset'] for x in em}, key=lambda d: d != 'Hippocampus'):
             rows = [x for x in em if x['dataset'] == dataset]
-            lo, hi = small(min(x['ratio'] for x in rows)), small(max(x['ratio'] for x in rows))
+            per_victim = []
+            for victim in sorted({x['victim'] for x in rows}):
+                ratios = [x['ratio'] for x in rows if x['victim'] == victim]
+                lo, hi = small(min(ratios)), small(max(ratios))
+                per_victim.append(f'{lo if lo == hi else f"{lo}-{hi}"} against {victim} ({len(ratios)} '
+                                  f'cell{"s" if len(ratios) > 1 else ""})')
             parts.append(f'on {dataset} at {" and ".join(sorted({x["eps"] for x in rows}, key=Fraction))} it keeps '
-                         f'{lo if lo == hi else f"{lo}-{hi}"} ({len(rows)} cell{"s" if len(rows) > 1 else ""}: '
-                         f'{", ".join(sorted({x["victim"] for x in rows}))}; '
-                         f'{"-".join(sorted({str(len(x["seeds"])) for x in rows}))} seeds each)')
+                         + ' and '.join(per_victim) + ' of clean, '
+                         f'{"-".join(sorted({str(len(x["seeds"])) for x in rows}))} seeds each')
         em_text = (' Sample-wise error-minimising noise (Huang et al.; short CPU protectors, see the findings): '
                    + '; '.join(parts) + '.')
     acdc_cb = next((c for c in ((acdc or {}).get('configurations', {}).get('2d nnUNetTrainerNoDA_20epochs') or {})
