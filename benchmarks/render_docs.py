@@ -528,17 +528,31 @@ def em_samplewise(r: Results) -> Optional[str]:
         if em and data.get('predictions_file'):
             preds.update({p['cell']: p for p in json.loads((ROOT / data['predictions_file']).read_text())['rows']})
         rows += [(name, x) for x in em]
-    if not rows:
+    acdc = r.get('acdc_20*.json')
+    if not rows and not acdc:
         return None
     body = []
     for name, x in sorted(rows, key=lambda t: (Fraction(t[1]['eps']), t[1]['victim'] != 'stock')):
         p = preds.get(x['cell']) or {}
         predicted = (small(p['predicted_ratio']['stock']) + ' (the rule)' if x['victim'] == 'stock' and p
                      else (p.get('expected_noda') or '–').split(' (')[0])
-        body.append([x['cell'], f1(x['psnr_roi']), x['victim'], predicted, f'**{small(x["ratio"])}**',
+        body.append([x['dataset'], x['cell'], f1(x['psnr_roi']), x['victim'], predicted, f'**{small(x["ratio"])}**',
                      ' / '.join(small(v) for v in x['ratio_per_seed']), f'`{name}`'])
-    return table(['cell', 'ROI PSNR (dB)', 'victim', 'predicted before the run', 'Dice / clean', 'per seed',
-                  'report'], body)
+    from protection_map import victim_profile
+    for config, v in ((acdc or {}).get('configurations') or {}).items():
+        configuration, _, trainer = config.partition(' ')
+        for c in v['cells']:
+            if c['cell'].startswith('EM-samplewise'):
+                predicted = (c['predicted_text'].split(' (')[0] if c.get('predicted_text')
+                             else f'{small(c["predicted_ratio"])} (the rule)')
+                body.append(['ACDC', c['cell'], f1(c['psnr_roi']),
+                             victim_profile(trainer or 'nnUNetTrainer_5epochs', configuration), predicted,
+                             f'**{small(c["ratio"])}**', ' / '.join(small(x) for x in c['ratio_per_seed']),
+                             f'`{r.name("acdc_20*.json")}`'])
+    if not body:
+        return None
+    return table(['dataset', 'cell', 'ROI PSNR (dB)', 'victim', 'predicted before the run', 'Dice / clean',
+                  'per seed', 'results'], body)
 
 
 @block
