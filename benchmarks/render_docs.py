@@ -676,9 +676,10 @@ def acdc_results(r: Results) -> Optional[str]:
             if purified:
                 out += ['', 'A `+defence` cell: the victim trained on the copy after that purification, against the '
                         'same victim on the purified clean data; ' + '; '.join(
-                            f'{c["defence"]}: the purification alone costs {opt_small(c.get("purification_cost"))} '
-                            f'of clean, the purified copy\'s victim reaches {opt_small(c.get("ratio_to_clean"))} of '
-                            f'the unpurified clean victim' for c in purified) + '.']
+                            f'{c["cell"]}: the victim on purified clean data keeps '
+                            f'{opt_small(c.get("purification_cost"))} of clean (the purification\'s own cost), the '
+                            f'purified copy\'s victim {opt_small(c.get("ratio_to_clean"))} of the unpurified clean '
+                            f'victim' for c in purified) + '.']
         out.append('')
     fit = data['refit']
     h = fit['hippocampus_fit']
