@@ -307,6 +307,14 @@ def status(r: Results) -> Optional[str]:
                     .get('cells', []) if c['cell'].startswith('checkerboard') and not c.get('defence')), None)
     acdc_cb_text = (f'; on ACDC the same class-coded checkerboard protects the 20-epoch no-augmentation 2d victim: '
                     f'{ratio_text(acdc_cb)} of clean' if acdc_cb else '')
+    purified = [c for c in ((acdc or {}).get('configurations', {}).get('2d nnUNetTrainerNoDA_20epochs') or {})
+                .get('cells', []) if c['cell'].startswith(f'{(acdc_cb or {}).get("cell")}+')]
+    if acdc_cb and purified:
+        def verdict(c: dict) -> str:
+            return 'undoes it' if c['ratio'] >= 0.9 else 'does not' if c['ratio'] <= 0.3 else 'partly undoes it'
+        acdc_cb_text += ' (' + ', '.join(f'{c["defence"]} {verdict(c)}: {ratio_text(c)} of the purified clean victim'
+                                         for c in purified) + ')'
+
     return '\n'.join([
         f'- **Against stock nnU-Net, nothing protects at a usable budget.** Up to 16/255 every trained method '
         f'(VoxShield, -EOT, -LC) keeps >= {math.floor(low["ratio"] * 100) / 100:.2f} of the clean victim\'s Dice '
