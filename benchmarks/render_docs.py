@@ -126,6 +126,11 @@ def f1(x) -> str:
     return '–' if x is None else f'{x:.1f}'
 
 
+def purified_cells(acdc: Optional[dict]) -> list:
+    """The purified (``+defence``) cells of an ACDC results file, over its configurations."""
+    return [c for v in ((acdc or {}).get('configurations') or {}).values() for c in v['cells'] if c.get('defence')]
+
+
 def opt_small(v: Optional[float]) -> str:
     """``small`` or '–' for a value not measured."""
     return '–' if v is None else small(v)
@@ -287,8 +292,7 @@ def status(r: Results) -> Optional[str]:
     from protection_map import rows_of
     em = [x for _, d in audit_reports(r) + ([('acdc', acdc)] if acdc else []) for x in rows_of(d, r.folder)
           if x['method'].startswith('EM-samplewise')]
-    em_text = ''
-    if em:
+    def em_sentence(em: list) -> str:
         parts = []
         for dataset in sorted({x['dataset'] for x in em}, key=lambda d: d != 'Hippocampus'):
             rows = [x for x in em if x['dataset'] == dataset]
@@ -301,8 +305,14 @@ def status(r: Results) -> Optional[str]:
             parts.append(f'on {dataset} at {" and ".join(sorted({x["eps"] for x in rows}, key=Fraction))} it keeps '
                          + ' and '.join(per_victim) + ' of clean, '
                          f'{"-".join(sorted({str(len(x["seeds"])) for x in rows}))} seeds each')
-        em_text = (' Sample-wise error-minimising noise (Huang et al.; short CPU protectors, see the findings): '
-                   + '; '.join(parts) + '.')
+        return '; '.join(parts)
+    stock_em = [x for x in em if x['victim'].startswith('stock')]
+    noda_em = [x for x in em if not x['victim'].startswith('stock')]
+    em_text = (' Sample-wise error-minimising noise (Huang et al.; short CPU protectors, see the findings): '
+               + em_sentence(stock_em) + '.') if stock_em else ''
+    noda_em_text = ('. Sample-wise error-minimising noise: ' + em_sentence(noda_em)) if noda_em else ''
+    noda_em_text += ('; on ACDC a blur undoes it' if any(c['cell'].startswith('EM-samplewise') and c['ratio'] >= 0.9
+                                                        for c in purified_cells(acdc)) else '')
     acdc_cb = next((c for c in ((acdc or {}).get('configurations', {}).get('2d nnUNetTrainerNoDA_20epochs') or {})
                     .get('cells', []) if c['cell'].startswith('checkerboard') and not c.get('defence')), None)
     acdc_cb_text = (f'; on ACDC the same class-coded checkerboard protects the 20-epoch no-augmentation 2d victim: '
@@ -325,7 +335,7 @@ def status(r: Results) -> Optional[str]:
         f'- **Against the paper\'s victim (no augmentation)** a fixed checkerboard in the labels at 16/255 '
         f'({cb16["psnr"]:.1f} dB) protects: {ratio_text(cb16)} of clean; '
         f'{", ".join(PURIFICATION_NAMES[p] for p in undone) or "no purification"} undo it, '
-        f'{", ".join(PURIFICATION_NAMES[p] for p in kept) or "none"} does not{acdc_cb_text}.',
+        f'{", ".join(PURIFICATION_NAMES[p] for p in kept) or "none"} does not{acdc_cb_text}{noda_em_text}.',
         f'- **The amplitude rule:** against stock, a code\'s effect follows its amplitude in the labels; 0.05 of clean '
         f'needs {lvl["psnr_whole"]["hippocampus"]:.1f} dB over the whole volume (50 dB is the goal); measured '
         f'{o128["ratio"]:.3f} at {o128["psnr"]:.1f} dB, where the labels are plain to see.',
