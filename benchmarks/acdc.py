@@ -109,7 +109,9 @@ def collect(outs: list, predictions: dict) -> dict:
         if ratio is None:
             continue
         boot = bootstrap_ratio(per_case(seeds), per_case(clean))
-        noda = p.get('predicted_noda') if 'NoDA' in config else None  # the rule is the stock victim's
+        # the rule is the stock victim's; a written expectation replaces it for the no-augmentation victim
+        # (predicted_noda) and for a stock victim on a purified copy (predicted_stock)
+        noda = p.get('predicted_noda') if 'NoDA' in config else p.get('predicted_stock')
         purified = {}
         if p.get('defence'):
             unpurified = runs.get((config, 'clean'), {})

@@ -641,7 +641,8 @@ def acdc_predictions(r: Results) -> Optional[str]:
         n = x.get('predicted_noda')
         return '–' if not n else n.get('text') or f'each seed below {n["ratio_per_seed_below"]}'
     body = [[x['cell'], f1(x['psnr_whole']), f'{x["psnr_roi"]:.1f} ± {x["psnr_roi_std"]:.1f}',
-             '–' if x.get('predicted_ratio') is None else small(x['predicted_ratio']),
+             (x.get('predicted_stock') or {}).get('text', '–') if x.get('predicted_ratio') is None
+             else small(x['predicted_ratio']),
              '–' if not x.get('predicted_ratio_range') else
              f'{small(x["predicted_ratio_range"][0])}-{small(x["predicted_ratio_range"][1])}', noda(x),
              '; '.join(x.get('victims') or [])] for x in data['rows']]
@@ -649,7 +650,7 @@ def acdc_predictions(r: Results) -> Optional[str]:
             f's {data["rule"]["s"]:.2f} dB) at each copy\'s ROI PSNR (measured on the exported copies; range: the '
             'fit\'s 90% parameter intervals, not the seed spread), and what was written for the no-augmentation victim '
             '(a purified cell, `+defence`: its victim on the purified copy against the same victim on the purified '
-            'clean data).\n\n'
+            'clean data; no rule covers it, so what was written for the stock victim stands in the rule\'s column).\n\n'
             + table(['cell', 'PSNR (dB)', 'ROI PSNR (dB, mean ± sd)', 'predicted (stock)', 'range',
                      'written for the no-augmentation victim', 'victims to train'], body))
 

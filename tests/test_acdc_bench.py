@@ -165,6 +165,35 @@ def test_a_purified_cell_is_against_the_purified_clean_victim(tmp_path):
         acdc.collect([str(out)], {'rows': [base]})
 
 
+def test_a_stock_victim_on_a_purified_copy_carries_the_expectation_written_for_it(tmp_path):
+    """No rule covers a purification: a stock victim's purified cell shows ``predicted_stock``'s text, no rule number;
+    the no-augmentation victim of the same cell shows ``predicted_noda``'s."""
+    base = {'cell': 'conv:strength=1.12', 'eps': None, 'strength': 1.12, 'psnr_roi': 25.0, 'psnr_whole': 39.0,
+            'predicted_ratio': 0.72, 'predicted_ratio_range': [0.67, 0.77]}
+    rows = [base, {**base, 'cell': 'conv:strength=1.12+blur', 'method': 'conv', 'defence': 'blur',
+                   'predicted_ratio': None, 'predicted_ratio_range': None,
+                   'predicted_stock': {'text': '0.7-1.0 (largely undone)'}, 'predicted_noda': {'text': '0.9-1.0'}}]
+    folders = []
+    for trainer in ('nnUNetTrainer_20epochs', 'nnUNetTrainerNoDA_20epochs'):
+        (tmp_path / trainer).mkdir()
+        out = eval_folder(tmp_path / trainer, 'c', [({'method': 'conv', 'strength': 1.12}, 0.4)])
+        for row, dice in (('clean+blur', 0.6), ('protected+blur', 0.51)):
+            f = out / 'victims' / row / '3d_fullres' / 'seed_0' / 'scores.json'
+            f.parent.mkdir(parents=True)
+            f.write_text(json.dumps(scores([dice, dice])))
+        for f in out.glob('victims/*/*/seed_*/scores.json'):
+            f.write_text(json.dumps({**json.loads(f.read_text()), 'trainer': trainer}))
+        folders.append(str(out))
+    result = acdc.collect(folders, {'rows': rows})
+    stock = {c['cell']: c for c in result['3d_fullres nnUNetTrainer_20epochs']['cells']}
+    assert stock['conv:strength=1.12+blur']['predicted_text'] == '0.7-1.0 (largely undone)'
+    assert stock['conv:strength=1.12+blur']['predicted_ratio'] is None
+    assert stock['conv:strength=1.12+blur']['ratio'] == pytest.approx(0.85)
+    assert stock['conv:strength=1.12']['predicted_ratio'] == 0.72 and 'predicted_text' not in stock['conv:strength=1.12']
+    noda = {c['cell']: c for c in result['3d_fullres nnUNetTrainerNoDA_20epochs']['cells']}
+    assert noda['conv:strength=1.12+blur']['predicted_text'] == '0.9-1.0'
+
+
 def test_keep_carries_over_missing_configurations_and_compares_shared_seeds(tmp_path):
     out = eval_folder(tmp_path, 'k', [({'method': 'offset', 'eps': 16 / 255}, 0.72)])
     configs = acdc.collect([str(out)], PREDICTIONS)
