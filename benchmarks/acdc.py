@@ -66,12 +66,16 @@ def victims(out: Path) -> list:
 
 
 def cell_of(dataset: str, predictions: list, defence: Optional[str] = None) -> str:
-    """The prediction row whose method and eps are the protected copy's (its dataset.json) and whose ``defence`` is
-    the victim's purification (None: unpurified). A row's method is its ``method`` field, else its cell's name (a
-    trained export's method, e.g. em_samplewise, is not the cell's name)."""
+    """The prediction row naming the copy's folder (``dataset``), else the one whose method and eps are the protected
+    copy's (its dataset.json) and that names no other folder; either way its ``defence`` is the victim's purification
+    (None: unpurified). A row's method is its ``method`` field, else its cell's name (a trained export's method, e.g.
+    em_samplewise, is not the cell's name)."""
     meta = json.loads((Path(dataset) / 'dataset.json').read_text()).get('voxshield') or {}
+    for p in predictions:  # a row naming the copy's folder first (two copies of one method and eps, e.g. budgets)
+        if p.get('dataset') == Path(dataset).name and p.get('defence') == defence:
+            return p['cell']
     for p in predictions:
-        if p.get('defence') != defence:
+        if p.get('defence') != defence or p.get('dataset') not in (None, Path(dataset).name):
             continue
         method = p.get('method') or p['cell'].split(':')[0].split('@')[0]
         same = (math.isclose(float(Fraction(p['eps'])), meta.get('eps') or -1) if p.get('eps')

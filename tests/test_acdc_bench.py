@@ -194,6 +194,21 @@ def test_a_stock_victim_on_a_purified_copy_carries_the_expectation_written_for_i
     assert noda['conv:strength=1.12+blur']['predicted_text'] == '0.9-1.0'
 
 
+def test_two_copies_of_one_method_and_eps_are_told_apart_by_their_folders(tmp_path):
+    """VoxShield at 4/255 of the range and at the paper's budget (4/255 of a z-score window) share method and eps in
+    their dataset.json: the row naming a copy's folder is its cell; a row naming another folder never is."""
+    out = eval_folder(tmp_path, 'v', [({'method': 'voxshield', 'eps': 4 / 255}, 0.72),
+                                      ({'method': 'voxshield', 'eps': 4 / 255, 'budget_mode': 'zscore'}, 0.4)])
+    row = {'eps': '4/255', 'method': 'voxshield', 'psnr_roi': 40.0, 'psnr_whole': 55.0, 'predicted_ratio': 0.99,
+           'predicted_ratio_range': [0.98, 1.0]}
+    rows = [{**row, 'cell': 'VoxShield@4/255', 'dataset': 'copyv0'},
+            {**row, 'cell': 'VoxShield@paperBudget', 'dataset': 'copyv1', 'psnr_roi': 36.0}]
+    cells = {c['cell']: c['ratio'] for c in acdc.collect([str(out)], {'rows': rows})['3d_fullres']['cells']}
+    assert cells == {'VoxShield@4/255': pytest.approx(0.9), 'VoxShield@paperBudget': pytest.approx(0.5)}
+    with pytest.raises(SystemExit, match='copyv1: no prediction row for method voxshield'):
+        acdc.collect([str(out)], {'rows': rows[:1]})
+
+
 def test_keep_carries_over_missing_configurations_and_compares_shared_seeds(tmp_path):
     out = eval_folder(tmp_path, 'k', [({'method': 'offset', 'eps': 16 / 255}, 0.72)])
     configs = acdc.collect([str(out)], PREDICTIONS)
