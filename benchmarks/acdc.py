@@ -71,11 +71,12 @@ def cell_of(dataset: str, predictions: list, defence: Optional[str] = None) -> s
     (None: unpurified). A row's method is its ``method`` field, else its cell's name (a trained export's method, e.g.
     em_samplewise, is not the cell's name)."""
     meta = json.loads((Path(dataset) / 'dataset.json').read_text()).get('voxshield') or {}
+    name = Path(dataset).name
     for p in predictions:  # a row naming the copy's folder first (two copies of one method and eps, e.g. budgets)
-        if p.get('dataset') == Path(dataset).name and p.get('defence') == defence:
+        if p.get('dataset') == name and p.get('defence') == defence:
             return p['cell']
     for p in predictions:
-        if p.get('defence') != defence or p.get('dataset') not in (None, Path(dataset).name):
+        if p.get('defence') != defence or p.get('dataset') not in (None, name):
             continue
         method = p.get('method') or p['cell'].split(':')[0].split('@')[0]
         same = (math.isclose(float(Fraction(p['eps'])), meta.get('eps') or -1) if p.get('eps')
@@ -115,7 +116,7 @@ def collect(outs: list, predictions: dict) -> dict:
         boot = bootstrap_ratio(per_case(seeds), per_case(clean))
         # the rule is the stock victim's; a written expectation replaces it for the no-augmentation victim
         # (predicted_noda) and for a stock victim on a purified copy (predicted_stock)
-        noda = p.get('predicted_noda') if 'NoDA' in config else p.get('predicted_stock')
+        written = p.get('predicted_noda') if 'NoDA' in config else p.get('predicted_stock')
         purified = {}
         if p.get('defence'):
             unpurified = runs.get((config, 'clean'), {})
@@ -125,10 +126,10 @@ def collect(outs: list, predictions: dict) -> dict:
                         'ratio_to_clean': to_clean and to_clean['ratio']}
         result.setdefault(config, {'clean': {}, 'cells': []})['cells'].append({
             'cell': key, 'psnr_roi': p['psnr_roi'], 'psnr_whole': p['psnr_whole'], **ratio,
-            'ci95': boot['ci'] if boot else None, 'predicted_ratio': None if noda else p['predicted_ratio'],
-            'predicted_ratio_range': None if noda else p['predicted_ratio_range'],
-            **({'predicted_text': noda.get('text') or f'each seed below {noda["ratio_per_seed_below"]}'}
-               if noda else {}), **purified, 'victim_ids': {str(s): victim_id(v) for s, v in sorted(seeds.items())}})
+            'ci95': boot['ci'] if boot else None, 'predicted_ratio': None if written else p['predicted_ratio'],
+            'predicted_ratio_range': None if written else p['predicted_ratio_range'],
+            **({'predicted_text': written.get('text') or f'each seed below {written["ratio_per_seed_below"]}'}
+               if written else {}), **purified, 'victim_ids': {str(s): victim_id(v) for s, v in sorted(seeds.items())}})
     for v in result.values():
         v['cells'].sort(key=lambda c: -c['psnr_roi'])
     for (config, key), seeds in sorted(runs.items()):
