@@ -261,6 +261,30 @@ def _export_and_verify(em_env, trainer_name, out_id=982, eps='4/255'):
         shutil.rmtree(protected, ignore_errors=True)
 
 
+def test_final_validation_skipped_only_when_asked_and_a_bad_value_fails_at_once(em_env, monkeypatch):
+    """``VOXSHIELD_SKIP_VALIDATION``: unset or 0 runs nnU-Net's validation, 1 writes a log line and no validation
+    folder, anything else fails when the trainer is built, naming the trainer and the variable."""
+    from nnunetv2.run.run_training import get_trainer_from_args
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    calls = []
+    monkeypatch.setattr(nnUNetTrainer, 'perform_actual_validation', lambda self, save=False: calls.append(save))
+    args = ('981', '3d_fullres', 'all', 'nnUNetTrainerEMSampleWise', 'nnUNetPlans')
+    for value, expected in ((None, [True]), ('0', [True]), ('1', [])):
+        if value is None:
+            monkeypatch.delenv('VOXSHIELD_SKIP_VALIDATION', raising=False)
+        else:
+            monkeypatch.setenv('VOXSHIELD_SKIP_VALIDATION', value)
+        calls.clear()
+        trainer = get_trainer_from_args(*args, device=torch.device('cpu'))
+        trainer.perform_actual_validation(True)
+        assert calls == expected
+    assert not (Path(trainer.output_folder) / 'validation').exists()
+    assert 'final validation skipped (VOXSHIELD_SKIP_VALIDATION=1)' in Path(trainer.log_file).read_text()
+    monkeypatch.setenv('VOXSHIELD_SKIP_VALIDATION', 'yes')
+    with pytest.raises(ValueError, match=r"^nnUNetTrainerEMSampleWise: VOXSHIELD_SKIP_VALIDATION='yes': expected 0 or 1$"):
+        get_trainer_from_args(*args, device=torch.device('cpu'))
+
+
 @pytest.mark.slow
 def test_stock_nnunetv2_train_stops_by_the_rule_and_resumes_exactly(em_env):
     """``_tinyStop``: 3 epochs planned, stop_loss above any loss, so stock nnUNetv2_train ends after epoch 0 with

@@ -95,6 +95,9 @@ def test_eps_variants_have_their_eps_mode_and_schedules():
                 assert cls.epochs == epochs and cls.eps == getattr(exported, cls.__name__.rsplit('_', 1)[0]).eps
                 assert cls.__module__ == 'nnunetv2_voxshield.trainers.eps_variants'
     assert exported.nnUNetTrainerVoxShieldEOT_paperBudget_5epochs.budget_mode == 'zscore'
+    lc = exported.nnUNetTrainerVoxShieldLC_paperBudget_20epochs  # the label-conditioned trainer at the paper's budget
+    assert issubclass(lc, exported.nnUNetTrainerVoxShieldLC) and lc.epochs == 20
+    assert lc.eps == 4 / 255 and lc.budget_mode == 'zscore' and lc.__module__ == 'nnunetv2_voxshield.trainers.lc'
     assert recursive_find_trainer_class_by_name('nnUNetTrainerVoxShieldEOT_eps64_20epochs') is \
         exported.nnUNetTrainerVoxShieldEOT_eps64_20epochs
 

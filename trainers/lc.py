@@ -331,5 +331,6 @@ BASES += [_module_level(budget_variant(b, f'eps{n}', n / 255)) for b in (nnUNetT
                                                                         nnUNetTrainerVoxShieldLC_noReg,
                                                                         nnUNetTrainerVoxShieldLC_tile4)
           for n in (8, 16, 64)]
+BASES += [_module_level(budget_variant(nnUNetTrainerVoxShieldLC, 'paperBudget', 4 / 255, 'zscore'))]
 globals().update({cls.__name__: cls for cls in BASES})
 globals().update({cls.__name__: cls for cls in (_module_level(epoch_variant(b, e)) for b in BASES for e in EPOCHS)})

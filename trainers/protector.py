@@ -9,6 +9,15 @@ from nnunetv2_voxshield.case_budgets import budgets_from_preprocessed, compute_c
 from nnunetv2_voxshield.checkpoint import set_rng_state
 
 NOT_WRITTEN = 'checkpoint_best.pth'  # chosen by the surrogate's pseudo Dice, which says nothing about protection
+SKIP_VALIDATION = 'VOXSHIELD_SKIP_VALIDATION'  # 1: no final validation (the export reads checkpoint_final.pth only)
+
+
+def skip_validation() -> bool:
+    """Whether ``VOXSHIELD_SKIP_VALIDATION`` (0, the default, or 1) asks to skip nnU-Net's final validation."""
+    value = os.environ.get(SKIP_VALIDATION, '0')
+    if value not in ('0', '1'):
+        raise ValueError(f'{SKIP_VALIDATION}={value!r}: expected 0 or 1')
+    return value == '1'
 
 
 class ProtectorTrainer:
@@ -16,7 +25,8 @@ class ProtectorTrainer:
     __init__ (a bad one fails at once, naming the class), checkpoint_latest.pth every ``checkpoint_every`` epochs,
     the trainer's own ``log_keys`` in nnU-Net's logger, and after --c the checkpoint's RNG states at the start of the
     first epoch (``resume_rng_state``, set by the trainer's load_checkpoint); each case's budget from its raw image;
-    one atomic checkpoint file with the trainer's ``voxshield_state()``."""
+    one atomic checkpoint file with the trainer's ``voxshield_state()``; nnU-Net's final validation unless
+    ``VOXSHIELD_SKIP_VALIDATION=1`` (it scores the surrogate, and with fold ``all`` predicts every training case)."""
     checkpoint_every = 1              # epochs between checkpoint_latest.pth (stock: 50), what --c resumes from
     log_keys = ()
 
@@ -24,6 +34,7 @@ class ProtectorTrainer:
                  device: torch.device = torch.device('cuda')):
         try:
             check_budget(self.eps, self.eps_abs, self.budget_mode)
+            self.skip_validation = skip_validation()
         except ValueError as e:
             raise ValueError(f'{type(self).__name__}: {e}') from None
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -49,6 +60,14 @@ class ProtectorTrainer:
             set_rng_state(self.resume_rng_state)
         self.resume_rng_state = None
         super().on_train_epoch_start()
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """nnU-Net's, unless ``VOXSHIELD_SKIP_VALIDATION=1``: then a log line and no validation folder."""
+        if self.skip_validation:
+            self.print_to_log_file(f'final validation skipped ({SKIP_VALIDATION}=1): it scores the surrogate, not the '
+                                   f'protection; the export reads checkpoint_final.pth only')
+            return
+        super().perform_actual_validation(save_probabilities)
 
     def _compute_case_budgets(self) -> dict:
         """{case: budget} of the fold's training cases from their raw images (case_budgets.compute_case_budgets);
