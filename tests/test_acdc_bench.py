@@ -275,3 +275,52 @@ def test_keep_carries_over_the_cells_a_rerun_lacks(tmp_path):
     assert carried['ratio_per_seed'] == [0.01, 0.02] and 'carried_from' not in kept['cells'][0]
     assert list(kept['clean'])[-1] == '7' and kept['clean']['7']['carried_from'] == 'acdc_old.json'
     assert 'carried_from' not in kept['clean']['0'] and kept['clean']['0']['dice'] == pytest.approx(0.8)
+
+
+def _raw_case(folder, case, image, label=None):
+    import numpy as np
+    import SimpleITK as sitk
+    (folder / 'imagesTr').mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(sitk.GetImageFromArray(image.astype(np.float32)), str(folder / 'imagesTr' / f'{case}_0000.nii.gz'))
+    if label is not None:
+        (folder / 'labelsTr').mkdir(exist_ok=True)
+        sitk.WriteImage(sitk.GetImageFromArray(label.astype(np.uint8)), str(folder / 'labelsTr' / f'{case}.nii.gz'))
+
+
+def test_predict_row_appends_the_rule_at_the_copys_roi_psnr_once(tmp_path, capsys):
+    """Two cases whose label voxels moved by 10 and 1 on a range of 100: ROI PSNR 20 and 40 dB, mean 30; the row holds
+    the file's own logistic there and at the corners of its intervals; a second row for the cell is refused and a
+    copy without a method names its dataset.json, each leaving the file as it was."""
+    import numpy as np
+    import predict_row
+    clean, copy = tmp_path / 'Dataset001_Clean', tmp_path / 'Dataset002_Copy'
+    ramp = np.linspace(0, 100, 4 * 8 * 8).reshape(4, 8, 8)
+    label = np.zeros(ramp.shape)
+    label[1:3, 2:6, 2:6] = 1
+    for case, step in (('a', 10.0), ('b', 1.0)):
+        _raw_case(clean, case, ramp, label)
+        _raw_case(copy, case, ramp + step * label)
+    (copy / 'dataset.json').write_text(json.dumps({'voxshield': {'method': 'em_samplewise'}}))
+    rule = {'x50': 22.0, 's': 3.0, 'x50_ci': [21.0, 23.0], 's_ci': [2.5, 3.5]}
+    predictions = tmp_path / 'predictions.json'
+    predictions.write_text(json.dumps({'rule': rule, 'rows': [], 'provenance': {'command': 'earlier'}}))
+    args = ['--predictions', str(predictions), '--clean', str(clean), '--copy', str(copy), '--cell', 'EM@4/255',
+            '--eps', '4/255', '--noda', '0.3-1.0', '--noda-why', 'a guess', '--noda-written', '2026-12-07T17:50Z',
+            '--command', 'voxshield_export ...']
+    predict_row.main(args)
+    saved = json.loads(predictions.read_text())
+    (row,) = saved['rows']
+    assert row['psnr_roi'] == pytest.approx(30.0) and row['psnr_roi_std'] == pytest.approx(10.0)
+    assert row['method'] == 'em_samplewise' and row['dataset'] == 'Dataset002_Copy' and row['eps'] == '4/255'
+    assert row['predicted_ratio'] == pytest.approx(1 / (1 + np.exp((22.0 - 30.0) / 3.0)))
+    low, high = 1 / (1 + np.exp((23.0 - 30.0) / 3.5)), 1 / (1 + np.exp((21.0 - 30.0) / 2.5))  # the corners
+    assert row['predicted_ratio_range'] == pytest.approx([low, high])
+    assert row['predicted_noda'] == {'text': '0.3-1.0', 'why': 'a guess', 'written': '2026-12-07T17:50Z'}
+    assert saved['provenance']['command'].startswith('earlier; EM@4/255 row (written ')
+    before = predictions.read_text()
+    with pytest.raises(SystemExit, match="cell 'EM@4/255' is already there"):
+        predict_row.main(args)
+    (copy / 'dataset.json').write_text('{}')
+    with pytest.raises(SystemExit, match=r'Dataset002_Copy/dataset.json: no voxshield method'):
+        predict_row.main([*args[:7], 'other@4/255', *args[8:]])
+    assert predictions.read_text() == before
