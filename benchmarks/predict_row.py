@@ -15,26 +15,24 @@ protector trained, for a trained copy). A cell already in the file is refused; t
 import argparse
 import datetime
 import json
-import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+from amplitude_rule import logistic  # noqa: E402
+
 from nnunetv2_voxshield.dataset_io import write_json_atomic  # noqa: E402
 from nnunetv2_voxshield.evaluate import image_quality  # noqa: E402
-
-
-def logistic(x: float, x50: float, s: float) -> float:
-    return 1 / (1 + math.exp((x50 - x) / s))
 
 
 def prediction_row(rule: dict, quality: dict, cell: str, method: str, dataset: str, written: str) -> dict:
     """The row for one copy: its PSNRs (``image_quality``'s summary) and the rule's ratio with its range."""
     x = quality['psnr_roi']['mean']
-    corners = [logistic(x, a, s) for a in rule['x50_ci'] for s in rule['s_ci']]
+    corners = [float(logistic(x, a, s)) for a in rule['x50_ci'] for s in rule['s_ci']]
     return {'cell': cell, 'method': method, 'dataset': dataset, 'psnr_whole': quality['psnr']['mean'],
             'psnr_roi': x, 'psnr_roi_std': quality['psnr_roi']['std'],
-            'predicted_ratio': logistic(x, rule['x50'], rule['s']),
+            'predicted_ratio': float(logistic(x, rule['x50'], rule['s'])),
             'predicted_ratio_range': [min(corners), max(corners)], 'written': written}
 
 
