@@ -302,17 +302,20 @@ def status(r: Results) -> Optional[str]:
                 lo, hi = small(min(ratios)), small(max(ratios))
                 per_victim.append(f'{lo if lo == hi else f"{lo}-{hi}"} against {victim} ({len(ratios)} '
                                   f'cell{"s" if len(ratios) > 1 else ""})')
-            parts.append(f'on {dataset} at {" and ".join(sorted({x["eps"] for x in rows}, key=Fraction))} it keeps '
-                         + ' and '.join(per_victim) + ' of clean, '
-                         f'{"-".join(sorted({str(len(x["seeds"])) for x in rows}))} seeds each')
+            budgets = sorted({x['eps'] for x in rows}, key=Fraction)
+            seeds = sorted({len(x['seeds']) for x in rows})
+            parts.append(f'on {dataset} at {" and ".join([", ".join(budgets[:-1])] * (len(budgets) > 1) + budgets[-1:])}'
+                         f' it keeps ' + ' and '.join(per_victim) + ' of clean, '
+                         f'{"-".join(map(str, sorted({seeds[0], seeds[-1]})))} seeds each')
         return '; '.join(parts)
     stock_em = [x for x in em if x['victim'].startswith('stock')]
     noda_em = [x for x in em if not x['victim'].startswith('stock')]
     em_text = (' Sample-wise error-minimising noise (Huang et al.; short CPU protectors, see the findings): '
                + em_sentence(stock_em) + '.') if stock_em else ''
     noda_em_text = ('. Sample-wise error-minimising noise: ' + em_sentence(noda_em)) if noda_em else ''
-    noda_em_text += ('; on ACDC a blur undoes it' if any(c['cell'].startswith('EM-samplewise') and c['ratio'] >= 0.9
-                                                        for c in purified_cells(acdc)) else '')
+    em_undone = [c['cell'].split('@')[1].split('+') for c in purified_cells(acdc)
+                 if c['cell'].startswith('EM-samplewise') and c['ratio'] >= 0.9]
+    noda_em_text += ''.join(f'; on ACDC a {defence} undoes the {eps} copy' for eps, defence in em_undone)
     acdc_cb = next((c for c in ((acdc or {}).get('configurations', {}).get('2d nnUNetTrainerNoDA_20epochs') or {})
                     .get('cells', []) if c['cell'].startswith('checkerboard') and not c.get('defence')), None)
     acdc_cb_text = (f'; on ACDC the same class-coded checkerboard protects the 20-epoch no-augmentation 2d victim: '
