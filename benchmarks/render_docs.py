@@ -315,7 +315,9 @@ def status(r: Results) -> Optional[str]:
     noda_em_text = ('. Sample-wise error-minimising noise: ' + em_sentence(noda_em)) if noda_em else ''
     em_undone = [c['cell'].split('@')[1].split('+') for c in purified_cells(acdc)
                  if c['cell'].startswith('EM-samplewise') and c['ratio'] >= 0.9]
-    noda_em_text += ''.join(f'; on ACDC a {defence} undoes the {eps} copy' for eps, defence in em_undone)
+    for defence in sorted({d for _, d in em_undone}):
+        budgets = sorted({eps for eps, d in em_undone if d == defence}, key=Fraction)
+        noda_em_text += f'; on ACDC a {defence} undoes the {" and ".join(budgets)} cop{"ies" if len(budgets) > 1 else "y"}'
     acdc_cb = next((c for c in ((acdc or {}).get('configurations', {}).get('2d nnUNetTrainerNoDA_20epochs') or {})
                     .get('cells', []) if c['cell'].startswith('checkerboard') and not c.get('defence')), None)
     acdc_cb_text = (f'; on ACDC the same class-coded checkerboard protects the 20-epoch no-augmentation 2d victim: '
