@@ -156,6 +156,11 @@ def eps_value(eps: str) -> float:
     return float(Fraction(eps))
 
 
+def spoken(items: list) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return ' and '.join([', '.join(items[:-1])] * (len(items) > 1) + items[-1:])
+
+
 def table(header: list, rows: list) -> str:
     """A markdown table."""
     return '\n'.join(['| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header)]
@@ -304,8 +309,7 @@ def status(r: Results) -> Optional[str]:
                                   f'cell{"s" if len(ratios) > 1 else ""})')
             budgets = sorted({x['eps'] for x in rows}, key=Fraction)
             seeds = sorted({len(x['seeds']) for x in rows})
-            parts.append(f'on {dataset} at {" and ".join([", ".join(budgets[:-1])] * (len(budgets) > 1) + budgets[-1:])}'
-                         f' it keeps ' + ' and '.join(per_victim) + ' of clean, '
+            parts.append(f'on {dataset} at {spoken(budgets)} it keeps ' + ' and '.join(per_victim) + ' of clean, '
                          f'{"-".join(map(str, sorted({seeds[0], seeds[-1]})))} seeds each')
         return '; '.join(parts)
     stock_em = [x for x in em if x['victim'].startswith('stock')]
@@ -317,7 +321,7 @@ def status(r: Results) -> Optional[str]:
                  if c['cell'].startswith('EM-samplewise') and c['ratio'] >= 0.9]
     for defence in sorted({d for _, d in em_undone}):
         budgets = sorted({eps for eps, d in em_undone if d == defence}, key=Fraction)
-        noda_em_text += f'; on ACDC a {defence} undoes the {" and ".join(budgets)} cop{"ies" if len(budgets) > 1 else "y"}'
+        noda_em_text += f'; on ACDC a {defence} undoes the {spoken(budgets)} cop{"ies" if len(budgets) > 1 else "y"}'
     acdc_cb = next((c for c in ((acdc or {}).get('configurations', {}).get('2d nnUNetTrainerNoDA_20epochs') or {})
                     .get('cells', []) if c['cell'].startswith('checkerboard') and not c.get('defence')), None)
     acdc_cb_text = (f'; on ACDC the same class-coded checkerboard protects the 20-epoch no-augmentation 2d victim: '

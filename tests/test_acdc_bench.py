@@ -287,7 +287,7 @@ def _raw_case(folder, case, image, label=None):
         sitk.WriteImage(sitk.GetImageFromArray(label.astype(np.uint8)), str(folder / 'labelsTr' / f'{case}.nii.gz'))
 
 
-def test_predict_row_appends_the_rule_at_the_copys_roi_psnr_once(tmp_path, capsys):
+def test_predict_row_appends_the_rule_at_the_copys_roi_psnr_once(tmp_path):
     """Two cases whose label voxels moved by 10 and 1 on a range of 100: ROI PSNR 20 and 40 dB, mean 30; the row holds
     the file's own logistic there and at the corners of its intervals; a second row for the cell is refused and a
     copy without a method names its dataset.json, each leaving the file as it was."""
