@@ -966,12 +966,15 @@ def audit(r: Results) -> Optional[str]:
             copies.append(f'- {text}.')
         if data.get('predictions_file'):
             pred = json.loads((ROOT / data['predictions_file']).read_text())
+            def written(x: dict) -> str:
+                """The rule's stock prediction, or for a purified cell (no rule covers it) the hand-written one."""
+                stock = (small(x['predicted_ratio']['stock']) if x.get('predicted_ratio') is not None
+                         else (x.get('predicted_stock') or {}).get('text', '–').split(' (')[0])
+                noda = (f', no augmentation {x["expected_noda"].split(" (")[0]}'
+                        if x.get('expected_noda') and x['expected_noda'][0].isdigit() else '')
+                return f'{x["cell"]} at {x["psnr_roi"]:.1f} dB ROI: stock {stock}{noda} (written {x["written"]})'
             copies.append(f'- Predictions written before the runs (`{Path(data["predictions_file"]).name}`): '
-                          + '; '.join(f'{x["cell"]} at {x["psnr_roi"]:.1f} dB ROI: stock '
-                                      f'{small(x["predicted_ratio"]["stock"])}'
-                                      + (f', no augmentation {x["expected_noda"].split(" (")[0]}'
-                                         if x.get('expected_noda') and x['expected_noda'][0].isdigit() else '')
-                                      + f' (written {x["written"]})' for x in pred['rows']) + '.')
+                          + '; '.join(map(written, pred['rows'])) + '.')
         p = data.get('provenance')
         made = [f'Made by `{p["command"]}` at {str(p["commit"])[:7]}, {p["date"]}.'] if p else []
         out += lines + [table(['copy', 'exploiter', 'Dice / clean [95% CI]', 'per seed', 'verdict',

@@ -114,6 +114,25 @@ def test_an_audit_report_renders_its_verdict(tmp_path):
     assert '| offset64 | blur | failed: exit 1 |' in md
 
 
+def test_an_audit_report_renders_its_predictions_purified_ones_too(tmp_path):
+    results = tmp_path / 'results'
+    results.mkdir()
+    rows = [{'cell': 'conv:strength=1.3956', 'psnr_roi': 25.01, 'predicted_ratio': {'stock': 0.7213},
+             'expected_noda': '0.5-1.0 (why)', 'written': '2026-12-07T03:39Z'},
+            {'cell': 'conv:strength=1.3956+blur', 'defence': 'blur', 'psnr_roi': 25.01, 'predicted_ratio': None,
+             'predicted_stock': {'text': '0.9-1.0 (undone)'}, 'written': '2026-12-07T20:36Z'}]
+    (tmp_path / 'pred.json').write_text(json.dumps({'rows': rows}))
+    report = {'verdict': [], 'predictions_file': str(tmp_path / 'pred.json'),
+              'copies': [{'name': 'conv25dB', 'exploiters': [
+                  {'name': 'blur', 'ratio': {'ratio': 0.97, 'ci': None, 'per_seed': [0.97]}, 'status': 'no',
+                   'cost': {'ratio': 0.99}}]}]}
+    (results / 'audit_demo_2026-12-07.json').write_text(json.dumps(report))
+    md = render_docs.render_all(root=tmp_path, results=results)[tmp_path / 'docs' / 'results.md']
+    assert ('conv:strength=1.3956 at 25.0 dB ROI: stock 0.72, no augmentation 0.5-1.0 (written 2026-12-07T03:39Z); '
+            'conv:strength=1.3956+blur at 25.0 dB ROI: stock 0.9-1.0 (written 2026-12-07T20:36Z).') in md
+    assert '| conv25dB | blur | 0.97 | 0.97 | no | 0.99 |' in md
+
+
 def _slug(heading: str) -> str:
     """GitHub's anchor of a markdown heading."""
     import re
