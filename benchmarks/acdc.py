@@ -15,8 +15,9 @@ family's per-seed points plus the class-coded offsets' points of one ACDC victim
 copies are shown against the rule, not fitted), and ACDC's points alone where there are two PSNRs.
 ``--keep`` an earlier results file: its configurations that the folders do not have are carried over (with their
 provenance); in those the folders do have, its cells the folders lack are carried over (against their own clean
-victims), and the earlier run's per-seed numbers are kept beside the new ones (a rerun of the same seed on the same
-code should reproduce them).
+victims), as is an earlier cell with seeds the folders' one lacks (the folders' retrained seeds are then the rerun),
+and the earlier run's per-seed numbers are kept beside the new ones (a rerun of the same seed on the same code should
+reproduce them). A carried cell keeps naming the file and commit where it was first measured.
 """
 import argparse
 import hashlib
@@ -167,7 +168,9 @@ def refit(hippocampus_rule: dict, acdc_cells: list, config: Optional[str] = None
 def keep_earlier(configs: dict, earlier_file: str) -> dict:
     """Carry over the earlier file's configurations the folders lack; in the others, the earlier cells the folders
     lack (each with ``carried_from``: its ratios stay paired with the earlier run's clean victims, whose seeds the
-    folders do not have are kept too, marked the same way), and beside the rest the earlier run's per-seed clean Dice
+    folders do not have are kept too, marked the same way; a mark already there stays: where it was measured; an
+    earlier cell whose seeds are a strict superset of the folders' stands in its place), and beside the rest the
+    earlier run's per-seed clean Dice
     and ratios for the seeds both have and retrained, appended to the earlier file's ``reruns`` (a list of {'file',
     'commit', 'clean': {seed: {'earlier', 'now'}}, cell: {seed: {'earlier', 'now'}}}): a seed whose victim is the same
     (same ``victim_id``; for an earlier file without ids, the same value) is the same run read again, not a rerun,
@@ -186,6 +189,9 @@ def keep_earlier(configs: dict, earlier_file: str) -> dict:
                           for s, c in v['clean'].items() if s in new['clean']
                           and retrained(c.get('victim_id'), new['clean'][s].get('victim_id'), c['dice'],
                                         new['clean'][s]['dice'])}}
+        # carried once, a cell or clean victim stays named where it was measured
+        carried = lambda x: {**x, 'carried_from': x.get('carried_from', name),  # noqa: E731
+                             'carried_commit': x.get('carried_commit', earlier['provenance']['commit'])}
         now_cells = {c['cell']: c for c in new['cells']}
         for c in v['cells']:
             if c['cell'] in now_cells:
@@ -196,12 +202,14 @@ def keep_earlier(configs: dict, earlier_file: str) -> dict:
                                                   (n.get('victim_ids') or {}).get(str(s)), r, rn)}
                 if pairs:
                     same[c['cell']] = pairs
+                if set(c['seeds']) > set(n['seeds']):  # the earlier cell has seeds the folders lack: it stands
+                    new['cells'][new['cells'].index(n)] = carried(c)
             else:
-                new['cells'].append({**c, 'carried_from': name, 'carried_commit': earlier['provenance']['commit']})
+                new['cells'].append(carried(c))
         new['cells'].sort(key=lambda c: -c['psnr_roi'])
         for s, c in v['clean'].items():
             if s not in new['clean']:
-                new['clean'][s] = {**c, 'carried_from': name, 'carried_commit': earlier['provenance']['commit']}
+                new['clean'][s] = carried(c)
         new['clean'] = dict(sorted(new['clean'].items(), key=lambda kv: int(kv[0])))
         reruns = list(v.get('reruns') or [])   # every rerun recorded so far stays
         if same['clean'] or len(same) > 1:

@@ -1,5 +1,6 @@
 """benchmarks/acdc.py: victims of evaluation folders beside the predictions, and the rule refitted on two datasets."""
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -275,6 +276,33 @@ def test_keep_carries_over_the_cells_a_rerun_lacks(tmp_path):
     assert carried['ratio_per_seed'] == [0.01, 0.02] and 'carried_from' not in kept['cells'][0]
     assert list(kept['clean'])[-1] == '7' and kept['clean']['7']['carried_from'] == 'acdc_old.json'
     assert 'carried_from' not in kept['clean']['0'] and kept['clean']['0']['dice'] == pytest.approx(0.8)
+
+
+def test_keep_lets_an_earlier_cell_with_more_seeds_stand_and_keeps_where_cells_were_measured(tmp_path):
+    """A folder that retrains one seed of a two-seed cell (e.g. beside purified cells) does not shrink the cell: the
+    earlier one stands, its seed-0 rerun recorded; a cell carried once stays named after its first file."""
+    out = eval_folder(tmp_path, 'm', [({'method': 'offset', 'eps': 16 / 255}, 0.72)])
+    for g in out.glob('victims/*/*/seed_1'):
+        shutil.rmtree(g)                                          # the folder has seed 0 only
+    configs = acdc.collect([str(out)], PREDICTIONS)
+    assert configs['3d_fullres']['cells'][0]['seeds'] == [0]
+    earlier = {'provenance': {'commit': 'abc1234'}, 'configurations': {'3d_fullres': {
+        'clean': {'0': {'dice': 0.81}, '1': {'dice': 0.79}},
+        'cells': [{'cell': 'offset:sign=levels@16/255', 'psnr_roi': 29.0, 'seeds': [0, 1],
+                   'ratio_per_seed': [0.88, 0.86], 'ratio': 0.87},
+                  {'cell': 'offset:sign=levels@112/255', 'psnr_roi': 14.0, 'seeds': [0], 'ratio_per_seed': [0.02],
+                   'ratio': 0.02, 'carried_from': 'acdc_first.json', 'carried_commit': 'f1r57'}]}}}
+    f = tmp_path / 'acdc_old.json'
+    f.write_text(json.dumps(earlier))
+    kept = acdc.keep_earlier(configs, str(f))['3d_fullres']
+    cells = {c['cell']: c for c in kept['cells']}
+    stands = cells['offset:sign=levels@16/255']
+    assert stands['seeds'] == [0, 1] and stands['ratio'] == 0.87 and stands['carried_from'] == 'acdc_old.json'
+    assert cells['offset:sign=levels@112/255']['carried_from'] == 'acdc_first.json'
+    assert cells['offset:sign=levels@112/255']['carried_commit'] == 'f1r57'
+    [e] = kept['reruns']
+    assert e['offset:sign=levels@16/255'] == {'0': {'earlier': 0.88, 'now': pytest.approx(0.9)}}
+    assert kept['clean']['1']['carried_from'] == 'acdc_old.json' and 'carried_from' not in kept['clean']['0']
 
 
 def _raw_case(folder, case, image, label=None):
