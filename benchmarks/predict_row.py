@@ -10,7 +10,10 @@ The rule is the file's own (``rule``: x50, s and their 90% intervals); the row's
 dataset (``evaluate.image_quality``), ``predicted_ratio_range`` the logistic at the corners of the intervals.
 ``method`` comes from the copy's dataset.json (its ``voxshield`` entry). An expectation for the no-augmentation
 victim (no rule covers it) is text written by hand, with the time it was written (``--noda-written``: before the
-protector trained, for a trained copy). A cell already in the file is refused; the file is rewritten atomically.
+protector trained, for a trained copy). A purified cell (``--defence``: the exploiter purifies the copy before the
+stock victim, scored against the same victim on the purified clean data) has no rule either: its row keeps the copy's
+PSNRs and holds the hand-written ``--expect`` as ``predicted_stock`` (benchmarks/acdc.py reads it so), and its cell
+name ends in ``+<defence>``. A cell already in the file is refused; the file is rewritten atomically.
 """
 import argparse
 import datetime
@@ -47,6 +50,10 @@ def main(argv=None):
     parser.add_argument('--noda', default=None, help='the expectation for the no-augmentation victim (text)')
     parser.add_argument('--noda-why', default='', help='why that expectation')
     parser.add_argument('--noda-written', default=None, help='when the expectation was written (UTC, ISO)')
+    parser.add_argument('--defence', default=None, help='a purified cell: the purification before the stock victim '
+                                                        '(defences.py spec, e.g. zresample)')
+    parser.add_argument('--expect', default=None, help='with --defence: the expectation written for the stock victim')
+    parser.add_argument('--expect-why', default='', help='why that expectation')
     parser.add_argument('--victims', nargs='+', default=['2d (nnUNetTrainer_20epochs, nnUNetPlans_cpu)',
                                                          '2d (nnUNetTrainerNoDA_20epochs, nnUNetPlans_cpu)'])
     parser.add_argument('--command', required=True, help='the commands that made the copy (provenance)')
@@ -60,23 +67,40 @@ def main(argv=None):
     if any(r['cell'] == args.cell for r in predictions['rows']):
         sys.exit(f'{predictions_file}: cell {args.cell!r} is already there (a prediction is written once)')
     try:
-        method = json.loads((copy / 'dataset.json').read_text())['voxshield']['method']
+        meta = json.loads((copy / 'dataset.json').read_text())['voxshield']
+        method = meta['method']
     except (OSError, ValueError, KeyError) as e:
         sys.exit(f'{copy / "dataset.json"}: no voxshield method ({type(e).__name__}: {e})')
     if args.noda is not None and not args.noda_written:
         sys.exit('--noda needs --noda-written: when the expectation was written')
+    if args.defence is not None:
+        from nnunetv2_voxshield.defences import parse_defence
+        try:
+            parse_defence(args.defence)
+        except ValueError as e:
+            sys.exit(f'--defence: {e}')
+        if not args.expect or not args.cell.endswith(f'+{args.defence}'):
+            sys.exit(f'--defence {args.defence} needs --expect (no rule covers a purification) and a cell named '
+                     f'<copy cell>+{args.defence}, not {args.cell!r}')
+    elif args.expect is not None:
+        sys.exit('--expect is for a purified cell (--defence); the rule predicts an unpurified one')
     quality = image_quality(args.clean, str(copy), '.nii.gz')['summary']
     now = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H:%MZ')
     row = prediction_row(rule, quality, args.cell, method, copy.name, now)
-    row.update({'eps': args.eps, 'note': args.note, 'victims': args.victims})
+    row.update({'eps': args.eps, 'note': args.note, 'victims': args.victims,
+                **({'strength': meta['strength']} if meta.get('strength') is not None else {})})
     if args.noda is not None:
         row['predicted_noda'] = {'text': args.noda, 'why': args.noda_why, 'written': args.noda_written}
+    if args.defence is not None:
+        row.update({'defence': args.defence, 'predicted_ratio': None, 'predicted_ratio_range': None,
+                    'predicted_stock': {'text': args.expect, 'why': args.expect_why, 'written': now}})
     predictions['rows'].append(row)
     predictions['provenance']['command'] += (f'; {args.cell} row (written {now}, before its victims, by '
                                              f'benchmarks/predict_row.py): {args.command}')
     write_json_atomic(predictions, str(predictions_file))
-    print(f'{args.cell}: ROI PSNR {row["psnr_roi"]:.2f} dB, predicted {row["predicted_ratio"]:.3f} '
-          f'({row["predicted_ratio_range"][0]:.3f}-{row["predicted_ratio_range"][1]:.3f}) -> {predictions_file}')
+    said = (f'expected {args.expect} (written)' if args.defence else f'predicted {row["predicted_ratio"]:.3f} '
+            f'({row["predicted_ratio_range"][0]:.3f}-{row["predicted_ratio_range"][1]:.3f})')
+    print(f'{args.cell}: ROI PSNR {row["psnr_roi"]:.2f} dB, {said} -> {predictions_file}')
 
 
 if __name__ == '__main__':

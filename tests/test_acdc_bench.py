@@ -352,3 +352,46 @@ def test_predict_row_appends_the_rule_at_the_copys_roi_psnr_once(tmp_path):
     with pytest.raises(SystemExit, match=r'Dataset002_Copy/dataset.json: no voxshield method'):
         predict_row.main([*args[:7], 'other@4/255', *args[8:]])
     assert predictions.read_text() == before
+
+
+def test_predict_row_writes_a_purified_cell_with_its_written_expectation(tmp_path):
+    """A purified cell keeps the copy's PSNR, holds the hand-written expectation for the stock victim (no rule value)
+    and is read by collect as the stock victim's prediction; a wrong name, a missing expectation or an unknown
+    purification is refused, the file unchanged."""
+    import numpy as np
+    import predict_row
+    clean, copy = tmp_path / 'Dataset001_Clean', tmp_path / 'Dataset002_Copy'
+    ramp = np.linspace(0, 100, 4 * 8 * 8).reshape(4, 8, 8)
+    label = np.zeros(ramp.shape)
+    label[1:3, 2:6, 2:6] = 1
+    _raw_case(clean, 'a', ramp, label)
+    _raw_case(copy, 'a', ramp + 10.0 * label)
+    (copy / 'dataset.json').write_text(json.dumps({'voxshield': {'method': 'conv', 'strength': 1.12}}))
+    predictions = tmp_path / 'predictions.json'
+    predictions.write_text(json.dumps({'rule': {'x50': 22.0, 's': 3.0, 'x50_ci': [21.0, 23.0], 's_ci': [2.5, 3.5]},
+                                       'rows': [], 'provenance': {'command': 'earlier'}}))
+    base = ['--predictions', str(predictions), '--clean', str(clean), '--copy', str(copy), '--command', 'export']
+    before = predictions.read_text()
+    for extra, message in ((['--cell', 'conv+zresample', '--defence', 'zresample'], 'needs --expect'),
+                           (['--cell', 'conv', '--defence', 'zresample', '--expect', '0.3-0.8'], 'a cell named'),
+                           (['--cell', 'conv+smear', '--defence', 'smear', '--expect', '0.3-0.8'], 'unknown defence'),
+                           (['--cell', 'conv', '--expect', '0.3-0.8'], '--expect is for a purified cell')):
+        with pytest.raises(SystemExit, match=message):
+            predict_row.main(base + extra)
+        assert predictions.read_text() == before
+    predict_row.main(base + ['--cell', 'conv+zresample', '--defence', 'zresample', '--expect', '0.3-0.8 (kept)',
+                             '--expect-why', 'z-only', '--victims', 'stock 2d'])
+    (row,) = json.loads(predictions.read_text())['rows']
+    assert row['psnr_roi'] == pytest.approx(20.0) and row['defence'] == 'zresample'
+    assert row['predicted_ratio'] is None and row['predicted_ratio_range'] is None
+    assert row['predicted_stock']['text'] == '0.3-0.8 (kept)' and row['predicted_stock']['why'] == 'z-only'
+    assert row['strength'] == 1.12 and row['dataset'] == 'Dataset002_Copy'
+    out = eval_folder(tmp_path, 'z', [({'method': 'conv', 'strength': 1.12}, 0.4)])
+    for row_dir in ('protected', 'clean'):                        # both rows purified, the copy's victim at 0.4
+        (out / 'victims' / row_dir).rename(out / 'victims' / f'{row_dir}+zresample')
+    state = json.loads((out / 'state.json').read_text())
+    (out / 'state.json').write_text(json.dumps({**state, 'protected': [str(copy)]}))
+    [cell] = acdc.collect([str(out)], json.loads(predictions.read_text()))['3d_fullres']['cells']
+    assert cell['cell'] == 'conv+zresample' and cell['predicted_text'] == '0.3-0.8 (kept)'
+    assert cell['ratio'] == pytest.approx(0.5) and cell['predicted_ratio'] is None
+
