@@ -12,8 +12,8 @@ dataset (``evaluate.image_quality``), ``predicted_ratio_range`` the logistic at 
 victim (no rule covers it) is text written by hand, with the time it was written (``--noda-written``: before the
 protector trained, for a trained copy). A purified cell (``--defence``: the exploiter purifies the copy before the
 stock victim, scored against the same victim on the purified clean data) has no rule either: its row keeps the copy's
-PSNRs and holds the hand-written ``--expect`` as ``predicted_stock`` (benchmarks/acdc.py reads it so), and its cell
-name ends in ``+<defence>``. A cell already in the file is refused; the file is rewritten atomically.
+PSNRs and holds the hand-written ``--expect`` as ``predicted_stock`` and/or ``--noda`` for the no-augmentation victim
+(benchmarks/acdc.py reads them so), and its cell name ends in ``+<defence>``. A cell already in the file is refused; the file is rewritten atomically.
 """
 import argparse
 import datetime
@@ -79,9 +79,9 @@ def main(argv=None):
             parse_defence(args.defence)
         except ValueError as e:
             sys.exit(f'--defence: {e}')
-        if not args.expect or not args.cell.endswith(f'+{args.defence}'):
-            sys.exit(f'--defence {args.defence} needs --expect (no rule covers a purification) and a cell named '
-                     f'<copy cell>+{args.defence}, not {args.cell!r}')
+        if not (args.expect or args.noda) or not args.cell.endswith(f'+{args.defence}'):
+            sys.exit(f'--defence {args.defence} needs --expect and/or --noda (no rule covers a purification) and a '
+                     f'cell named <copy cell>+{args.defence}, not {args.cell!r}')
     elif args.expect is not None:
         sys.exit('--expect is for a purified cell (--defence); the rule predicts an unpurified one')
     quality = image_quality(args.clean, str(copy), '.nii.gz')['summary']
@@ -93,12 +93,13 @@ def main(argv=None):
         row['predicted_noda'] = {'text': args.noda, 'why': args.noda_why, 'written': args.noda_written}
     if args.defence is not None:
         row.update({'defence': args.defence, 'predicted_ratio': None, 'predicted_ratio_range': None,
-                    'predicted_stock': {'text': args.expect, 'why': args.expect_why, 'written': now}})
+                    **({'predicted_stock': {'text': args.expect, 'why': args.expect_why, 'written': now}}
+                       if args.expect else {})})
     predictions['rows'].append(row)
     predictions['provenance']['command'] += (f'; {args.cell} row (written {now}, before its victims, by '
                                              f'benchmarks/predict_row.py): {args.command}')
     write_json_atomic(predictions, str(predictions_file))
-    said = (f'expected {args.expect} (written)' if args.defence else f'predicted {row["predicted_ratio"]:.3f} '
+    said = (f'expected {args.expect or args.noda} (written)' if args.defence else f'predicted {row["predicted_ratio"]:.3f} '
             f'({row["predicted_ratio_range"][0]:.3f}-{row["predicted_ratio_range"][1]:.3f})')
     print(f'{args.cell}: ROI PSNR {row["psnr_roi"]:.2f} dB, {said} -> {predictions_file}')
 

@@ -372,7 +372,7 @@ def test_predict_row_writes_a_purified_cell_with_its_written_expectation(tmp_pat
                                        'rows': [], 'provenance': {'command': 'earlier'}}))
     base = ['--predictions', str(predictions), '--clean', str(clean), '--copy', str(copy), '--command', 'export']
     before = predictions.read_text()
-    for extra, message in ((['--cell', 'conv+zresample', '--defence', 'zresample'], 'needs --expect'),
+    for extra, message in ((['--cell', 'conv+zresample', '--defence', 'zresample'], 'needs --expect and/or --noda'),
                            (['--cell', 'conv', '--defence', 'zresample', '--expect', '0.3-0.8'], 'a cell named'),
                            (['--cell', 'conv+smear', '--defence', 'smear', '--expect', '0.3-0.8'], 'unknown defence'),
                            (['--cell', 'conv', '--expect', '0.3-0.8'], '--expect is for a purified cell')):
@@ -394,4 +394,8 @@ def test_predict_row_writes_a_purified_cell_with_its_written_expectation(tmp_pat
     [cell] = acdc.collect([str(out)], json.loads(predictions.read_text()))['3d_fullres']['cells']
     assert cell['cell'] == 'conv+zresample' and cell['predicted_text'] == '0.3-0.8 (kept)'
     assert cell['ratio'] == pytest.approx(0.5) and cell['predicted_ratio'] is None
+    predict_row.main(base + ['--cell', 'conv+quantise', '--defence', 'quantise', '--noda', '0.0-0.1',
+                             '--noda-written', '2026-12-07T21:00Z'])    # a purified cell for the unaugmented victim
+    row = json.loads(predictions.read_text())['rows'][1]
+    assert row['predicted_noda']['text'] == '0.0-0.1' and 'predicted_stock' not in row
 
