@@ -950,11 +950,15 @@ def audit(r: Results) -> Optional[str]:
         for copy in data.get('copies') or []:
             for e in copy.get('exploiters') or []:
                 if e.get('failed'):
-                    body.append([copy['name'], e['name'], f'failed: {e["failed"]}', '–', '–', '–'])
+                    body.append([copy['name'], e['name'], f'failed: {e["failed"]}', '–', '–', '–', '–'])
                     continue
+                # a purification's victim against the same victim on purified clean data, seed by seed:
+                # (copy / clean) / (purified clean / clean)
+                cost = (e.get('cost') or {}).get('per_seed') or []
                 body.append([copy['name'], e['name'], ci(e['ratio']),
                              ' / '.join(map(small, e['ratio'].get('per_seed') or [])), e.get('status', '–'),
-                             ci(e.get('cost'))])
+                             ci(e.get('cost')), ' / '.join(small(r / c) for r, c in zip(e['ratio']['per_seed'], cost))
+                             if cost else '–'])
         copies = []
         for copy in data.get('copies') or []:
             q, rule = copy.get('quality') or {}, copy.get('rule') or {}
@@ -978,7 +982,8 @@ def audit(r: Results) -> Optional[str]:
         p = data.get('provenance')
         made = [f'Made by `{p["command"]}` at {str(p["commit"])[:7]}, {p["date"]}.'] if p else []
         out += lines + [table(['copy', 'exploiter', 'Dice / clean [95% CI]', 'per seed', 'verdict',
-                               'cost of the purification alone'], body), ''] + copies + [''] + made + ['']
+                               'cost of the purification alone', 'Dice / purified clean, per seed'], body), '']
+        out += copies + [''] + made + ['']
     return '\n'.join(out).rstrip('\n')
 
 

@@ -110,7 +110,7 @@ def test_an_audit_report_renders_its_verdict(tmp_path):
     (results / 'audit_demo_2026-12-07.json').write_text(json.dumps(report))
     md = render_docs.render_all(root=tmp_path, results=results)[tmp_path / 'docs' / 'results.md']
     assert '**Does not protect: 2 of 2 exploiters keep >= 0.9 of clean Dice**' in md
-    assert '| offset64 | stock | 0.27 [0.21, 0.33] | 0.31 / 0.23 | protects | – |' in md
+    assert '| offset64 | stock | 0.27 [0.21, 0.33] | 0.31 / 0.23 | protects | – | – |' in md
     assert '| offset64 | blur | failed: exit 1 |' in md
 
 
@@ -124,13 +124,13 @@ def test_an_audit_report_renders_its_predictions_purified_ones_too(tmp_path):
     (tmp_path / 'pred.json').write_text(json.dumps({'rows': rows}))
     report = {'verdict': [], 'predictions_file': str(tmp_path / 'pred.json'),
               'copies': [{'name': 'conv25dB', 'exploiters': [
-                  {'name': 'blur', 'ratio': {'ratio': 0.97, 'ci': None, 'per_seed': [0.97]}, 'status': 'no',
-                   'cost': {'ratio': 0.99}}]}]}
+                  {'name': 'blur', 'ratio': {'ratio': 0.84, 'ci': None, 'per_seed': [0.86, 0.82]}, 'status': 'no',
+                   'cost': {'ratio': 0.93, 'per_seed': [0.95, 0.91]}}]}]}
     (results / 'audit_demo_2026-12-07.json').write_text(json.dumps(report))
     md = render_docs.render_all(root=tmp_path, results=results)[tmp_path / 'docs' / 'results.md']
     assert ('conv:strength=1.3956 at 25.0 dB ROI: stock 0.72, no augmentation 0.5-1.0 (written 2026-12-07T03:39Z); '
             'conv:strength=1.3956+blur at 25.0 dB ROI: stock 0.9-1.0 (written 2026-12-07T20:36Z).') in md
-    assert '| conv25dB | blur | 0.97 | 0.97 | no | 0.99 |' in md
+    assert '| conv25dB | blur | 0.84 | 0.86 / 0.82 | no | 0.93 | 0.91 / 0.90 |' in md   # 0.86 / 0.95, 0.82 / 0.91
 
 
 def _slug(heading: str) -> str:
