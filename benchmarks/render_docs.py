@@ -331,8 +331,10 @@ def status(r: Results) -> Optional[str]:
     if acdc_cb and purified:
         def verdict(c: dict) -> str:
             return 'undoes it' if c['ratio'] >= 0.9 else 'does not' if c['ratio'] <= 0.3 else 'partly undoes it'
+        def order(c: dict) -> int:
+            return PURIFICATIONS.index(c['defence']) if c['defence'] in PURIFICATIONS else len(PURIFICATIONS)
         acdc_cb_text += ' (' + ', '.join(f'{c["defence"]} {verdict(c)}: {ratio_text(c)} of the purified clean victim'
-                                         for c in purified) + ')'
+                                         for c in sorted(purified, key=order)) + ')'
 
     return '\n'.join([
         f'- **Against stock nnU-Net, nothing protects at a usable budget.** Up to 16/255 every trained method '
