@@ -13,7 +13,8 @@ victim (no rule covers it) is text written by hand, with the time it was written
 protector trained, for a trained copy). A purified cell (``--defence``: the exploiter purifies the copy before the
 stock victim, scored against the same victim on the purified clean data) has no rule either: its row keeps the copy's
 PSNRs and holds the hand-written ``--expect`` as ``predicted_stock`` and/or ``--noda`` for the no-augmentation victim
-(benchmarks/acdc.py reads them so), and its cell name ends in ``+<defence>``. A cell already in the file is refused; the file is rewritten atomically.
+(benchmarks/acdc.py reads them so), and its cell name ends in ``+<defence>``. A cell already in the file is refused;
+the file is rewritten atomically.
 """
 import argparse
 import datetime
@@ -99,8 +100,9 @@ def main(argv=None):
     predictions['provenance']['command'] += (f'; {args.cell} row (written {now}, before its victims, by '
                                              f'benchmarks/predict_row.py): {args.command}')
     write_json_atomic(predictions, str(predictions_file))
-    said = (f'expected {args.expect or args.noda} (written)' if args.defence else f'predicted {row["predicted_ratio"]:.3f} '
-            f'({row["predicted_ratio_range"][0]:.3f}-{row["predicted_ratio_range"][1]:.3f})')
+    said = (f'expected {args.expect or args.noda} (written)' if args.defence
+            else f'predicted {row["predicted_ratio"]:.3f} '
+                 f'({row["predicted_ratio_range"][0]:.3f}-{row["predicted_ratio_range"][1]:.3f})')
     print(f'{args.cell}: ROI PSNR {row["psnr_roi"]:.2f} dB, {said} -> {predictions_file}')
 
 
