@@ -170,11 +170,11 @@ def keep_earlier(configs: dict, earlier_file: str) -> dict:
     lack (each with ``carried_from``: its ratios stay paired with the earlier run's clean victims, whose seeds the
     folders do not have are kept too, marked the same way; a mark already there stays: where it was measured; an
     earlier cell whose seeds are a strict superset of the folders' stands in its place), and beside the rest the
-    earlier run's per-seed clean Dice
-    and ratios for the seeds both have and retrained, appended to the earlier file's ``reruns`` (a list of {'file',
-    'commit', 'clean': {seed: {'earlier', 'now'}}, cell: {seed: {'earlier', 'now'}}}): a seed whose victim is the same
-    (same ``victim_id``; for an earlier file without ids, the same value) is the same run read again, not a rerun,
-    and a retraining that reproduces a victim bit for bit cannot be told from it."""
+    earlier run's per-seed clean Dice and ratios for the seeds both have and retrained, appended to the earlier
+    file's ``reruns`` (a list of {'file', 'commit', 'clean': {seed: {'earlier', 'now'}}, cell: {seed: {'earlier',
+    'now'}}}): a seed whose victim is the same (same ``victim_id``; for an earlier file without ids, the same value)
+    is the same run read again, not a rerun, and a retraining that reproduces a victim bit for bit cannot be told
+    from it."""
     earlier = json.loads(Path(earlier_file).read_text())
     name = os.path.basename(earlier_file)
     for config, v in earlier['configurations'].items():
