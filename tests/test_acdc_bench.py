@@ -398,4 +398,3 @@ def test_predict_row_writes_a_purified_cell_with_its_written_expectation(tmp_pat
                              '--noda-written', '2026-12-07T21:00Z'])    # a purified cell for the unaugmented victim
     row = json.loads(predictions.read_text())['rows'][1]
     assert row['predicted_noda']['text'] == '0.0-0.1' and 'predicted_stock' not in row
-
