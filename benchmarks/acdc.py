@@ -15,9 +15,11 @@ family's per-seed points plus the class-coded offsets' points of one ACDC victim
 copies are shown against the rule, not fitted), and ACDC's points alone where there are two PSNRs.
 ``--keep`` an earlier results file: its configurations that the folders do not have are carried over (with their
 provenance); in those the folders do have, its cells the folders lack are carried over (against their own clean
-victims), as is an earlier cell with seeds the folders' one lacks (the folders' retrained seeds are then the rerun),
-and the earlier run's per-seed numbers are kept beside the new ones (a rerun of the same seed on the same code should
-reproduce them). A carried cell keeps naming the file and commit where it was first measured.
+victims), as is an earlier cell with seeds the folders' one lacks (the folders' retrained seeds are then the rerun);
+an earlier cell and the folders' one of other seeds (a second seed run later) become one cell of all their seeds, each
+seed paired with its own run's clean victim; the earlier run's per-seed numbers are kept beside the new ones (a rerun
+of the same seed on the same code should reproduce them). A carried cell, or seed, keeps naming the file and commit
+where it was first measured. Each cell keeps its per-seed numbers (``per_seed``) for a later run's seeds to join.
 """
 import argparse
 import hashlib
@@ -88,6 +90,70 @@ def cell_of(dataset: str, predictions: list, defence: Optional[str] = None) -> s
                      f'(strength {meta.get("strength")})' + (f' purified by {defence}' if defence else ''))
 
 
+def per_seed_records(victims_: dict, clean: dict, unpurified: Optional[dict] = None) -> dict:
+    """Per seed both have: the victim's and the clean victim's Dice, per-label Dice and per-case Dice ({case: [victim,
+    clean]}, 4 decimals), and for a purified cell the unpurified clean victim's Dice: what a later run's seeds need to
+    join this cell (``merge_seeds``)."""
+    out = {}
+    for s in sorted(set(victims_) & set(clean), key=int):
+        v, c = victims_[s], clean[s]
+        cases = {x['case']: x['mean_dice'] for x in c.get('cases', [])}
+        out[str(s)] = {'dice': v['summary']['dice'], 'clean_dice': c['summary']['dice'],
+                       'dice_per_label': v['summary'].get('dice_per_label'),
+                       'cases': {x['case']: [round(x['mean_dice'], 4), round(cases[x['case']], 4)]
+                                 for x in v.get('cases', []) if x['case'] in cases}}
+        if unpurified is not None and s in unpurified:
+            out[str(s)]['unpurified_clean_dice'] = unpurified[s]['summary']['dice']
+    return out
+
+
+def seed_records(cell: dict) -> dict:
+    """A cell's per-seed numbers: its ``per_seed`` records, or, for a one-seed cell written before they were kept,
+    its means (which are that seed's; no per-case Dice)."""
+    if cell.get('per_seed'):
+        return cell['per_seed']
+    if len(cell['seeds']) == 1:
+        rec = {'dice': cell['dice'], 'clean_dice': cell['clean_dice'], 'dice_per_label': cell.get('dice_per_label')}
+        if cell.get('ratio_to_clean'):
+            rec['unpurified_clean_dice'] = cell['dice'] / cell['ratio_to_clean']
+        return {str(cell['seeds'][0]): rec}
+    raise SystemExit(f'{cell["cell"]}: an earlier cell of seeds {cell["seeds"]} has no per-seed numbers; a run of '
+                     'other seeds cannot join it')
+
+
+def merge_seeds(earlier: dict, now: dict, mark: dict) -> dict:
+    """``now`` (a run's cell) with the seeds of ``earlier`` (the same cell in an earlier file) that it lacks: means,
+    seed-paired ratios and, for a purified cell, the purification's cost over the union (as ``verdict.seed_ratio``
+    computes them); the 95% bootstrap interval over seeds and cases where every seed has per-case Dice, else None.
+    ``carried_seeds`` names where each earlier seed was measured (``mark``: {'file', 'commit'}, unless the earlier
+    cell names its own)."""
+    old = {s: r for s, r in seed_records(earlier).items() if int(s) not in now['seeds']}
+    records = dict(sorted({**old, **seed_records(now)}.items(), key=lambda kv: int(kv[0])))
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    dice, clean = mean([r['dice'] for r in records.values()]), mean([r['clean_dice'] for r in records.values()])
+    merged = {**now, 'seeds': [int(s) for s in records], 'dice': dice, 'clean_dice': clean,
+              'ratio': dice / clean if clean else None, 'per_seed': records,
+              'ratio_per_seed': [round(r['dice'] / r['clean_dice'], 3) if r['clean_dice'] else None
+                                 for r in records.values()],
+              'victim_ids': {**(earlier.get('victim_ids') or {}), **(now.get('victim_ids') or {})}}
+    labels = [r.get('dice_per_label') for r in records.values()]
+    merged['dice_per_label'] = ({k: mean([x[k] for x in labels]) for k in labels[0]} if all(labels) else None)
+    if now.get('defence'):
+        unpurified = [r.get('unpurified_clean_dice') for r in records.values()]
+        merged['purification_cost'] = clean / mean(unpurified) if all(unpurified) else None
+        merged['ratio_to_clean'] = dice / mean(unpurified) if all(unpurified) else None
+    if all(r.get('cases') for r in records.values()):
+        boot = bootstrap_ratio({s: {c: d[0] for c, d in r['cases'].items()} for s, r in records.items()},
+                               {s: {c: d[1] for c, d in r['cases'].items()} for s, r in records.items()})
+        merged['ci95'] = boot['ci'] if boot else None
+    else:
+        merged['ci95'] = None
+    where = {'file': earlier.get('carried_from', mark['file']), 'commit': earlier.get('carried_commit', mark['commit'])}
+    merged['carried_seeds'] = {**{s: (earlier.get('carried_seeds') or {}).get(s, where) for s in old},
+                               **(now.get('carried_seeds') or {})}
+    return merged
+
+
 def collect(outs: list, predictions: dict) -> dict:
     """Per configuration: the clean victims and, per cell, the ratio against them beside the prediction. A purified
     cell (its victim trained on the copy after a defence) is against the same victim on the purified clean data, and
@@ -130,7 +196,8 @@ def collect(outs: list, predictions: dict) -> dict:
             'ci95': boot['ci'] if boot else None, 'predicted_ratio': None if written else p['predicted_ratio'],
             'predicted_ratio_range': None if written else p['predicted_ratio_range'],
             **({'predicted_text': written.get('text') or f'each seed below {written["ratio_per_seed_below"]}'}
-               if written else {}), **purified, 'victim_ids': {str(s): victim_id(v) for s, v in sorted(seeds.items())}})
+               if written else {}), **purified, 'victim_ids': {str(s): victim_id(v) for s, v in sorted(seeds.items())},
+            'per_seed': per_seed_records(seeds, clean, runs.get((config, 'clean'), {}) if p.get('defence') else None)})
     for v in result.values():
         v['cells'].sort(key=lambda c: -c['psnr_roi'])
     for (config, key), seeds in sorted(runs.items()):
@@ -169,7 +236,8 @@ def keep_earlier(configs: dict, earlier_file: str) -> dict:
     """Carry over the earlier file's configurations the folders lack; in the others, the earlier cells the folders
     lack (each with ``carried_from``: its ratios stay paired with the earlier run's clean victims, whose seeds the
     folders do not have are kept too, marked the same way; a mark already there stays: where it was measured; an
-    earlier cell whose seeds are a strict superset of the folders' stands in its place), and beside the rest the
+    earlier cell whose seeds are a strict superset of the folders' stands in its place; one with other seeds than the
+    folders' joins theirs, ``merge_seeds``, each carried seed named in ``carried_seeds``), and beside the rest the
     earlier run's per-seed clean Dice and ratios for the seeds both have and retrained, appended to the earlier
     file's ``reruns`` (a list of {'file', 'commit', 'clean': {seed: {'earlier', 'now'}}, cell: {seed: {'earlier',
     'now'}}}): a seed whose victim is the same (same ``victim_id``; for an earlier file without ids, the same value)
@@ -190,8 +258,12 @@ def keep_earlier(configs: dict, earlier_file: str) -> dict:
                           and retrained(c.get('victim_id'), new['clean'][s].get('victim_id'), c['dice'],
                                         new['clean'][s]['dice'])}}
         # carried once, a cell or clean victim stays named where it was measured
-        carried = lambda x: {**x, 'carried_from': x.get('carried_from', name),  # noqa: E731
-                             'carried_commit': x.get('carried_commit', earlier['provenance']['commit'])}
+        here = {'file': name, 'commit': earlier['provenance']['commit']}
+        def carried(x: dict) -> dict:
+            if x.get('carried_seeds'):  # a cell of seeds from several runs: each seed keeps where it was measured
+                return {**x, 'carried_seeds': {str(s): x['carried_seeds'].get(str(s), here) for s in x['seeds']}}
+            return {**x, 'carried_from': x.get('carried_from', name),
+                    'carried_commit': x.get('carried_commit', earlier['provenance']['commit'])}
         now_cells = {c['cell']: c for c in new['cells']}
         for c in v['cells']:
             if c['cell'] in now_cells:
@@ -204,6 +276,8 @@ def keep_earlier(configs: dict, earlier_file: str) -> dict:
                     same[c['cell']] = pairs
                 if set(c['seeds']) > set(n['seeds']):  # the earlier cell has seeds the folders lack: it stands
                     new['cells'][new['cells'].index(n)] = carried(c)
+                elif set(c['seeds']) - set(n['seeds']):  # each has seeds the other lacks: one cell of all seeds
+                    new['cells'][new['cells'].index(n)] = merge_seeds(c, n, here)
             else:
                 new['cells'].append(carried(c))
         new['cells'].sort(key=lambda c: -c['psnr_roi'])

@@ -688,7 +688,8 @@ def acdc_results(r: Results) -> Optional[str]:
             out.append(f'Rerun of seeds measured before (`{e["file"]}`, commit {str(e["commit"])[:7]}; same code '
                        f'path, fresh folders): ' + '; '.join(pairs) + '.')
         if v['cells']:
-            body = [[c['cell'] + (' †' if c.get('carried_from') else ''), f1(c['psnr_whole']), f1(c['psnr_roi']),
+            body = [[c['cell'] + (' †' if c.get('carried_from') or c.get('carried_seeds') else ''),
+                     f1(c['psnr_whole']), f1(c['psnr_roi']),
                      c.get('predicted_text') or (f'{small(c["predicted_ratio"])} '
                                                 f'[{small(c["predicted_ratio_range"][0])}-'
                                                 f'{small(c["predicted_ratio_range"][1])}]'),
@@ -702,6 +703,14 @@ def acdc_results(r: Results) -> Optional[str]:
             if kept:
                 out += ['', '† carried over from ' + ', '.join(f'`{f}` (commit {c})' for f, c in kept)
                         + ': measured in an earlier run, each ratio against that run\'s own clean victims.']
+            joined = [c for c in v['cells'] if c.get('carried_seeds')]
+            if joined:
+                out += ['', '† (seeds) ' + '; '.join(
+                    f'{c["cell"]}: ' + ', '.join(f'seed {s} from `{m["file"]}` (commit {str(m["commit"])[:7]})'
+                                                 for s, m in c['carried_seeds'].items())
+                    for c in joined) + ': seeds measured in an earlier run (each against that run\'s own clean '
+                        'victim) joined by the later run\'s seeds; the interval is over all seeds where each has '
+                        'per-case Dice, else not given.']
             purified = [c for c in v['cells'] if c.get('defence')]
             if purified:
                 out += ['', 'A `+defence` cell: the victim trained on the copy after that purification, against the '
@@ -1188,7 +1197,8 @@ def acdc_rule_png(r: Results, png: Path) -> None:
             cells = [c for c in v['cells'] if c['cell'].split(':')[0].split('@')[0] == method and not c.get('defence')]
             if not cells:
                 continue
-            err = [[c['ratio'] - c['ci95'][0] for c in cells], [c['ci95'][1] - c['ratio'] for c in cells]]
+            err = [[c['ratio'] - c['ci95'][0] if c.get('ci95') else 0 for c in cells],
+                   [c['ci95'][1] - c['ratio'] if c.get('ci95') else 0 for c in cells]]
             ax.errorbar([c['psnr_roi'] for c in cells], [c['ratio'] for c in cells], yerr=err, fmt=marker, ms=7,
                         capsize=3, color=colour, label=f'ACDC {config} (clean Dice {clean}): {method}')
     ax.axhline(0.05, color='k', lw=0.8, ls=':')

@@ -305,6 +305,76 @@ def test_keep_lets_an_earlier_cell_with_more_seeds_stand_and_keeps_where_cells_w
     assert kept['clean']['1']['carried_from'] == 'acdc_old.json' and 'carried_from' not in kept['clean']['0']
 
 
+def _purified_folder(tmp_path, name, seed, clean, copy, clean_blur, copy_blur):
+    """An evaluation folder of one seed: clean and checkerboard victims, unpurified and blurred (Dice per row)."""
+    out = eval_folder(tmp_path, name, [({'method': 'checkerboard', 'eps': 16 / 255}, copy)])
+    for g in out.glob('victims/*/*/seed_*'):
+        shutil.rmtree(g)
+    for row, dice in (('clean', clean), ('protected', copy), ('clean+blur', clean_blur), ('protected+blur', copy_blur)):
+        f = out / 'victims' / row / '3d_fullres' / f'seed_{seed}' / 'scores.json'
+        f.parent.mkdir(parents=True)
+        f.write_text(json.dumps(scores([dice, dice + 0.02])))
+    return out
+
+
+CB = {'cell': 'checkerboard:sign=levels@16/255', 'eps': '16/255', 'psnr_roi': 29.0, 'psnr_whole': 43.0,
+      'predicted_ratio': 0.92, 'predicted_ratio_range': [0.89, 0.95]}
+CB_ROWS = {'rows': [CB, {**CB, 'cell': CB['cell'] + '+blur', 'method': 'checkerboard', 'defence': 'blur',
+                         'predicted_ratio': None, 'predicted_ratio_range': None}]}
+
+
+def test_keep_joins_a_later_seed_to_an_earlier_one_seed_cell(tmp_path):
+    """A second seed run later (its own clean victims) joins the earlier file's one-seed cell instead of replacing
+    it: means, seed-paired ratios and the purification's cost over both seeds; seed 0 marked where it was measured;
+    no interval (seed 0 has no per-case Dice)."""
+    earlier = {'provenance': {'commit': 'abc1234'}, 'configurations': {'3d_fullres': {
+        'clean': {'0': {'dice': 0.80}},
+        'cells': [{'cell': CB['cell'] + '+blur', 'psnr_roi': 29.0, 'seeds': [0], 'dice': 0.6, 'clean_dice': 0.75,
+                   'ratio': 0.8, 'ratio_per_seed': [0.8], 'dice_per_label': {'1': 0.6}, 'defence': 'blur',
+                   'purification_cost': 0.9375, 'ratio_to_clean': 0.75, 'ci95': [0.7, 0.9],
+                   'victim_ids': {'0': 'aaa'}}]}}}
+    f = tmp_path / 'acdc_old.json'
+    f.write_text(json.dumps(earlier))
+    out = _purified_folder(tmp_path, 's1', 1, clean=0.70, copy=0.1, clean_blur=0.69, copy_blur=0.49)
+    kept = acdc.keep_earlier(acdc.collect([str(out)], CB_ROWS), str(f))['3d_fullres']
+    blur = {c['cell']: c for c in kept['cells']}[CB['cell'] + '+blur']
+    assert blur['seeds'] == [0, 1]
+    assert blur['dice'] == pytest.approx((0.6 + 0.5) / 2) and blur['clean_dice'] == pytest.approx((0.75 + 0.70) / 2)
+    assert blur['ratio'] == pytest.approx(0.55 / 0.725)
+    assert blur['ratio_per_seed'] == [0.8, round(0.5 / 0.70, 3)]
+    assert blur['purification_cost'] == pytest.approx(0.725 / ((0.8 + 0.71) / 2))
+    assert blur['ratio_to_clean'] == pytest.approx(0.55 / ((0.8 + 0.71) / 2))
+    assert blur['dice_per_label']['1'] == pytest.approx(0.55)
+    assert blur['ci95'] is None and blur['victim_ids']['0'] == 'aaa' and set(blur['victim_ids']) == {'0', '1'}
+    assert blur['carried_seeds'] == {'0': {'file': 'acdc_old.json', 'commit': 'abc1234'}}
+    assert 'carried_from' not in blur
+    assert set(kept['clean']) == {'0', '1'} and kept['clean']['0']['carried_from'] == 'acdc_old.json'
+
+
+def test_joined_seeds_keep_their_numbers_for_the_next_run_and_an_interval_over_all(tmp_path):
+    """A cell written with per-seed records (per-case Dice) takes a third seed with a bootstrap interval over all
+    seeds; an earlier cell of several seeds without records cannot take new seeds (a clear error, not a guess)."""
+    two = _purified_folder(tmp_path, 'a', 0, clean=0.8, copy=0.1, clean_blur=0.75, copy_blur=0.6)
+    configs = acdc.collect([str(two)], CB_ROWS)
+    cell = {c['cell']: c for c in configs['3d_fullres']['cells']}[CB['cell'] + '+blur']
+    assert cell['per_seed']['0']['cases'] == {'c0': [0.6, 0.75], 'c1': [0.62, 0.77]}
+    assert cell['per_seed']['0']['unpurified_clean_dice'] == pytest.approx(0.81)
+    f = tmp_path / 'acdc_old.json'
+    f.write_text(json.dumps({'provenance': {'commit': 'abc1234'}, 'configurations': configs}))
+    later = _purified_folder(tmp_path, 'b', 2, clean=0.7, copy=0.1, clean_blur=0.7, copy_blur=0.35)
+    kept = acdc.keep_earlier(acdc.collect([str(later)], CB_ROWS), str(f))['3d_fullres']
+    blur = {c['cell']: c for c in kept['cells']}[CB['cell'] + '+blur']
+    assert blur['seeds'] == [0, 2] and set(blur['per_seed']) == {'0', '2'}
+    lo, hi = blur['ci95']
+    assert lo <= blur['ratio'] <= hi and lo < hi
+    old = json.loads(f.read_text())
+    old['configurations']['3d_fullres']['cells'] = [{**c, 'seeds': [0, 1], 'per_seed': None}
+                                                    for c in old['configurations']['3d_fullres']['cells']]
+    f.write_text(json.dumps(old))
+    with pytest.raises(SystemExit, match='no per-seed numbers'):
+        acdc.keep_earlier(acdc.collect([str(later)], CB_ROWS), str(f))
+
+
 def _raw_case(folder, case, image, label=None):
     import numpy as np
     import SimpleITK as sitk
