@@ -987,7 +987,9 @@ def audit(r: Results) -> Optional[str]:
                          else (x.get('predicted_stock') or {}).get('text', '–').split(' (')[0])
                 noda = (f', no augmentation {x["expected_noda"].split(" (")[0]}'
                         if x.get('expected_noda') and x['expected_noda'][0].isdigit() else '')
-                return f'{x["cell"]} at {x["psnr_roi"]:.1f} dB ROI: stock {stock}{noda} (written {x["written"]})'
+                again = (f'; its second seed {x["second_seed"]["text"].split(" (")[0]} (written '
+                         f'{x["second_seed"]["written"]})' if x.get('second_seed') else '')
+                return f'{x["cell"]} at {x["psnr_roi"]:.1f} dB ROI: stock {stock}{noda} (written {x["written"]}){again}'
             copies.append(f'- Predictions written before the runs (`{Path(data["predictions_file"]).name}`): '
                           + '; '.join(map(written, pred['rows'])) + '.')
         p = data.get('provenance')
