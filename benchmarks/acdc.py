@@ -129,19 +129,17 @@ def merge_seeds(earlier: dict, now: dict, mark: dict) -> dict:
     cell names its own)."""
     old = {s: r for s, r in seed_records(earlier).items() if int(s) not in now['seeds']}
     records = dict(sorted({**old, **seed_records(now)}.items(), key=lambda kv: int(kv[0])))
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    dice, clean = mean([r['dice'] for r in records.values()]), mean([r['clean_dice'] for r in records.values()])
-    merged = {**now, 'seeds': [int(s) for s in records], 'dice': dice, 'clean_dice': clean,
-              'ratio': dice / clean if clean else None, 'per_seed': records,
-              'ratio_per_seed': [round(r['dice'] / r['clean_dice'], 3) if r['clean_dice'] else None
-                                 for r in records.values()],
+    victim = {s: {'dice': r['dice'], **({'dice_per_label': r['dice_per_label']} if r.get('dice_per_label') else {})}
+              for s, r in records.items()}
+    clean = {s: {'dice': r['clean_dice']} for s, r in records.items()}
+    merged = {**now, 'dice_per_label': None, **seed_ratio(victim, clean), 'per_seed': records,
               'victim_ids': {**(earlier.get('victim_ids') or {}), **(now.get('victim_ids') or {})}}
-    labels = [r.get('dice_per_label') for r in records.values()]
-    merged['dice_per_label'] = ({k: mean([x[k] for x in labels]) for k in labels[0]} if all(labels) else None)
     if now.get('defence'):
-        unpurified = [r.get('unpurified_clean_dice') for r in records.values()]
-        merged['purification_cost'] = clean / mean(unpurified) if all(unpurified) else None
-        merged['ratio_to_clean'] = dice / mean(unpurified) if all(unpurified) else None
+        unpurified = {s: {'dice': r['unpurified_clean_dice']} for s, r in records.items()
+                      if r.get('unpurified_clean_dice')}
+        whole = len(unpurified) == len(records)
+        merged['purification_cost'] = seed_ratio(clean, unpurified)['ratio'] if whole else None
+        merged['ratio_to_clean'] = seed_ratio(victim, unpurified)['ratio'] if whole else None
     if all(r.get('cases') for r in records.values()):
         boot = bootstrap_ratio({s: {c: d[0] for c, d in r['cases'].items()} for s, r in records.items()},
                                {s: {c: d[1] for c, d in r['cases'].items()} for s, r in records.items()})
@@ -262,8 +260,8 @@ def keep_earlier(configs: dict, earlier_file: str) -> dict:
         def carried(x: dict) -> dict:
             if x.get('carried_seeds'):  # a cell of seeds from several runs: each seed keeps where it was measured
                 return {**x, 'carried_seeds': {str(s): x['carried_seeds'].get(str(s), here) for s in x['seeds']}}
-            return {**x, 'carried_from': x.get('carried_from', name),
-                    'carried_commit': x.get('carried_commit', earlier['provenance']['commit'])}
+            return {**x, 'carried_from': x.get('carried_from', here['file']),
+                    'carried_commit': x.get('carried_commit', here['commit'])}
         now_cells = {c['cell']: c for c in new['cells']}
         for c in v['cells']:
             if c['cell'] in now_cells:
